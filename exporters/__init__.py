@@ -1,0 +1,1 @@
+"""shopstream export: a trained model to a served artifact (ONNX + manifest)."""

@@ -1,0 +1,1 @@
+"""shopstream learning: data import, the behaviour model, training and evaluation (needs torch)."""

@@ -1,0 +1,1 @@
+"""shopstream serving: the faust app, tables, agents, scorer and metrics (no torch)."""

@@ -1,0 +1,158 @@
+"""The ``shopstream`` command: settings are read here, once, and passed down.
+
+shopstream kafka up|down|status|reset|fetch   a real local Apache Kafka (deploy/kafka)
+shopstream topics                             create the topics the service uses
+shopstream worker                             run a stream worker (faust)
+shopstream replay DATASET [--speed X]         publish a real data set as contract events
+shopstream tail [--topic recommendations]     print output records
+shopstream demo                               all of the above on the shipped REES46 sample
+shopstream schemas [--check]                  write or check the JSON Schema files
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from streams.errors import ShopstreamError
+from streams.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+KAFKA_SCRIPT = REPO / "deploy" / "kafka" / "local-kafka.sh"
+
+
+def cmd_kafka(settings: Settings, args: argparse.Namespace) -> int:
+    if not KAFKA_SCRIPT.exists():
+        raise ShopstreamError(f"{KAFKA_SCRIPT} not found: run from a source checkout (pip install -e .)")
+    return subprocess.call(["bash", str(KAFKA_SCRIPT), args.action])
+
+
+def cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.admin import ensure_topics
+
+    created = asyncio.run(ensure_topics(settings))
+    print(f"topics ready ({len(created)} created) on {settings.kafka_bootstrap_servers}")
+    return 0
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    import faust
+
+    from streams.admin import ensure_topics
+    from streams.app import build_app
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(ensure_topics(settings))
+    app = build_app(settings)
+    worker = faust.Worker(app, loglevel=settings.log_level, loop=loop, quiet=True)
+    worker.execute_from_commandline()  # exits the process
+    return 0  # pragma: no cover
+
+
+def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.admin import ensure_topics
+    from streams.replay import replay
+    from streams.sources.datasets import load
+
+    events = load(args.dataset, settings.datasets_dir, Path(args.path) if args.path else None)
+
+    async def run() -> tuple[int, float]:
+        await ensure_topics(settings, list(settings.input_topics))
+        return await replay(settings, events, speed=args.speed, keep_time=args.keep_time, limit=args.limit)
+
+    n, secs = asyncio.run(run())
+    print(f"replayed {n} {args.dataset} events in {secs:.1f}s ({n / max(secs, 1e-9):.0f} events/s)")
+    return 0
+
+
+def cmd_tail(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.tail import tail
+
+    topic = {
+        "recommendations": settings.topic_recommendations,
+        "promotions": settings.topic_promotions,
+        "deadletter": settings.topic_deadletter,
+    }.get(args.topic, args.topic)
+    asyncio.run(
+        tail(settings, topic, limit=args.limit, from_beginning=args.from_beginning, idle_timeout=args.timeout)
+    )
+    return 0
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.demo import run_demo
+
+    return run_demo(settings, kafka_script=KAFKA_SCRIPT, events=args.events)
+
+
+def cmd_schemas(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.schemas import check_schemas, write_schemas
+
+    if args.check:
+        stale = check_schemas()
+        for name in stale:
+            print(f"stale: {name} (run `shopstream schemas`)")
+        return 1 if stale else 0
+    for path in write_schemas():
+        print(path)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="shopstream", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    k = sub.add_parser("kafka", help="a local Apache Kafka broker (KRaft)")
+    k.add_argument("action", choices=["up", "down", "status", "reset", "fetch"])
+    k.set_defaults(func=cmd_kafka)
+    sub.add_parser("topics", help="create the topics").set_defaults(func=cmd_topics)
+    sub.add_parser("worker", help="run a stream worker").set_defaults(func=cmd_worker)
+    r = sub.add_parser("replay", help="publish a real data set as contract events")
+    r.add_argument(
+        "dataset",
+        help="rees46-demo, taobao, taobao-users, rees46, instacart, bestbuy, amazon-beauty, amazon-fashion",
+    )
+    r.add_argument("--path", help="read this file instead of the data folder's")
+    r.add_argument("--speed", type=float, default=None, help="x real time (default: max rate)")
+    r.add_argument("--limit", type=int, default=None, help="publish only the first N events")
+    r.add_argument("--keep-time", action="store_true", help="keep original event times")
+    r.set_defaults(func=cmd_replay)
+    t = sub.add_parser("tail", help="print output records")
+    t.add_argument("--topic", default="recommendations", help="recommendations, promotions, deadletter")
+    t.add_argument("--limit", type=int, default=None)
+    t.add_argument("--from-beginning", action="store_true")
+    t.add_argument("--timeout", type=float, default=None, help="stop after this many idle seconds")
+    t.set_defaults(func=cmd_tail)
+    d = sub.add_parser("demo", help="local Kafka + worker + the REES46 sample replayed")
+    d.add_argument("--events", type=int, default=3000, help="sample events to replay")
+    d.set_defaults(func=cmd_demo)
+    s = sub.add_parser("schemas", help="write streams/schemas/*.json from the records")
+    s.add_argument("--check", action="store_true", help="exit 1 if the files are stale")
+    s.set_defaults(func=cmd_schemas)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    try:
+        settings = Settings()
+        return int(args.func(settings, args))
+    except ShopstreamError as exc:
+        print(f"shopstream: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The event contract, version 1: the JSON records shops publish and the service outputs.
+
+One definition serves every path: shop backends and ``shopstream replay`` publish these inputs,
+the worker validates them, and training reads the same JSON. ``shopstream schemas`` writes the
+JSON Schema files in ``streams/schemas/`` for producers in other languages.
+
+Rules of the contract:
+- Every input carries ``schema_version`` (1), ``type``, ``event_id`` (unique; the idempotency key),
+  ``user_id``, optional ``session_id`` and ``event_time`` (RFC 3339 with a zone offset).
+- Validation is strict: ``"3"`` is not a quantity. Unknown extra fields are ignored, so producers
+  may add fields before the contract names them.
+- Outputs are keyed by ``user_id`` and carry the id of the event that triggered them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
+
+SCHEMA_VERSION = 1
+
+Id = Annotated[str, Field(min_length=1, max_length=128)]
+ItemId = Annotated[str, Field(min_length=1, max_length=128, description="Product id (SKU).")]
+Money = Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]
+Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code.")]
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+    schema_version: Literal[1] = Field(description="Version of this contract.")
+    event_id: Id = Field(description="Unique id of the event; the idempotency key.")
+    user_id: Id = Field(description="The shop's id of the user (or a stable anonymous id).")
+    session_id: Id | None = Field(None, description="The shop's session id, when known.")
+    event_time: AwareDatetime = Field(description="When it happened, RFC 3339 with offset.")
+
+
+class SearchEvent(_Event):
+    """A search: the query text, optionally what was shown and what was clicked."""
+
+    type: Literal["search"]
+    query: str = Field(max_length=512)
+    results: list[ItemId] = Field(default_factory=list, max_length=200)
+    clicked_item: ItemId | None = None
+
+
+class ViewEvent(_Event):
+    """A product page view."""
+
+    type: Literal["view"]
+    item_id: ItemId
+    category: str | None = Field(None, max_length=256)
+    brand: str | None = Field(None, max_length=256)
+    price: Money | None = None
+    currency: Currency | None = None
+    favorite: bool = Field(False, description="The user saved the item (wishlist / favourite).")
+
+
+class CartEvent(_Event):
+    """An item added to or removed from the cart."""
+
+    type: Literal["cart"]
+    action: Literal["add", "remove"]
+    item_id: ItemId
+    quantity: int = Field(ge=1, le=10_000)
+    unit_price: Money | None = None
+    currency: Currency | None = None
+    category: str | None = Field(None, max_length=256)
+    brand: str | None = Field(None, max_length=256)
+
+
+class OrderLine(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+    item_id: ItemId
+    quantity: int = Field(ge=1, le=10_000)
+    unit_price: Money | None = None
+
+
+class OrderEvent(_Event):
+    """A placed order."""
+
+    type: Literal["order"]
+    order_id: Id
+    lines: list[OrderLine] = Field(min_length=1, max_length=1000)
+    total: Money | None = None
+    currency: Currency | None = None
+
+
+class ReviewEvent(_Event):
+    """A product review with a 1-5 rating and text."""
+
+    type: Literal["review"]
+    item_id: ItemId
+    rating: int = Field(ge=1, le=5)
+    text: str = Field("", max_length=20_000)
+    title: str | None = Field(None, max_length=512)
+
+
+Event = Annotated[SearchEvent | ViewEvent | CartEvent | OrderEvent | ReviewEvent, Field(discriminator="type")]
+EVENT_TYPES: dict[str, type[_Event]] = {
+    "search": SearchEvent,
+    "view": ViewEvent,
+    "cart": CartEvent,
+    "order": OrderEvent,
+    "review": ReviewEvent,
+}
+event_adapter: TypeAdapter[SearchEvent | ViewEvent | CartEvent | OrderEvent | ReviewEvent] = TypeAdapter(
+    Event
+)
+
+
+# --- outputs -----------------------------------------------------------------------------------
+class _Output(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = 1
+    user_id: Id
+
+
+class ScoredItem(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    item_id: ItemId
+    score: float = Field(description="Higher is better; comparable within one recommendation.")
+
+
+class Recommendation(_Output):
+    """Ranked items for a user, published on every input event (``shop.recommendations``)."""
+
+    event_id: Id = Field(description="The input event that triggered this recommendation.")
+    event_type: Literal["search", "view", "cart", "order", "review"]
+    event_time: datetime
+    items: list[ScoredItem] = Field(description="Best first; may be empty for a brand-new shop.")
+    source: Literal["model", "baseline"] = Field(description="Which recommender produced the list.")
+    model_version: str = Field(description="Model version, or the baseline's version.")
+    generated_at: datetime
+
+
+class Offer(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["reminder", "percent_off", "free_shipping", "service_recovery"]
+    value: float = Field(0.0, ge=0, description="Percent for percent_off, else 0.")
+    currency: Currency | None = None
+
+
+class Promotion(_Output):
+    """A promotion trigger for CRM tools (``shop.promotions``)."""
+
+    promotion_id: Id = Field(description="Deterministic: the same input never yields two ids.")
+    kind: Literal[
+        "cart_abandonment", "browse_abandonment", "review_recovery", "high_intent", "price_sensitivity"
+    ]
+    reason: str = Field(max_length=512)
+    trigger_event_id: Id
+    items: list[ItemId]
+    offer: Offer
+    scores: dict[str, float] = Field(description="The scores that drove the decision.")
+    holdout: bool = Field(description="True: logged for uplift measurement, not to be sent.")
+    created_at: datetime
+    expires_at: datetime
+    model_version: str
+
+
+OUTPUT_TYPES: dict[str, type[BaseModel]] = {"recommendation": Recommendation, "promotion": Promotion}

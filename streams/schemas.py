@@ -1,0 +1,53 @@
+"""JSON Schema files of the event contract, for producers and consumers in other languages.
+
+In: the pydantic records of ``streams.records``. Out: ``streams/schemas/<name>.schema.json``.
+``shopstream schemas --check`` (run by the tests) fails when a file is stale.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from streams.records import EVENT_TYPES, OUTPUT_TYPES, SCHEMA_VERSION
+
+SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
+
+
+def schemas() -> dict[str, dict[str, Any]]:
+    models: dict[str, type[BaseModel]] = {f"{k}-event": v for k, v in EVENT_TYPES.items()}
+    models.update(OUTPUT_TYPES)
+    out = {}
+    for name, model in models.items():
+        schema = model.model_json_schema(mode="serialization" if name in OUTPUT_TYPES else "validation")
+        schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        schema["$id"] = f"https://shopstream.dev/schemas/v{SCHEMA_VERSION}/{name}.schema.json"
+        out[name] = schema
+    return out
+
+
+def _render(schema: dict[str, Any]) -> str:
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+def write_schemas(folder: Path = SCHEMA_DIR) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, schema in schemas().items():
+        path = folder / f"{name}.schema.json"
+        path.write_text(_render(schema))
+        paths.append(path)
+    return paths
+
+
+def check_schemas(folder: Path = SCHEMA_DIR) -> list[str]:
+    """Names of schema files that are missing or differ from the records."""
+    return [
+        name
+        for name, schema in schemas().items()
+        if not (folder / f"{name}.schema.json").exists()
+        or (folder / f"{name}.schema.json").read_text() != _render(schema)
+    ]

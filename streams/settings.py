@@ -1,0 +1,122 @@
+"""The one settings object of the service, read from the environment once in ``main()``.
+
+Every field reads ``SHOPSTREAM_<FIELD>``; the broker list also honours the conventional
+``KAFKA_BOOTSTRAP_SERVERS``. Nothing deeper in the code reads ``os.environ``: components
+receive the ``Settings`` instance they need.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Service settings. Defaults run against the local broker from ``shopstream kafka up``."""
+
+    model_config = SettingsConfigDict(env_prefix="SHOPSTREAM_", frozen=True, extra="ignore")
+
+    # --- Kafka connection -------------------------------------------------------------------
+    kafka_bootstrap_servers: str = Field(
+        "127.0.0.1:9092",
+        validation_alias=AliasChoices("SHOPSTREAM_KAFKA_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS"),
+        description="Comma-separated host:port list of Kafka brokers.",
+    )
+    kafka_security_protocol: str = Field(
+        "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
+    )
+    kafka_sasl_mechanism: str | None = Field(None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.")
+    kafka_sasl_username: str | None = Field(None, description="SASL user name.")
+    kafka_sasl_password: SecretStr | None = Field(None, description="SASL password (masked in logs).")
+    kafka_ssl_cafile: Path | None = Field(None, description="CA bundle to verify the brokers with.")
+
+    # --- Topics (the event contract) ----------------------------------------------------------
+    topic_searches: str = Field("shop.searches", description="Input: search events.")
+    topic_views: str = Field("shop.views", description="Input: product view events.")
+    topic_carts: str = Field("shop.carts", description="Input: cart add/remove events.")
+    topic_orders: str = Field("shop.orders", description="Input: order events.")
+    topic_reviews: str = Field("shop.reviews", description="Input: review events.")
+    topic_recommendations: str = Field("shop.recommendations", description="Output: recommendations.")
+    topic_promotions: str = Field("shop.promotions", description="Output: promotion triggers.")
+    topic_deadletter: str = Field("shop.deadletter", description="Output: rejected input, raw bytes.")
+    topic_events_by_user: str = Field(
+        "shopstream.events-by-user",
+        description="Internal: validated events repartitioned by user id (the tables' source).",
+    )
+    partitions: int = Field(
+        8, ge=1, le=1024, description="Partitions of the per-user topics and tables (fixed per cluster)."
+    )
+    replication_factor: int = Field(1, ge=1, description="Replication factor of topics the app creates.")
+
+    # --- Worker ------------------------------------------------------------------------------
+    app_id: str = Field("shopstream", description="Consumer group id and prefix of changelog topics.")
+    data_dir: Path = Field(Path("var/shopstream"), description="Folder of the persistent table stores.")
+    store: str = Field("rocksdb://", description="Table store URL: rocksdb:// (persistent) or memory://.")
+    standby_replicas: int = Field(1, ge=0, description="Standby table replicas kept by other workers.")
+    web_host: str = Field("127.0.0.1", description="Bind address of the worker's HTTP server.")
+    web_port: int = Field(6066, ge=0, le=65535, description="Port of the worker's HTTP server.")
+    log_level: str = Field("info", description="Worker log level (debug, info, warning, error).")
+    max_message_bytes: int = Field(
+        65536, ge=256, description="Input messages larger than this are dead-lettered as oversized."
+    )
+    max_clock_skew_s: float = Field(
+        86400.0, ge=0, description="Events stamped further than this in the future are rejected."
+    )
+    min_event_time: str = Field(
+        "2000-01-01T00:00:00Z", description="Events stamped before this instant are rejected."
+    )
+
+    datasets_dir: Path = Field(
+        Path("../shared/data"), description="Folder of the real data sets used by replay and training."
+    )
+
+    # --- Per-user state -------------------------------------------------------------------
+    sequence_length: int = Field(
+        50, ge=1, le=1000, description="Recent event tokens kept per user (the model's context)."
+    )
+    user_ttl_s: float = Field(
+        30 * 86400.0, gt=0, description="Users idle this long (worker clock) are expired from state."
+    )
+    expiry_interval_s: float = Field(60.0, gt=0, description="How often idle users are swept.")
+
+    # --- Baseline recommender ----------------------------------------------------------------
+    recommendations: int = Field(10, ge=1, le=200, description="Items per recommendation.")
+    covisit_neighbors: int = Field(
+        50, ge=1, le=1000, description="Co-visited neighbours kept per item in the baseline table."
+    )
+    covisit_window: int = Field(
+        3, ge=1, le=20, description="Recent distinct items of a user that a new item co-visits with."
+    )
+
+    def kafka_client_options(self) -> dict[str, object]:
+        """Connection options shared by every aiokafka client the service creates."""
+        opts: dict[str, object] = {
+            "bootstrap_servers": self.kafka_bootstrap_servers,
+            "security_protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_sasl_mechanism:
+            opts["sasl_mechanism"] = self.kafka_sasl_mechanism
+            opts["sasl_plain_username"] = self.kafka_sasl_username
+            opts["sasl_plain_password"] = (
+                self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
+            )
+        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            opts["ssl_context"] = create_ssl_context(
+                cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None
+            )
+        return opts
+
+    @property
+    def input_topics(self) -> dict[str, str]:
+        """Input topic name -> the event type it carries."""
+        return {
+            self.topic_searches: "search",
+            self.topic_views: "view",
+            self.topic_carts: "cart",
+            self.topic_orders: "order",
+            self.topic_reviews: "review",
+        }

@@ -1,0 +1,1 @@
+"""Converters from real public data sets into the event contract."""

@@ -1,0 +1,173 @@
+"""Per-user state: what the worker keeps about each user, folded event by event.
+
+In: validated contract events. Out: a compact ``UserState`` stored in the ``users`` table as
+bytes: an 8-byte big-endian "last seen" worker clock (ms), then orjson. The prefix lets the
+expiry sweep read a user's idle time without decoding the JSON.
+
+Tokens are the vocabulary the behaviour model reads: ``[item_id, kind, unix_seconds]``, one per
+item touched (an order yields one purchase token per line; a search without a click has item "").
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import orjson
+from aiokafka.partitioner import murmur2
+
+from streams.decode import AnyEvent
+from streams.records import CartEvent, OrderEvent, ReviewEvent, SearchEvent, ViewEvent
+
+_SEEN = struct.Struct(">q")
+RECENT_IDS = 32  # event ids remembered per user to drop redelivered duplicates
+MAX_BOUGHT = 100  # recent purchases remembered per user (excluded from recommendations)
+MAX_CART_LINES = 200
+LOW_RATING = 2  # ratings at or below this count as negative reviews
+
+
+class TokenKind(IntEnum):
+    """Event kind of a token; stable integers shared with the model's vocabulary."""
+
+    SEARCH = 1
+    VIEW = 2
+    CART_ADD = 3
+    CART_REMOVE = 4
+    PURCHASE = 5
+    REVIEW = 6
+
+
+Token = tuple[str, int, int]  # (item_id or "", TokenKind, unix seconds)
+
+
+def event_tokens(event: AnyEvent) -> list[Token]:
+    """The tokens one event contributes to a user's sequence."""
+    t = int(event.event_time.timestamp())
+    match event:
+        case ViewEvent():
+            return [(event.item_id, TokenKind.VIEW, t)]
+        case CartEvent():
+            kind = TokenKind.CART_ADD if event.action == "add" else TokenKind.CART_REMOVE
+            return [(event.item_id, kind, t)]
+        case OrderEvent():
+            return [(line.item_id, TokenKind.PURCHASE, t) for line in event.lines]
+        case ReviewEvent():
+            return [(event.item_id, TokenKind.REVIEW, t)]
+        case SearchEvent():
+            return [(event.clicked_item or "", TokenKind.SEARCH, t)]
+    raise TypeError(f"not an event: {type(event).__name__}")  # pragma: no cover
+
+
+@dataclass(slots=True)
+class UserState:
+    """Everything the service remembers about one user."""
+
+    seq: list[list[Any]] = field(default_factory=list)  # recent tokens, oldest first
+    cart: dict[str, list[Any]] = field(default_factory=dict)  # item -> [quantity, unit_price|None]
+    counts: dict[str, int] = field(default_factory=dict)  # event type -> count
+    reviews: list[float] = field(default_factory=lambda: [0, 0.0, 0])  # [n, rating sum, n low]
+    bought: dict[str, int] = field(default_factory=dict)  # item -> unix seconds of last purchase
+    last_event_s: int = 0  # event time of the latest event
+    recent_ids: list[str] = field(default_factory=list)  # idempotency window
+    seen_ms: int = 0  # worker clock when last touched (drives expiry)
+
+    # --- serialisation -----------------------------------------------------------------------
+    def dumps(self) -> bytes:
+        body = orjson.dumps(
+            {
+                "seq": self.seq,
+                "cart": self.cart,
+                "counts": self.counts,
+                "reviews": self.reviews,
+                "bought": self.bought,
+                "last": self.last_event_s,
+                "ids": self.recent_ids,
+            }
+        )
+        return _SEEN.pack(self.seen_ms) + body
+
+    @classmethod
+    def loads(cls, raw: bytes) -> UserState:
+        d = orjson.loads(raw[_SEEN.size :])
+        return cls(
+            seq=d["seq"],
+            cart=d["cart"],
+            counts=d["counts"],
+            reviews=d["reviews"],
+            bought=d["bought"],
+            last_event_s=d["last"],
+            recent_ids=d["ids"],
+            seen_ms=_SEEN.unpack_from(raw)[0],
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        """A readable view for the HTTP state endpoint and tests."""
+        d = orjson.loads(self.dumps()[_SEEN.size :])
+        d["seen_ms"] = self.seen_ms
+        return d  # type: ignore[no-any-return]
+
+    # --- the fold ----------------------------------------------------------------------------
+    def apply(self, event: AnyEvent, now_ms: int, max_len: int) -> bool:
+        """Fold one event in; False (and no change) when the event id was already applied."""
+        if event.event_id in self.recent_ids:
+            return False
+        self.recent_ids.append(event.event_id)
+        if len(self.recent_ids) > RECENT_IDS:
+            del self.recent_ids[0]
+        tokens = event_tokens(event)
+        self.seq.extend(list(tok) for tok in tokens)
+        if len(self.seq) > max_len:
+            del self.seq[: len(self.seq) - max_len]
+        kind = event.type if not isinstance(event, CartEvent) else f"cart_{event.action}"
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        self.last_event_s = max(self.last_event_s, tokens[0][2])
+        self.seen_ms = now_ms
+        match event:
+            case CartEvent(action="add"):
+                line = self.cart.get(event.item_id)
+                qty = event.quantity + (line[0] if line else 0)
+                self.cart[event.item_id] = [qty, event.unit_price]
+                if len(self.cart) > MAX_CART_LINES:
+                    del self.cart[next(iter(self.cart))]
+            case CartEvent(action="remove"):
+                line = self.cart.get(event.item_id)
+                if line is not None:
+                    if line[0] > event.quantity:
+                        line[0] -= event.quantity
+                    else:
+                        del self.cart[event.item_id]
+            case OrderEvent():
+                for order_line in event.lines:
+                    self.cart.pop(order_line.item_id, None)
+                    self.bought.pop(order_line.item_id, None)
+                    self.bought[order_line.item_id] = tokens[0][2]
+                while len(self.bought) > MAX_BOUGHT:
+                    del self.bought[next(iter(self.bought))]
+            case ReviewEvent():
+                self.reviews[0] += 1
+                self.reviews[1] += event.rating
+                if event.rating <= LOW_RATING:
+                    self.reviews[2] += 1
+        return True
+
+    def recent_items(self, n: int) -> list[str]:
+        """The user's last ``n`` distinct items, most recent first."""
+        out: list[str] = []
+        for item, _kind, _t in reversed(self.seq):
+            if item and item not in out:
+                out.append(item)
+                if len(out) == n:
+                    break
+        return out
+
+
+def seen_ms_of(raw: bytes) -> int:
+    """The worker-clock last-seen time of a stored state, without decoding it."""
+    return int(_SEEN.unpack_from(raw)[0])
+
+
+def user_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives ``key`` (as Java's ``Utils.toPositive``)."""
+    return int(murmur2(key) & 0x7FFFFFFF) % partitions
