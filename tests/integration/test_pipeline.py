@@ -1,0 +1,148 @@
+"""Events through a real broker and a real worker process: outputs, dead letters, replay."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from jsonschema import Draft202012Validator
+
+from streams.admin import ensure_topics
+from streams.deadletter import H_OFFSET, H_PARTITION, H_REASON, H_TOPIC
+from streams.errors import ConfigurationError
+from streams.replay import replay
+from streams.schemas import SCHEMA_DIR
+from streams.settings import Settings
+from streams.sources.datasets import load
+from streams.state import user_partition
+from tests.integration.harness import WorkerProcess, collect, isolated_env, produce, settings_of, values
+
+pytestmark = pytest.mark.integration
+NOW = "2026-01-02T03:04:05Z"
+
+
+def event(etype: str, user: str, eid: str, **fields: Any) -> dict[str, Any]:
+    return {"schema_version": 1, "type": etype, "event_id": eid, "user_id": user, "event_time": NOW, **fields}
+
+
+@pytest.fixture(scope="module")
+def running(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings,
+                                                                                               WorkerProcess]]:
+    work = tmp_path_factory.mktemp("pipeline")
+    env = isolated_env(kafka_bootstrap, work)
+    settings = settings_of(env)
+    asyncio.run(ensure_topics(settings))
+    worker = WorkerProcess(env, work / "worker.log").start()
+    try:
+        yield settings, worker
+    finally:
+        worker.stop()
+
+
+def same_partition_users(n: int, partitions: int) -> list[str]:
+    users = [f"shopper-{i}" for i in range(200)]
+    target = user_partition(users[0].encode(), partitions)
+    return [u for u in users if user_partition(u.encode(), partitions) == target][:n]
+
+
+async def test_every_input_topic_yields_a_recommendation_for_its_user(running: tuple[Settings,
+                                                                                     WorkerProcess]) -> None:
+    settings, worker = running
+    alice, bob = same_partition_users(2, settings.partitions)
+    carol = "carol"
+    line = {"item_id": "sku-3", "quantity": 1, "unit_price": 5.0}
+    sent = [
+        (settings.topic_views, None, event("view", alice, "e1", item_id="sku-1", price=10.0)),
+        (settings.topic_views, b"not-the-user", event("view", alice, "e2", item_id="sku-2")),
+        (settings.topic_carts, b"x", event("cart", alice, "e3", action="add", item_id="sku-3", quantity=2)),
+        (settings.topic_orders, None, event("order", alice, "e4", order_id="o1", lines=[line], total=5.0)),
+        (settings.topic_searches, None, event("search", carol, "e5", query="red shoes", clicked_item="sku-9")),
+        (settings.topic_reviews, None, event("review", carol, "e6", item_id="sku-9", rating=2, text="meh")),
+    ]
+    await produce(settings, [(t, k, orjson.dumps(v)) for t, k, v in sent])
+    recs = await collect(settings, settings.topic_recommendations, lambda r: len(r) >= 6, worker=worker)
+    by_event = {v["event_id"]: (r, v) for r, v in zip(recs, values(recs), strict=True)}
+    assert set(by_event) == {"e1", "e2", "e3", "e4", "e5", "e6"}
+    schema = json.loads((SCHEMA_DIR / "recommendation.schema.json").read_text())
+    validator = Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    for _, _, ev in sent:
+        record, rec = by_event[ev["event_id"]]
+        assert rec["user_id"] == ev["user_id"]
+        assert record.key == ev["user_id"].encode()
+        assert record.partition == user_partition(record.key, settings.partitions)
+        assert rec["event_type"] == ev["type"]
+        assert rec["source"] == "baseline"
+        validator.validate(rec)
+    # alice bought sku-3: never recommended to her right after; sku-2 co-visits sku-1
+    assert "sku-3" not in [i["item_id"] for i in by_event["e4"][1]["items"]]
+    # bob (same partition) views sku-1 after alice's session: what alice did next leads his list
+    await produce(settings, [(settings.topic_views, None, orjson.dumps(event("view", bob, "e7",
+                                                                              item_id="sku-1")))])
+    recs = await collect(settings, settings.topic_recommendations,
+                         lambda r: any(v["event_id"] == "e7" for v in values(r)), worker=worker)
+    bob_rec = next(v for v in values(recs) if v["event_id"] == "e7")
+    assert {i["item_id"] for i in bob_rec["items"][:2]} == {"sku-2", "sku-3"}
+
+
+async def test_bad_input_is_dead_lettered_and_valid_input_around_it_flows(
+    running: tuple[Settings, WorkerProcess],
+) -> None:
+    settings, worker = running
+    v, c = settings.topic_views, settings.topic_carts
+    good1 = orjson.dumps(event("view", "dave", "g1", item_id="sku-1"))
+    good2 = orjson.dumps(event("view", "dave", "g2", item_id="sku-2"))
+    bad: list[tuple[str, bytes | None, str]] = [
+        (v, b"{not json", "invalid_json"),
+        (v, b'{"schema_version": 1}', "schema"),
+        (c, orjson.dumps(event("cart", "dave", "b3", action="add", item_id="s", quantity="3")), "schema"),
+        (c, orjson.dumps(event("cart", "dave", "b4", action="add", item_id="s", quantity=-1)), "schema"),
+        (v, orjson.dumps(event("view", "dave", "b5", item_id="s", pad="x" * 70_000)), "oversized"),
+        (v, orjson.dumps({**event("view", "dave", "b6", item_id="s"), "event_time": "1990-01-01T00:00:00Z"}),
+         "impossible_value"),
+        (v, orjson.dumps(event("cart", "dave", "b7", action="add", item_id="s", quantity=1)), "wrong_topic"),
+        (v, None, "empty"),
+        (v, b"\xff\xfe\x00garbage", "invalid_json"),
+    ]
+    records = [(v, b"dave", good1)] + [(t, b"k", val) for t, val, _ in bad] + [(v, b"dave", good2)]
+    await produce(settings, records)
+    dead = await collect(settings, settings.topic_deadletter, lambda r: len(r) >= len(bad), worker=worker)
+    assert len(dead) == len(bad)
+    got = Counter((r.value, dict(r.headers)[H_REASON].decode()) for r in dead)
+    assert got == Counter((val, reason) for _, val, reason in bad)
+    for r in dead:
+        headers = dict(r.headers)
+        assert headers[H_TOPIC].decode() in (v, c)
+        assert int(headers[H_PARTITION]) >= 0 and int(headers[H_OFFSET]) >= 0
+    recs = await collect(settings, settings.topic_recommendations,
+                         lambda r: {"g1", "g2"} <= {x["event_id"] for x in values(r)}, worker=worker)
+    assert {"g1", "g2"} <= {x["event_id"] for x in values(recs)}
+    assert worker.alive()
+
+
+async def test_replayed_real_sample_is_answered_event_for_event(running: tuple[Settings,
+                                                                               WorkerProcess]) -> None:
+    settings, worker = running
+    events = list(load("rees46-demo", settings.datasets_dir))[:400]
+    sent, _ = await replay(settings, events, progress=False)
+    wanted = {e["event_id"] for e in events}
+    recs = await collect(settings, settings.topic_recommendations,
+                         lambda r: wanted <= {x["event_id"] for x in values(r)}, worker=worker)
+    answered = [x for x in values(recs) if x["event_id"] in wanted]
+    assert sent == 400
+    assert {x["event_id"] for x in answered} == wanted
+    assert sum(1 for x in answered if x["items"]) > 300  # the baseline learns from the stream itself
+
+
+async def test_by_user_topic_with_wrong_partition_count_is_refused(kafka_bootstrap: str, tmp_path: Path) -> None:
+    env = isolated_env(kafka_bootstrap, tmp_path)
+    settings = settings_of(env)
+    await ensure_topics(settings, [settings.topic_events_by_user])
+    other = settings.model_copy(update={"partitions": 3})
+    with pytest.raises(ConfigurationError, match="partitions"):
+        await ensure_topics(other, [settings.topic_events_by_user])

@@ -1,0 +1,96 @@
+"""Table state survives a worker restart (recovered from the changelog) and idle users expire."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from streams.admin import ensure_topics
+
+from tests.integration.harness import WorkerProcess, collect, isolated_env, produce, settings_of, values
+
+pytestmark = pytest.mark.integration
+
+
+def event(etype: str, user: str, eid: str, **fields: Any) -> bytes:
+    return orjson.dumps({"schema_version": 1, "type": etype, "event_id": eid, "user_id": user,
+                         "event_time": "2026-01-02T03:04:05Z", **fields})
+
+
+async def user_state(port: int, user: str, until: Any, timeout: float = 60.0) -> Any:
+    """GET the worker's view of a user until ``until(state)`` holds."""
+    deadline = time.monotonic() + timeout
+    last: Any = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/users/{user}/", timeout=5) as resp:
+                last = orjson.loads(resp.read())
+            if until(last):
+                return last
+        except OSError:
+            pass
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"user {user} state never matched; last: {last}")
+
+
+async def test_restarted_worker_recovers_tables_from_changelog(kafka_bootstrap: str, tmp_path: Path) -> None:
+    env = isolated_env(kafka_bootstrap, tmp_path)
+    settings = settings_of(env)
+    port = settings.web_port
+    await ensure_topics(settings)
+    first = WorkerProcess(env, tmp_path / "worker1.log").start()
+    try:
+        await produce(settings, [
+            (settings.topic_views, None, event("view", "erin", "r1", item_id="sku-1")),
+            (settings.topic_views, None, event("view", "erin", "r2", item_id="sku-2")),
+            (settings.topic_carts, None, event("cart", "erin", "r3", action="add", item_id="sku-2",
+                                               quantity=2, unit_price=9.5)),
+            (settings.topic_reviews, None, event("review", "erin", "r4", item_id="sku-1", rating=1)),
+        ])
+        await collect(settings, settings.topic_recommendations, lambda r: len(r) >= 4, worker=first)
+        before = await user_state(port, "erin", lambda s: s and len(s["seq"]) == 4)
+    finally:
+        assert first.stop() == 0, first.tail()
+
+    # A fresh data dir: nothing on local disk, so the tables can only come from the changelogs.
+    env2 = {**env, "SHOPSTREAM_DATA_DIR": str(tmp_path / "data-after-restart")}
+    second = WorkerProcess(env2, tmp_path / "worker2.log").start()
+    try:
+        after = await user_state(port, "erin", lambda s: s is not None)
+        before.pop("seen_ms"), after.pop("seen_ms")
+        assert after == before
+        assert after["cart"] == {"sku-2": [2, 9.5]}
+        assert after["counts"] == {"view": 2, "cart_add": 1, "review": 1}
+        assert after["reviews"] == [1, 1.0, 1]
+        # a redelivered event is answered but not counted twice; a new one is folded in
+        await produce(settings, [
+            (settings.topic_views, None, event("view", "erin", "r2", item_id="sku-2")),
+            (settings.topic_views, None, event("view", "erin", "r5", item_id="sku-3")),
+        ])
+        recs = await collect(settings, settings.topic_recommendations,
+                             lambda r: "r5" in {v["event_id"] for v in values(r)}, worker=second)
+        assert [v["event_id"] for v in values(recs)].count("r2") == 2
+        final = await user_state(port, "erin", lambda s: s["counts"].get("view") == 3)
+        items = [tok[0] for tok in final["seq"]]  # order across input topics is not defined
+        assert sorted(items) == ["sku-1", "sku-1", "sku-2", "sku-2", "sku-3"] and items[-1] == "sku-3"
+    finally:
+        assert second.stop() == 0, second.tail()
+
+
+async def test_idle_users_expire(kafka_bootstrap: str, tmp_path: Path) -> None:
+    env = isolated_env(kafka_bootstrap, tmp_path, SHOPSTREAM_USER_TTL_S="2", SHOPSTREAM_EXPIRY_INTERVAL_S="1")
+    settings = settings_of(env)
+    await ensure_topics(settings)
+    worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    try:
+        await produce(settings, [(settings.topic_views, None, event("view", "frank", "x1", item_id="sku-1"))])
+        await collect(settings, settings.topic_recommendations, lambda r: len(r) >= 1, worker=worker)
+        await user_state(settings.web_port, "frank", lambda s: s is None, timeout=30)
+    finally:
+        worker.stop()
