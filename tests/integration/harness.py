@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,17 @@ def isolated_env(bootstrap: str, workdir: Path, **extra: str) -> dict[str, str]:
         "SHOPSTREAM_DATA_DIR": str(workdir / "data"),
         "SHOPSTREAM_WEB_PORT": str(free_port()),
     }
-    for name in ("searches", "views", "carts", "orders", "reviews", "recommendations", "promotions",
-                 "deadletter", "events_by_user"):
+    for name in (
+        "searches",
+        "views",
+        "carts",
+        "orders",
+        "reviews",
+        "recommendations",
+        "promotions",
+        "deadletter",
+        "events_by_user",
+    ):
         env[f"SHOPSTREAM_TOPIC_{name.upper()}"] = f"t-{tag}.{name}"
     env.update(extra)
     return env
@@ -69,8 +79,13 @@ class WorkerProcess:
         full.pop("PYTEST_CURRENT_TEST", None)
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "streams", "worker"], cwd=ROOT, env=full,
-                                         stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "streams", "worker"],
+                cwd=ROOT,
+                env=full,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
@@ -90,7 +105,7 @@ class WorkerProcess:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
 
 
-async def produce(settings: Settings, records: list[tuple[str, bytes | None, bytes | None]]) -> None:
+async def produce(settings: Settings, records: Sequence[tuple[str, bytes | None, bytes | None]]) -> None:
     """Send (topic, key, value) records and wait for every acknowledgement."""
     producer = AIOKafkaProducer(**settings.kafka_client_options(), acks="all")
     await producer.start()

@@ -32,8 +32,9 @@ def event(etype: str, user: str, eid: str, **fields: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def running(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings,
-                                                                                               WorkerProcess]]:
+def running(
+    kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Settings, WorkerProcess]]:
     work = tmp_path_factory.mktemp("pipeline")
     env = isolated_env(kafka_bootstrap, work)
     settings = settings_of(env)
@@ -51,8 +52,9 @@ def same_partition_users(n: int, partitions: int) -> list[str]:
     return [u for u in users if user_partition(u.encode(), partitions) == target][:n]
 
 
-async def test_every_input_topic_yields_a_recommendation_for_its_user(running: tuple[Settings,
-                                                                                     WorkerProcess]) -> None:
+async def test_every_input_topic_yields_a_recommendation_for_its_user(
+    running: tuple[Settings, WorkerProcess],
+) -> None:
     settings, worker = running
     alice, bob = same_partition_users(2, settings.partitions)
     carol = "carol"
@@ -62,7 +64,11 @@ async def test_every_input_topic_yields_a_recommendation_for_its_user(running: t
         (settings.topic_views, b"not-the-user", event("view", alice, "e2", item_id="sku-2")),
         (settings.topic_carts, b"x", event("cart", alice, "e3", action="add", item_id="sku-3", quantity=2)),
         (settings.topic_orders, None, event("order", alice, "e4", order_id="o1", lines=[line], total=5.0)),
-        (settings.topic_searches, None, event("search", carol, "e5", query="red shoes", clicked_item="sku-9")),
+        (
+            settings.topic_searches,
+            None,
+            event("search", carol, "e5", query="red shoes", clicked_item="sku-9"),
+        ),
         (settings.topic_reviews, None, event("review", carol, "e6", item_id="sku-9", rating=2, text="meh")),
     ]
     await produce(settings, [(t, k, orjson.dumps(v)) for t, k, v in sent])
@@ -82,10 +88,15 @@ async def test_every_input_topic_yields_a_recommendation_for_its_user(running: t
     # alice bought sku-3: never recommended to her right after; sku-2 co-visits sku-1
     assert "sku-3" not in [i["item_id"] for i in by_event["e4"][1]["items"]]
     # bob (same partition) views sku-1 after alice's session: what alice did next leads his list
-    await produce(settings, [(settings.topic_views, None, orjson.dumps(event("view", bob, "e7",
-                                                                              item_id="sku-1")))])
-    recs = await collect(settings, settings.topic_recommendations,
-                         lambda r: any(v["event_id"] == "e7" for v in values(r)), worker=worker)
+    await produce(
+        settings, [(settings.topic_views, None, orjson.dumps(event("view", bob, "e7", item_id="sku-1")))]
+    )
+    recs = await collect(
+        settings,
+        settings.topic_recommendations,
+        lambda r: any(v["event_id"] == "e7" for v in values(r)),
+        worker=worker,
+    )
     bob_rec = next(v for v in values(recs) if v["event_id"] == "e7")
     assert {i["item_id"] for i in bob_rec["items"][:2]} == {"sku-2", "sku-3"}
 
@@ -103,8 +114,11 @@ async def test_bad_input_is_dead_lettered_and_valid_input_around_it_flows(
         (c, orjson.dumps(event("cart", "dave", "b3", action="add", item_id="s", quantity="3")), "schema"),
         (c, orjson.dumps(event("cart", "dave", "b4", action="add", item_id="s", quantity=-1)), "schema"),
         (v, orjson.dumps(event("view", "dave", "b5", item_id="s", pad="x" * 70_000)), "oversized"),
-        (v, orjson.dumps({**event("view", "dave", "b6", item_id="s"), "event_time": "1990-01-01T00:00:00Z"}),
-         "impossible_value"),
+        (
+            v,
+            orjson.dumps({**event("view", "dave", "b6", item_id="s"), "event_time": "1990-01-01T00:00:00Z"}),
+            "impossible_value",
+        ),
         (v, orjson.dumps(event("cart", "dave", "b7", action="add", item_id="s", quantity=1)), "wrong_topic"),
         (v, None, "empty"),
         (v, b"\xff\xfe\x00garbage", "invalid_json"),
@@ -119,27 +133,38 @@ async def test_bad_input_is_dead_lettered_and_valid_input_around_it_flows(
         headers = dict(r.headers)
         assert headers[H_TOPIC].decode() in (v, c)
         assert int(headers[H_PARTITION]) >= 0 and int(headers[H_OFFSET]) >= 0
-    recs = await collect(settings, settings.topic_recommendations,
-                         lambda r: {"g1", "g2"} <= {x["event_id"] for x in values(r)}, worker=worker)
+    recs = await collect(
+        settings,
+        settings.topic_recommendations,
+        lambda r: {"g1", "g2"} <= {x["event_id"] for x in values(r)},
+        worker=worker,
+    )
     assert {"g1", "g2"} <= {x["event_id"] for x in values(recs)}
     assert worker.alive()
 
 
-async def test_replayed_real_sample_is_answered_event_for_event(running: tuple[Settings,
-                                                                               WorkerProcess]) -> None:
+async def test_replayed_real_sample_is_answered_event_for_event(
+    running: tuple[Settings, WorkerProcess],
+) -> None:
     settings, worker = running
     events = list(load("rees46-demo", settings.datasets_dir))[:400]
     sent, _ = await replay(settings, events, progress=False)
     wanted = {e["event_id"] for e in events}
-    recs = await collect(settings, settings.topic_recommendations,
-                         lambda r: wanted <= {x["event_id"] for x in values(r)}, worker=worker)
+    recs = await collect(
+        settings,
+        settings.topic_recommendations,
+        lambda r: wanted <= {x["event_id"] for x in values(r)},
+        worker=worker,
+    )
     answered = [x for x in values(recs) if x["event_id"] in wanted]
     assert sent == 400
     assert {x["event_id"] for x in answered} == wanted
     assert sum(1 for x in answered if x["items"]) > 300  # the baseline learns from the stream itself
 
 
-async def test_by_user_topic_with_wrong_partition_count_is_refused(kafka_bootstrap: str, tmp_path: Path) -> None:
+async def test_by_user_topic_with_wrong_partition_count_is_refused(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
     env = isolated_env(kafka_bootstrap, tmp_path)
     settings = settings_of(env)
     await ensure_topics(settings, [settings.topic_events_by_user])

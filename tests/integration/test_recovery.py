@@ -12,15 +12,22 @@ import orjson
 import pytest
 
 from streams.admin import ensure_topics
-
 from tests.integration.harness import WorkerProcess, collect, isolated_env, produce, settings_of, values
 
 pytestmark = pytest.mark.integration
 
 
 def event(etype: str, user: str, eid: str, **fields: Any) -> bytes:
-    return orjson.dumps({"schema_version": 1, "type": etype, "event_id": eid, "user_id": user,
-                         "event_time": "2026-01-02T03:04:05Z", **fields})
+    return orjson.dumps(
+        {
+            "schema_version": 1,
+            "type": etype,
+            "event_id": eid,
+            "user_id": user,
+            "event_time": "2026-01-02T03:04:05Z",
+            **fields,
+        }
+    )
 
 
 async def user_state(port: int, user: str, until: Any, timeout: float = 60.0) -> Any:
@@ -46,13 +53,19 @@ async def test_restarted_worker_recovers_tables_from_changelog(kafka_bootstrap: 
     await ensure_topics(settings)
     first = WorkerProcess(env, tmp_path / "worker1.log").start()
     try:
-        await produce(settings, [
-            (settings.topic_views, None, event("view", "erin", "r1", item_id="sku-1")),
-            (settings.topic_views, None, event("view", "erin", "r2", item_id="sku-2")),
-            (settings.topic_carts, None, event("cart", "erin", "r3", action="add", item_id="sku-2",
-                                               quantity=2, unit_price=9.5)),
-            (settings.topic_reviews, None, event("review", "erin", "r4", item_id="sku-1", rating=1)),
-        ])
+        await produce(
+            settings,
+            [
+                (settings.topic_views, None, event("view", "erin", "r1", item_id="sku-1")),
+                (settings.topic_views, None, event("view", "erin", "r2", item_id="sku-2")),
+                (
+                    settings.topic_carts,
+                    None,
+                    event("cart", "erin", "r3", action="add", item_id="sku-2", quantity=2, unit_price=9.5),
+                ),
+                (settings.topic_reviews, None, event("review", "erin", "r4", item_id="sku-1", rating=1)),
+            ],
+        )
         await collect(settings, settings.topic_recommendations, lambda r: len(r) >= 4, worker=first)
         before = await user_state(port, "erin", lambda s: s and len(s["seq"]) == 4)
     finally:
@@ -69,12 +82,19 @@ async def test_restarted_worker_recovers_tables_from_changelog(kafka_bootstrap: 
         assert after["counts"] == {"view": 2, "cart_add": 1, "review": 1}
         assert after["reviews"] == [1, 1.0, 1]
         # a redelivered event is answered but not counted twice; a new one is folded in
-        await produce(settings, [
-            (settings.topic_views, None, event("view", "erin", "r2", item_id="sku-2")),
-            (settings.topic_views, None, event("view", "erin", "r5", item_id="sku-3")),
-        ])
-        recs = await collect(settings, settings.topic_recommendations,
-                             lambda r: "r5" in {v["event_id"] for v in values(r)}, worker=second)
+        await produce(
+            settings,
+            [
+                (settings.topic_views, None, event("view", "erin", "r2", item_id="sku-2")),
+                (settings.topic_views, None, event("view", "erin", "r5", item_id="sku-3")),
+            ],
+        )
+        recs = await collect(
+            settings,
+            settings.topic_recommendations,
+            lambda r: "r5" in {v["event_id"] for v in values(r)},
+            worker=second,
+        )
         assert [v["event_id"] for v in values(recs)].count("r2") == 2
         final = await user_state(port, "erin", lambda s: s["counts"].get("view") == 3)
         items = [tok[0] for tok in final["seq"]]  # order across input topics is not defined
