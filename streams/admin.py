@@ -66,8 +66,13 @@ async def ensure_topics(settings: Settings, topics: list[str] | None = None) -> 
             log.info("created topics %s with %d partitions", missing, settings.partitions)
         internal = settings.topic_events_by_user
         if internal in wanted:
-            described = await admin.describe_topics([internal])
-            found = len(described[0]["partitions"])
+            found = 0
+            for _ in range(50):  # a topic created a moment ago may not show its partitions yet
+                described = await admin.describe_topics([internal])
+                found = len(described[0]["partitions"])
+                if found:
+                    break
+                await asyncio.sleep(0.2)
             if found != settings.partitions:
                 raise ConfigurationError(
                     f"topic {internal} has {found} partitions but SHOPSTREAM_PARTITIONS="

@@ -72,6 +72,7 @@ class WorkerProcess:
 
     env: dict[str, str]
     log: Path
+    prefix: Sequence[str] = ()  # e.g. a profiler command line
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     def start(self) -> WorkerProcess:
