@@ -234,7 +234,6 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
     async def prometheus_metrics(web: Any, request: Any) -> Any:
         return web.bytes(generate_latest(registry), content_type="text/plain; version=0.0.4")
 
-    app.shopstream_metrics = metrics
     return app
 
 
