@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from streams.errors import ShopstreamError
 from streams.settings import Settings
@@ -104,6 +105,43 @@ def cmd_schemas(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _modeling() -> Any:
+    """The learning side, imported only by the commands that need it (torch is an extra)."""
+    try:
+        import torch  # noqa: F401
+
+        from modeling import cli
+    except ImportError as exc:
+        raise ShopstreamError(
+            f"this command needs the training extra ({exc.name} is missing): pip install -e '.[train]'"
+        ) from None
+    return cli
+
+
+def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
+    m = _modeling()
+    out = Path(args.out or f"runs/{args.data.replace(':', '-').replace('/', '_')}-{args.preset}")
+    m.run_train(
+        args.data,
+        args.preset,
+        out,
+        m.parse_overrides(args.set),
+        settings.datasets_dir,
+        evaluate_after=not args.no_eval,
+    )
+    return 0
+
+
+def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
+    _modeling().run_evaluate(Path(args.run), settings.datasets_dir)
+    return 0
+
+
+def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
+    _modeling().run_export(Path(args.run), Path(args.out), settings.datasets_dir, args.top_k)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="shopstream", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -136,6 +174,31 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("schemas", help="write streams/schemas/*.json from the records")
     s.add_argument("--check", action="store_true", help="exit 1 if the files are stale")
     s.set_defaults(func=cmd_schemas)
+    tr = sub.add_parser("train", help="train the behaviour model (pip install -e '.[train]')")
+    tr.add_argument(
+        "--data",
+        required=True,
+        help="seqrec:Beauty, seqrec:Sports_and_Outdoors, taobao-users, or a 'user item item ...' file",
+    )
+    tr.add_argument("--preset", default="seqrec", help="tiny, seqrec or events")
+    tr.add_argument("--out", help="run folder (default runs/<data>-<preset>)")
+    tr.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a model or training setting, e.g. --set dropout=0.3",
+    )
+    tr.add_argument("--no-eval", action="store_true", help="skip the test evaluation after training")
+    tr.set_defaults(func=cmd_train)
+    ev = sub.add_parser("evaluate", help="evaluate a run against baselines, write its report")
+    ev.add_argument("run", help="run folder")
+    ev.set_defaults(func=cmd_evaluate)
+    ex = sub.add_parser("export", help="export a run to ONNX + manifest for serving")
+    ex.add_argument("run", help="run folder")
+    ex.add_argument("--out", required=True, help="artifact folder")
+    ex.add_argument("--top-k", type=int, default=100, help="items the graph returns per event")
+    ex.set_defaults(func=cmd_export)
     return p
 
 

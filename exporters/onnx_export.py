@@ -1,0 +1,142 @@
+"""A trained run -> the served artifact: ``model.onnx`` + ``manifest.json`` + ``vocab.json``.
+
+In: a run folder from ``modeling.train`` and a few real evaluation cases. Out: an artifact folder
+that onnxruntime alone can load and score (``streams`` never imports torch). The exporter checks
+itself: the ONNX checker, onnxruntime-vs-torch parity on real batches of several shapes, named
+inputs and outputs with dynamic batch and length axes, and a sha256 of the graph in the manifest.
+
+The graph returns the top-K vocabulary ids with their scores and the purchase propensity, so the
+stream never sorts the catalogue in Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import warnings
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from modeling.model import ServingModel
+from modeling.sequences import Cases
+from modeling.train import load_model
+
+FORMAT_VERSION = 1
+INPUTS = ("items", "kinds", "gaps")
+OUTPUTS = ("top_items", "top_scores", "propensity")
+PARITY_TOLERANCE = 1e-4
+
+
+class ExportError(Exception):
+    """The exported graph failed a check."""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _export_graph(serving: ServingModel, example: tuple[torch.Tensor, ...], path: Path, opset: int) -> None:
+    dyn = {name: {0: "batch", 1: "length"} for name in INPUTS}
+    dyn.update({name: {0: "batch"} for name in OUTPUTS})
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter is deprecated upstream but still the one that needs no
+        # extra packages; its tracer warnings concern shapes that are constant here (d_model).
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            serving,
+            example,
+            str(path),
+            input_names=list(INPUTS),
+            output_names=list(OUTPUTS),
+            dynamic_axes=dyn,
+            opset_version=opset,
+            dynamo=False,
+        )
+
+
+def _parity(serving: ServingModel, path: Path, cases: Cases) -> dict[str, float]:
+    """Max abs differences between onnxruntime and torch on real batches of several shapes."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = {"top_scores": 0.0, "propensity": 0.0, "top_items_mismatch": 0.0}
+    n = len(cases)
+    for b, w in ((1, cases.items.shape[1]), (8, 10), (min(64, n), cases.items.shape[1]), (min(32, n), 3)):
+        sel = slice(0, min(b, n))
+        arrays = [np.ascontiguousarray(a[sel, -w:]) for a in (cases.items, cases.kinds, cases.gaps)]
+        with torch.no_grad():
+            t_items, t_scores, t_prop = serving(*(torch.from_numpy(a) for a in arrays))
+        o_items, o_scores, o_prop = sess.run(list(OUTPUTS), dict(zip(INPUTS, arrays, strict=True)))
+        worst["top_scores"] = max(worst["top_scores"], float(np.abs(o_scores - t_scores.numpy()).max()))
+        worst["propensity"] = max(worst["propensity"], float(np.abs(o_prop - t_prop.numpy()).max()))
+        # ids may swap where two scores tie within float error; count disagreements beyond that
+        same = (o_items == t_items.numpy()) | np.isclose(o_scores, t_scores.numpy(), atol=PARITY_TOLERANCE)
+        worst["top_items_mismatch"] = max(worst["top_items_mismatch"], float(1.0 - same.mean()))
+    if (
+        worst["top_scores"] > PARITY_TOLERANCE
+        or worst["propensity"] > PARITY_TOLERANCE
+        or worst["top_items_mismatch"] > 0
+    ):
+        raise ExportError(f"onnxruntime and torch disagree: {worst}")
+    return worst
+
+
+def export(run_dir: Path, out_dir: Path, cases: Cases, *, k: int = 100, opset: int = 17) -> dict[str, Any]:
+    """Export ``run_dir`` to ``out_dir``; returns the manifest."""
+    import onnx
+
+    model = load_model(run_dir)
+    serving = ServingModel(model, k).eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    graph = out_dir / "model.onnx"
+    example = tuple(
+        torch.from_numpy(np.ascontiguousarray(a[:4])) for a in (cases.items, cases.kinds, cases.gaps)
+    )
+    _export_graph(serving, example, graph, opset)
+    onnx.checker.check_model(str(graph), full_check=True)
+    parity = _parity(serving, graph, cases)
+    shutil.copyfile(run_dir / "vocab.json", out_dir / "vocab.json")
+    cfg = json.loads((run_dir / "config.json").read_text())
+    digest = sha256(graph)
+    evaluation = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else None
+    created = datetime.now(UTC)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "model_version": f"{cfg.get('data') or 'model'}-{created:%Y%m%d%H%M%S}-{digest[:8]}",
+        "created_at": created.isoformat(),
+        "graph": "model.onnx",
+        "graph_sha256": digest,
+        "vocab": "vocab.json",
+        "vocab_sha256": sha256(out_dir / "vocab.json"),
+        "n_items": model.cfg.n_items,
+        "max_len": model.cfg.max_len,
+        "top_k": serving.k,
+        "opset": opset,
+        "inputs": {name: {"dtype": "int64", "shape": ["batch", "length"]} for name in INPUTS},
+        "outputs": {
+            "top_items": {"dtype": "int64", "shape": ["batch", serving.k]},
+            "top_scores": {"dtype": "float32", "shape": ["batch", serving.k]},
+            "propensity": {"dtype": "float32", "shape": ["batch"]},
+        },
+        "token_ids": {
+            "pad": 0,
+            "unk": 1,
+            "kinds": "streams.state.TokenKind",
+            "gaps": "modeling.sequences.gap_bucket",
+        },
+        "config": cfg,
+        "trained_on": cfg.get("data"),
+        "metrics": evaluation,
+        "parity_max_abs_diff": parity,
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest

@@ -1,0 +1,108 @@
+"""``shopstream train | evaluate | export``: the learning side of the command line.
+
+``streams.cli`` parses the arguments and calls these functions only when one of those commands
+runs, so the serving install never needs torch.
+
+Data specs (``--data``):
+- ``seqrec:NAME``: the S3-Rec benchmark file ``seqrec/s3rec/NAME.txt`` (leave-one-out);
+- a path to a ``user item item ...`` file (leave-one-out);
+- ``taobao-users``: Taobao UserBehavior, 814 complete users, time split in Beijing time: train
+  before 2017-12-02, validation 12-02, test 12-03; purchase propensity over 24 hours.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from modeling.sequences import Split, leave_one_out, read_seqrec, sequences_from_events, time_split
+from streams.sources.datasets import load
+
+BEIJING = timezone(timedelta(hours=8))
+HORIZON_S = 24 * 3600.0
+
+
+def build_split(spec: str, datasets_dir: Path, max_len: int) -> Split:
+    if spec.startswith("seqrec:"):
+        name = spec.split(":", 1)[1]
+        return leave_one_out(read_seqrec(datasets_dir / "seqrec" / "s3rec" / f"{name}.txt"), max_len, spec)
+    if spec == "taobao-users":
+        seqs = sequences_from_events(load("taobao-users", datasets_dir))
+
+        def day(d: int) -> float:
+            return datetime(2017, 12, d, tzinfo=BEIJING).timestamp()
+
+        return time_split(seqs, day(2), day(3), day(4), max_len, HORIZON_S, spec)
+    path = Path(spec)
+    if path.is_file():
+        return leave_one_out(read_seqrec(path), max_len, path.stem)
+    raise ValueError(f"unknown data spec {spec!r}: use seqrec:NAME, taobao-users or a file path")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, raw = pair.partition("=")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def run_train(
+    spec: str,
+    preset: str,
+    out: Path,
+    overrides: dict[str, Any],
+    datasets_dir: Path,
+    evaluate_after: bool = True,
+) -> Path:
+    from modeling.evaluate import evaluate
+    from modeling.train import PRESETS, train
+
+    max_len = int(overrides.get("max_len", PRESETS[preset].model.get("max_len", 50)))
+    split = build_split(spec, datasets_dir, max_len)
+    print(
+        f"data {spec}: {len(split.vocab) - 2} items, {len(split.train)} training windows, "
+        f"{len(split.valid)} validation and {len(split.test)} test cases"
+    )
+    model, history = train(split, preset, out, overrides)
+    best = max(history, key=lambda h: h["valid_NDCG@10"])
+    print(f"best epoch {best['epoch']}: valid NDCG@10 {best['valid_NDCG@10']:.4f}; run in {out}")
+    if evaluate_after:
+        print_results(evaluate(model, split, out))
+    return out
+
+
+def run_evaluate(run_dir: Path, datasets_dir: Path) -> None:
+    from modeling.evaluate import evaluate
+    from modeling.train import load_model
+
+    cfg = json.loads((run_dir / "config.json").read_text())
+    split = build_split(cfg["data"], datasets_dir, cfg["model"]["max_len"])
+    print_results(evaluate(load_model(run_dir), split, run_dir))
+
+
+def run_export(run_dir: Path, out: Path, datasets_dir: Path, k: int) -> None:
+    from exporters.onnx_export import export
+
+    cfg = json.loads((run_dir / "config.json").read_text())
+    split = build_split(cfg["data"], datasets_dir, cfg["model"]["max_len"])
+    manifest = export(run_dir, out, split.test, k=k)
+    print(
+        f"exported {manifest['model_version']} to {out} (parity max abs diff "
+        f"{manifest['parity_max_abs_diff']['top_scores']:.2e})"
+    )
+
+
+def print_results(results: dict[str, Any]) -> None:
+    print(f"test ({results['data']}, {results['test_cases']} cases, full ranking, history excluded):")
+    for name, e in results["models"].items():
+        m, ci = e["history_excluded"], e["NDCG@10_ci95_history_excluded"]
+        print(
+            f"  {name:13s} NDCG@10 {m['NDCG@10']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]  HR@10 {m['HR@10']:.4f}"
+            f"  MRR {m['MRR']:.4f}"
+        )

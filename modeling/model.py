@@ -1,0 +1,139 @@
+"""The behaviour model: a causal transformer over event tokens (SASRec / GPT-like).
+
+A user's history is a sequence of tokens; each token is an item, the kind of event (view, cart add,
+purchase, ...) and a bucketed time gap to the previous token. The model reads the sequence like a
+language model reads text and, at every position, predicts the next item over the whole catalogue
+(tied item embeddings, full softmax), the next event kind, and the probability that the user buys
+within a horizon. ``forward`` takes tensors only, so the model exports to ONNX as it is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+PAD = 0  # padding id of items, kinds and gaps
+UNK = 1  # unknown item (not in the training vocabulary)
+
+
+@dataclass
+class ModelConfig:
+    n_items: int  # item vocabulary size, including PAD (0) and UNK (1)
+    n_kinds: int = 8  # event kinds (streams.state.TokenKind values 1..6) plus PAD
+    n_gaps: int = 20  # time-gap buckets (see modeling.sequences.gap_bucket) plus PAD
+    max_len: int = 50  # context length in tokens
+    d_model: int = 64  # width of embeddings and hidden states
+    n_layers: int = 2  # transformer blocks
+    n_heads: int = 2  # attention heads per block
+    dropout: float = 0.5  # on embeddings, attention and feed-forward outputs
+    ff_mult: int = 4  # feed-forward width as a multiple of d_model
+
+    def to_dict(self) -> dict[str, int | float]:
+        return asdict(self)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block with causal self-attention."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ff = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.ff_mult * cfg.d_model),
+            nn.GELU(),
+            nn.Linear(cfg.ff_mult * cfg.d_model, cfg.d_model),
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+        self.attn_dropout = cfg.dropout
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        b, n, d = x.shape  # (batch, length, d_model)
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+        q = q.view(b, n, self.n_heads, d // self.n_heads).transpose(1, 2)  # (b, heads, n, d/h)
+        k = k.view(b, n, self.n_heads, d // self.n_heads).transpose(1, 2)
+        v = v.view(b, n, self.n_heads, d // self.n_heads).transpose(1, 2)
+        att = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
+        )
+        att = att.transpose(1, 2).reshape(b, n, d)
+        x = x + self.drop(self.proj(att))
+        out: Tensor = x + self.drop(self.ff(self.ln2(x)))
+        return out
+
+
+class BehaviourModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.item_emb = nn.Embedding(cfg.n_items, d, padding_idx=PAD)
+        self.kind_emb = nn.Embedding(cfg.n_kinds, d, padding_idx=PAD)
+        self.gap_emb = nn.Embedding(cfg.n_gaps, d, padding_idx=PAD)
+        self.pos_emb = nn.Embedding(cfg.max_len, d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.kind_head = nn.Linear(d, cfg.n_kinds)  # next event kind
+        self.propensity_head = nn.Linear(d, 1)  # purchase within the horizon (logit)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, items: Tensor, kinds: Tensor, gaps: Tensor) -> Tensor:
+        """Hidden states (b, n, d) for left-padded token tensors (b, n) with n <= max_len."""
+        n = items.shape[1]
+        pos = torch.arange(n, device=items.device) + (self.cfg.max_len - n)  # right-aligned positions
+        x = self.item_emb(items) * math.sqrt(self.cfg.d_model)
+        x = x + self.kind_emb(kinds) + self.gap_emb(gaps) + self.pos_emb(pos)
+        x = self.drop(x)
+        valid = items != PAD  # (b, n)
+        ar = torch.arange(n, device=items.device)
+        causal = ar[None, :] <= ar[:, None]  # (n, n): query i sees keys j <= i
+        eye = ar[None, :] == ar[:, None]
+        mask = (causal & valid[:, None, :]) | eye  # (b, n, n): a pad row attends to itself only
+        mask = mask[:, None, :, :]  # (b, 1, n, n), shared by the heads
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.ln_f(x)  # type: ignore[no-any-return]
+
+    def item_logits(self, h: Tensor) -> Tensor:
+        """Next-item scores over the whole catalogue from hidden states (..., d) -> (..., n_items)."""
+        return h @ self.item_emb.weight.T
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class ServingModel(nn.Module):
+    """The graph that is exported: last-position hidden state -> top-K items and propensity.
+
+    Inputs: ``items``, ``kinds``, ``gaps`` (int64, (batch, length), left-padded). Outputs:
+    ``top_items`` (int64, (batch, k)) vocabulary ids, ``top_scores`` (float32, (batch, k)) and
+    ``propensity`` (float32, (batch,)). PAD and UNK are never returned.
+    """
+
+    def __init__(self, model: BehaviourModel, k: int) -> None:
+        super().__init__()
+        self.model = model
+        self.k = min(k, model.cfg.n_items - 2)
+
+    def forward(self, items: Tensor, kinds: Tensor, gaps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        h = self.model(items, kinds, gaps)[:, -1, :]  # (b, d): the newest token
+        logits = self.model.item_logits(h)[:, 2:]  # (b, n_items - 2): drop PAD and UNK
+        scores, idx = torch.topk(logits, self.k, dim=1)
+        propensity = torch.sigmoid(self.model.propensity_head(h)).squeeze(1)
+        return idx + 2, scores, propensity

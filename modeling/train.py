@@ -1,0 +1,244 @@
+"""Training: next-token prediction with full softmax cross-entropy, validation each epoch.
+
+In: a ``Split`` and a preset. Out: a run folder with ``config.json``, ``vocab.json``,
+``model.pt`` (the best state dict by validation NDCG@10; load with ``weights_only=True``),
+``metrics.jsonl`` (one line per epoch) and ``learning_curve.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from modeling.metrics import batches, ranking_metrics, ranks_from_scores
+from modeling.model import PAD, BehaviourModel, ModelConfig
+from modeling.sequences import N_GAPS, Cases, Split
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200  # upper bound; early stopping usually ends sooner
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    patience: int = 10  # epochs without validation NDCG@10 improvement before stopping
+    propensity_weight: float = 0.0  # weight of the purchase-propensity loss (event logs)
+    kind_weight: float = 0.0  # weight of the next-event-kind loss (event logs)
+    eval_exclude_history: bool = True  # validation protocol (benchmark files: exclude history)
+    seed: int = 42
+    device: str = "auto"  # auto: CUDA when present, else CPU
+    max_minutes: float = 60.0  # wall-clock budget
+
+
+@dataclass
+class Preset:
+    model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    # trains in well under a minute on CPU: tests and the demo
+    "tiny": Preset(
+        model={"d_model": 32, "n_layers": 1, "n_heads": 1, "max_len": 20, "dropout": 0.2},
+        train={"epochs": 3, "batch_size": 128, "patience": 3, "max_minutes": 1.0},
+    ),
+    # the S3-Rec / ICLRec benchmark files (Beauty, Sports_and_Outdoors, ...)
+    "seqrec": Preset(
+        model={"d_model": 64, "n_layers": 2, "n_heads": 2, "max_len": 50, "dropout": 0.5},
+        train={"epochs": 300, "batch_size": 256, "lr": 1e-3, "patience": 15},
+    ),
+    # multi-event logs (Taobao, REES46): kinds, time gaps, propensity and next-kind heads
+    "events": Preset(
+        model={"d_model": 64, "n_layers": 2, "n_heads": 2, "max_len": 50, "dropout": 0.3},
+        train={
+            "epochs": 100,
+            "batch_size": 128,
+            "patience": 8,
+            "propensity_weight": 1.0,
+            "kind_weight": 0.2,
+            "eval_exclude_history": False,
+        },
+    ),
+}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _t(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+
+def _width(items: np.ndarray) -> int:
+    """Columns that hold tokens in a left-padded batch: the rest is padding and can be cut."""
+    used = (items != PAD).any(axis=0)
+    return int(len(used) - used.argmax()) if used.any() else 1
+
+
+@torch.no_grad()
+def predict(
+    model: BehaviourModel, cases: Cases, device: torch.device, exclude: bool, batch: int = 512
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-case target rank, next-item log-likelihood, and propensity."""
+    model.eval()
+    ranks, loglik, prop = [], [], []
+    for sl in batches(len(cases), batch):
+        w = _width(cases.items[sl])
+        h = model(*(_t(a[sl, -w:], device) for a in (cases.items, cases.kinds, cases.gaps)))[:, -1]
+        logits = model.item_logits(h)
+        targets = _t(cases.targets[sl], device)
+        logp = torch.log_softmax(logits[:, 2:], dim=1)  # over real items only
+        tl = logp.gather(1, (targets - 2).clamp(min=0)[:, None])[:, 0]
+        loglik.append(torch.where(targets >= 2, tl, torch.full_like(tl, float("nan"))).cpu().numpy())
+        prop.append(torch.sigmoid(model.propensity_head(h))[:, 0].cpu().numpy())
+        hist = cases.history[sl] if exclude else None
+        ranks.append(ranks_from_scores(logits.float().cpu(), targets.cpu(), hist).numpy())
+    return np.concatenate(ranks), np.concatenate(loglik), np.concatenate(prop)
+
+
+def length_buckets(lengths: np.ndarray, size: int) -> list[np.ndarray]:
+    """Batches of windows of similar length (so padding can be cut), in random order."""
+    order = np.argsort(lengths + np.random.rand(len(lengths)) * 3, kind="stable")
+    out = [order[i : i + size] for i in range(0, len(order), size)]
+    random.shuffle(out)
+    return out
+
+
+def train(
+    split: Split, preset: str, out_dir: Path, overrides: dict[str, Any] | None = None, progress: bool = True
+) -> tuple[BehaviourModel, list[dict[str, Any]]]:
+    p = PRESETS[preset]
+    overrides = overrides or {}
+    mcfg = ModelConfig(
+        n_items=len(split.vocab),
+        n_gaps=N_GAPS,
+        **{**p.model, **{k: v for k, v in overrides.items() if k in ModelConfig.__annotations__}},
+    )
+    tcfg = replace(
+        TrainConfig(),
+        **{**p.train, **{k: v for k, v in overrides.items() if k in TrainConfig.__annotations__}},
+    )
+    if split.train.items.shape[1] != mcfg.max_len:
+        raise ValueError(f"split built with max_len {split.train.items.shape[1]}, model wants {mcfg.max_len}")
+    seed_everything(tcfg.seed)
+    device = pick_device(tcfg.device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(
+        json.dumps(
+            {"preset": preset, "data": split.name, "model": mcfg.to_dict(), "train": asdict(tcfg)}, indent=2
+        )
+    )
+    split.vocab.save(out_dir / "vocab.json")
+    model = BehaviourModel(mcfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
+    tr = split.train
+    lengths = (tr.items != PAD).sum(axis=1)
+    history: list[dict[str, Any]] = []
+    best, best_epoch, started = -1.0, -1, time.time()
+    metrics_file = (out_dir / "metrics.jsonl").open("w")
+    for epoch in range(1, tcfg.epochs + 1):
+        model.train()
+        total, count = 0.0, 0
+        bar = tqdm(
+            length_buckets(lengths, tcfg.batch_size), desc=f"epoch {epoch}", disable=not progress, leave=False
+        )
+        for idx in bar:
+            w = _width(tr.items[idx])
+            items, kinds, gaps = (_t(a[idx, -w:], device) for a in (tr.items, tr.kinds, tr.gaps))
+            targets, bought = _t(tr.targets[idx, -w:], device), _t(tr.bought[idx, -w:], device)
+            h = model(items, kinds, gaps)  # (b, L, d)
+            valid = (targets != PAD) & (items != PAD)
+            hv = h[valid]  # (positions, d)
+            loss = F.cross_entropy(
+                model.item_logits(hv), targets[valid], label_smoothing=tcfg.label_smoothing
+            )
+            if tcfg.propensity_weight:
+                logit = model.propensity_head(hv)[:, 0]
+                loss = loss + tcfg.propensity_weight * F.binary_cross_entropy_with_logits(
+                    logit, bought[valid].float()
+                )
+            if tcfg.kind_weight:
+                next_kinds = torch.roll(kinds, -1, dims=1)[valid]
+                loss = loss + tcfg.kind_weight * F.cross_entropy(model.kind_head(hv), next_kinds)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        ranks, loglik, _ = predict(model, split.valid, device, tcfg.eval_exclude_history)
+        val = ranking_metrics(ranks)
+        row = {
+            "epoch": epoch,
+            "train_loss": total / max(count, 1),
+            "valid_NDCG@10": val["NDCG@10"],
+            "valid_HR@10": val["HR@10"],
+            "valid_ppl": float(np.exp(-np.nanmean(loglik))),
+            "seconds": round(time.time() - started, 1),
+        }
+        history.append(row)
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        if progress:
+            print(
+                f"epoch {epoch:3d} loss {row['train_loss']:.4f} valid NDCG@10 {val['NDCG@10']:.4f} "
+                f"HR@10 {val['HR@10']:.4f} ({row['seconds']}s)",
+                flush=True,
+            )
+        if val["NDCG@10"] > best:
+            best, best_epoch = val["NDCG@10"], epoch
+            torch.save(model.state_dict(), out_dir / "model.pt")
+        elif epoch - best_epoch >= tcfg.patience:
+            break
+        if time.time() - started > tcfg.max_minutes * 60:
+            break
+    metrics_file.close()
+    model.load_state_dict(torch.load(out_dir / "model.pt", weights_only=True, map_location=device))
+    plot_learning_curve(history, out_dir / "learning_curve.png")
+    return model, history
+
+
+def plot_learning_curve(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax1 = plt.subplots(figsize=(7, 4))
+    ep = [h["epoch"] for h in history]
+    ax1.plot(ep, [h["train_loss"] for h in history], color="tab:blue", label="train loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("train loss", color="tab:blue")
+    ax2 = ax1.twinx()
+    ax2.plot(ep, [h["valid_NDCG@10"] for h in history], color="tab:orange", label="valid NDCG@10")
+    ax2.set_ylabel("valid NDCG@10", color="tab:orange")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def load_model(run_dir: Path, device: str = "cpu") -> BehaviourModel:
+    cfg = json.loads((run_dir / "config.json").read_text())
+    model = BehaviourModel(ModelConfig(**cfg["model"]))
+    model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True, map_location=device))
+    return model.eval()

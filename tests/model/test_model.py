@@ -1,0 +1,115 @@
+"""The behaviour model on CPU: data splits, a tiny training run, export parity, torch-free scoring."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pytest
+import torch
+
+from exporters.onnx_export import export, sha256
+from modeling.cli import build_split
+from modeling.model import PAD, UNK, BehaviourModel, ModelConfig
+from modeling.sequences import Split, leave_one_out, read_seqrec, sequences_from_events, time_split
+from modeling.train import train
+from streams.sources import datasets
+from streams.state import TokenKind
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def test_seqrec_file_reads_and_splits_leave_one_out() -> None:
+    seqs = read_seqrec(DATA / "seqrec.txt")
+    split = leave_one_out(seqs, max_len=4)
+    assert [s.user for s in seqs] == ["1", "2", "3", "4"]
+    # user 4 has one item: not evaluable; the vocabulary holds training items only
+    assert set(split.vocab.items) == {"a", "b", "c", "e", "f"}
+    v = split.vocab.encode
+    assert list(split.valid.targets) == [v("d"), v("c"), v("g")] and v("g") == UNK
+    assert list(split.test.targets) == [v("e"), v("d"), v("h")]
+    assert split.test.history[0] == [v("a"), v("b"), v("c"), v("d")]
+    # no training window ever predicts a validation or test item
+    trained = {int(t) for t in split.train.targets.ravel() if t != PAD}
+    assert trained <= {v("b"), v("c"), v("e"), v("f")}
+    assert split.train.items.shape[1] == 4
+
+
+def test_event_sequences_use_the_worker_tokens_and_split_by_time() -> None:
+    seqs = sequences_from_events(datasets.taobao(DATA / "taobao.csv"))
+    user1 = next(s for s in seqs if s.user == "1")
+    assert user1.kinds == [TokenKind.VIEW, TokenKind.VIEW, TokenKind.CART_ADD, TokenKind.PURCHASE]
+    split = time_split(
+        seqs, valid_start=1511658002, test_start=1511658003, test_end=1511658200, max_len=8, horizon_s=3600
+    )
+    assert set(split.vocab.items) == {"100", "101"}  # user 2's only view is in the test period
+    assert list(split.valid.targets) == [split.vocab.encode("101")]
+    assert list(split.valid.bought) == [1]  # a purchase follows the cart add within the hour
+    assert len(split.test) == 1
+
+
+def test_forward_shapes_and_causality() -> None:
+    torch.manual_seed(0)
+    model = BehaviourModel(ModelConfig(n_items=30, d_model=16, n_layers=2, n_heads=2, max_len=6)).eval()
+    items = torch.tensor([[0, 0, 5, 6, 7, 8]])
+    kinds = torch.full_like(items, 2)
+    gaps = torch.ones_like(items)
+    h = model(items, kinds, gaps)
+    assert h.shape == (1, 6, 16)
+    changed = items.clone()
+    changed[0, -1] = 9  # the future must not change earlier positions
+    assert torch.allclose(model(changed, kinds, gaps)[0, :-1], h[0, :-1], atol=1e-6)
+    assert model.item_logits(h).shape == (1, 6, 30)
+
+
+class TinyRun(NamedTuple):
+    run: Path
+    split: Split
+    history: list[dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> TinyRun:
+    split = build_split("seqrec:LastFM", data_dir, max_len=20)
+    run = tmp_path_factory.mktemp("run")
+    _, history = train(split, "tiny", run, {"epochs": 3, "patience": 5}, progress=False)
+    return TinyRun(run, split, history)
+
+
+def test_a_few_training_epochs_reduce_the_loss(tiny_run: TinyRun) -> None:
+    run, _, history = tiny_run
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["valid_NDCG@10"] > 0
+    for name in ("config.json", "vocab.json", "model.pt", "metrics.jsonl", "learning_curve.png"):
+        assert (run / name).exists(), name
+
+
+def test_export_is_checked_and_scores_without_torch(tiny_run: TinyRun, tmp_path: Path) -> None:
+    run, split, _ = tiny_run
+    manifest = export(run, tmp_path, split.test, k=25)
+    assert manifest["graph_sha256"] == sha256(tmp_path / "model.onnx")
+    assert manifest["parity_max_abs_diff"]["top_scores"] < 1e-4
+    assert manifest["top_k"] == 25 and manifest["n_items"] == len(split.vocab)
+    items = split.test.items[:5, -7:]
+    np.save(tmp_path / "items.npy", items)
+    code = f"""
+import sys, json
+sys.modules["torch"] = None  # any torch import fails: the artifact must not need it
+import numpy as np, onnxruntime as ort
+s = ort.InferenceSession("{tmp_path / "model.onnx"}", providers=["CPUExecutionProvider"])
+items = np.load("{tmp_path / "items.npy"}")
+feeds = {{"items": items, "kinds": np.full_like(items, 5), "gaps": np.ones_like(items)}}
+ids, scores, prop = s.run(None, feeds)
+print(json.dumps({{"shape": list(ids.shape), "min_id": int(ids.min()),
+                  "sorted": bool((np.diff(scores, axis=1) <= 0).all()),
+                  "prop_ok": bool(((prop >= 0) & (prop <= 1)).all())}}))
+"""
+    out = json.loads(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    )
+    assert out == {"shape": [5, 25], "min_id": out["min_id"], "sorted": True, "prop_ok": True}
+    assert out["min_id"] >= 2  # PAD and UNK are never recommended
