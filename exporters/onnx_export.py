@@ -44,7 +44,7 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _export_graph(serving: ServingModel, example: tuple[torch.Tensor, ...], path: Path, opset: int) -> None:
+def export_graph(serving: ServingModel, example: tuple[torch.Tensor, ...], path: Path, opset: int) -> None:
     dyn = {name: {0: "batch", 1: "length"} for name in INPUTS}
     dyn.update({name: {0: "batch"} for name in OUTPUTS})
     with warnings.catch_warnings():
@@ -101,7 +101,7 @@ def export(run_dir: Path, out_dir: Path, cases: Cases, *, k: int = 100, opset: i
     example = tuple(
         torch.from_numpy(np.ascontiguousarray(a[:4])) for a in (cases.items, cases.kinds, cases.gaps)
     )
-    _export_graph(serving, example, graph, opset)
+    export_graph(serving, example, graph, opset)
     onnx.checker.check_model(str(graph), full_check=True)
     parity = _parity(serving, graph, cases)
     shutil.copyfile(run_dir / "vocab.json", out_dir / "vocab.json")

@@ -99,9 +99,12 @@ def run_export(run_dir: Path, out: Path, datasets_dir: Path, k: int) -> None:
 
 
 def print_results(results: dict[str, Any]) -> None:
-    print(f"test ({results['data']}, {results['test_cases']} cases, full ranking, history excluded):")
+    print(
+        f"test ({results['data']}, {results['test_cases']} cases, full ranking, "
+        f"{results['headline'].replace('_', ' ')}):"
+    )
     for name, e in results["models"].items():
-        m, ci = e["history_excluded"], e["NDCG@10_ci95_history_excluded"]
+        m, ci = e[results["headline"]], e["NDCG@10_ci95"]
         print(
             f"  {name:13s} NDCG@10 {m['NDCG@10']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]  HR@10 {m['HR@10']:.4f}"
             f"  MRR {m['MRR']:.4f}"

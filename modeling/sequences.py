@@ -44,13 +44,18 @@ class Vocab:
     index: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, sequences: Iterable[Sequence[str]]) -> Vocab:
-        v = cls()
+    def build(cls, sequences: Iterable[Sequence[str]], min_count: int = 1) -> Vocab:
+        """Items seen at least ``min_count`` times, in order of first appearance."""
+        counts: dict[str, int] = {}
         for seq in sequences:
             for item in seq:
-                if item and item not in v.index:
-                    v.index[item] = len(v.items) + 2
-                    v.items.append(item)
+                if item:
+                    counts[item] = counts.get(item, 0) + 1
+        v = cls()
+        for item, n in counts.items():
+            if n >= min_count:
+                v.index[item] = len(v.items) + 2
+                v.items.append(item)
         return v
 
     def __len__(self) -> int:
@@ -104,6 +109,7 @@ class Split:
     test: Cases
     train_histories: list[list[int]]  # per training user, the vocab ids seen (for baselines)
     name: str = ""
+    train_cases: Cases | None = None  # event logs: one case per training position (propensity baseline)
 
 
 def read_seqrec(path: Path) -> list[UserSeq]:
@@ -187,11 +193,21 @@ def _windows(seqs: list[UserSeq], bounds: list[int], vocab: Vocab, max_len: int,
 
 
 def _cases(
-    seqs: list[UserSeq], ranges: list[tuple[int, int]], vocab: Vocab, max_len: int, horizon_s: float
+    seqs: list[UserSeq],
+    ranges: list[tuple[int, int]],
+    vocab: Vocab,
+    max_len: int,
+    horizon_s: float,
+    label_limits: list[int] | None = None,
 ) -> Cases:
-    """One case per target position j in [lo, hi): history = tokens before j."""
+    """One case per target position j in [lo, hi): history = tokens before j.
+
+    The propensity label looks ahead only up to ``label_limits`` (default: the whole sequence), so
+    cases of one period never learn from the next period's purchases.
+    """
     xi, xk, xg, ys, yb, hist = [], [], [], [], [], []
-    for seq, (lo, hi) in zip(seqs, ranges, strict=True):
+    limits = label_limits or [len(s.items) for s in seqs]
+    for seq, (lo, hi), limit in zip(seqs, ranges, limits, strict=True):
         encoded = [vocab.encode(i) for i in seq.items]
         for j in range(max(lo, 1), hi):
             start = max(0, j - max_len)
@@ -201,7 +217,7 @@ def _cases(
             xk.append(kinds)
             xg.append(gaps)
             ys.append(vocab.encode(seq.items[j]))
-            yb.append(_bought_within(seq, j - 1, len(seq.items), horizon_s))
+            yb.append(_bought_within(seq, j - 1, limit, horizon_s))
     return Cases(
         _pad(xi, max_len),
         _pad(xk, max_len),
@@ -238,6 +254,7 @@ def time_split(
     max_len: int,
     horizon_s: float,
     name: str = "",
+    min_count: int = 2,
 ) -> Split:
     """Event-log protocol: train before valid_start, validate until test_start, test until test_end."""
 
@@ -246,22 +263,24 @@ def time_split(
 
     seqs = [s for s in seqs if s.items]
     train_bounds = [first_at(s, valid_start) for s in seqs]
-    vocab = Vocab.build(s.items[:b] for s, b in zip(seqs, train_bounds, strict=True))
+    test_bounds = [first_at(s, test_start) for s in seqs]
+    # event logs have long tails of items seen once: they share UNK, which keeps the softmax affordable
+    vocab = Vocab.build((s.items[:b] for s, b in zip(seqs, train_bounds, strict=True)), min_count)
+    histories = [[vocab.encode(i) for i in s.items[:b]] for s, b in zip(seqs, train_bounds, strict=True)]
     return Split(
         vocab=vocab,
         train=_windows(seqs, train_bounds, vocab, max_len, horizon_s),
+        train_cases=_cases(seqs, [(1, b) for b in train_bounds], vocab, max_len, horizon_s, train_bounds),
         valid=_cases(
+            seqs, list(zip(train_bounds, test_bounds, strict=True)), vocab, max_len, horizon_s, test_bounds
+        ),
+        test=_cases(
             seqs,
-            [(first_at(s, valid_start), first_at(s, test_start)) for s in seqs],
+            [(b, first_at(s, test_end)) for s, b in zip(seqs, test_bounds, strict=True)],
             vocab,
             max_len,
             horizon_s,
         ),
-        test=_cases(
-            seqs, [(first_at(s, test_start), first_at(s, test_end)) for s in seqs], vocab, max_len, horizon_s
-        ),
-        train_histories=[
-            [vocab.encode(i) for i in s.items[:b]] for s, b in zip(seqs, train_bounds, strict=True)
-        ],
+        train_histories=histories,
         name=name,
     )

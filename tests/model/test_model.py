@@ -44,12 +44,21 @@ def test_event_sequences_use_the_worker_tokens_and_split_by_time() -> None:
     user1 = next(s for s in seqs if s.user == "1")
     assert user1.kinds == [TokenKind.VIEW, TokenKind.VIEW, TokenKind.CART_ADD, TokenKind.PURCHASE]
     split = time_split(
-        seqs, valid_start=1511658002, test_start=1511658003, test_end=1511658200, max_len=8, horizon_s=3600
+        seqs,
+        valid_start=1511658002,
+        test_start=1511658003,
+        test_end=1511658200,
+        max_len=8,
+        horizon_s=3600,
+        min_count=1,
     )
     assert set(split.vocab.items) == {"100", "101"}  # user 2's only view is in the test period
     assert list(split.valid.targets) == [split.vocab.encode("101")]
-    assert list(split.valid.bought) == [1]  # a purchase follows the cart add within the hour
-    assert len(split.test) == 1
+    assert list(split.valid.bought) == [0]  # the purchase that follows falls in the test period
+    assert len(split.test) == 1 and list(split.test.bought) == [1]  # the next token is the purchase
+    assert split.train_cases is not None and len(split.train_cases) == 1  # 100 -> 101
+    assert list(split.train_cases.bought) == [0]  # the purchase is after the training period
+    assert len(time_split(seqs, 1511658002, 1511658003, 1511658200, 8, 3600).vocab) == 2  # min_count 2
 
 
 def test_forward_shapes_and_causality() -> None:
