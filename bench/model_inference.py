@@ -83,11 +83,11 @@ def main() -> None:
             tensors = [torch.from_numpy(a) for a in (items, kinds, gaps)]
             reps = max(20, 2000 // batch)
 
-            def run_torch() -> None:
+            def run_torch(tensors: list[torch.Tensor] = tensors) -> None:
                 with torch.inference_mode():
                     serving(*tensors)
 
-            def run_ort() -> None:
+            def run_ort(feeds: dict[str, np.ndarray] = feeds) -> None:
                 sess.run(list(OUTPUTS), feeds)
 
             t_mean, t50, t99 = timed(run_torch, reps)
