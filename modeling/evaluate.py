@@ -36,8 +36,9 @@ from modeling.train import _t, _width, predict
 def model_scores(model: BehaviourModel, cases: Cases, sl: slice) -> torch.Tensor:
     w = _width(cases.items[sl])
     dev = next(model.parameters()).device
-    h = model(*(_t(a[sl, -w:], dev) for a in (cases.items, cases.kinds, cases.gaps)))[:, -1]
-    return model.item_logits(h).float().cpu()
+    items, kinds, gaps = (_t(a[sl, -w:], dev) for a in (cases.items, cases.kinds, cases.gaps))
+    h = model(items, kinds, gaps)[:, -1]
+    return model.next_item_scores(h, items, kinds, torch.full_like(items[:, 0], w - 1)).float().cpu()
 
 
 def evaluate(

@@ -31,6 +31,7 @@ class ModelConfig:
     n_heads: int = 2  # attention heads per block
     dropout: float = 0.5  # on embeddings, attention and feed-forward outputs
     ff_mult: int = 4  # feed-forward width as a multiple of d_model
+    repeat: bool = False  # add a learned bonus for items already in the context (repeat buying/viewing)
 
     def to_dict(self) -> dict[str, int | float]:
         return asdict(self)
@@ -83,7 +84,12 @@ class BehaviourModel(nn.Module):
         self.ln_f = nn.LayerNorm(d)
         self.kind_head = nn.Linear(d, cfg.n_kinds)  # next event kind
         self.propensity_head = nn.Linear(d, 1)  # purchase within the horizon (logit)
+        # repeat bonus: one scalar per distance back in the context and per event kind
+        self.repeat_dist = nn.Embedding(cfg.max_len, 1)
+        self.repeat_kind = nn.Embedding(cfg.n_kinds, 1)
         self.apply(self._init)
+        nn.init.zeros_(self.repeat_dist.weight)
+        nn.init.zeros_(self.repeat_kind.weight)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -114,6 +120,21 @@ class BehaviourModel(nn.Module):
         """Next-item scores over the whole catalogue from hidden states (..., d) -> (..., n_items)."""
         return h @ self.item_emb.weight.T
 
+    def next_item_scores(self, h: Tensor, items: Tensor, kinds: Tensor, at: Tensor) -> Tensor:
+        """Next-item scores (p, n_items) for hidden states ``h`` (p, d) at positions ``at`` (p,) of
+        the token rows ``items`` / ``kinds`` (p, n): the catalogue logits plus, with ``repeat``, a
+        learned bonus for each item that occurs at or before the position."""
+        logits = self.item_logits(h)
+        if not self.cfg.repeat:
+            return logits
+        n = items.shape[1]
+        dist = at[:, None] - torch.arange(n, device=items.device)[None, :]  # (p, n): 0 = this position
+        seen = (dist >= 0) & (items > UNK)
+        bonus = (
+            self.repeat_dist(dist.clamp(0, self.cfg.max_len - 1))[..., 0] + self.repeat_kind(kinds)[..., 0]
+        )
+        return logits.scatter_add(1, items, torch.where(seen, bonus, torch.zeros_like(bonus)))
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -133,7 +154,8 @@ class ServingModel(nn.Module):
 
     def forward(self, items: Tensor, kinds: Tensor, gaps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         h = self.model(items, kinds, gaps)[:, -1, :]  # (b, d): the newest token
-        logits = self.model.item_logits(h)[:, 2:]  # (b, n_items - 2): drop PAD and UNK
+        last = torch.full_like(items[:, 0], items.shape[1] - 1)
+        logits = self.model.next_item_scores(h, items, kinds, last)[:, 2:]  # (b, n_items - 2): no PAD/UNK
         scores, idx = torch.topk(logits, self.k, dim=1)
         propensity = torch.sigmoid(self.model.propensity_head(h)).squeeze(1)
         return idx + 2, scores, propensity

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from modeling.metrics import batches, ranking_metrics, ranks_from_scores
-from modeling.model import PAD, BehaviourModel, ModelConfig
+from modeling.model import PAD, UNK, BehaviourModel, ModelConfig
 from modeling.sequences import N_GAPS, Cases, Split
 
 
@@ -38,6 +38,7 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"  # auto: CUDA when present, else CPU
     max_minutes: float = 60.0  # wall-clock budget
+    threads: int = 0  # CPU threads for torch (0: torch's default, all cores)
 
 
 @dataclass
@@ -59,10 +60,11 @@ PRESETS: dict[str, Preset] = {
     ),
     # multi-event logs (Taobao, REES46): kinds, time gaps, propensity and next-kind heads
     "events": Preset(
-        model={"d_model": 64, "n_layers": 2, "n_heads": 2, "max_len": 50, "dropout": 0.3},
+        model={"d_model": 64, "n_layers": 2, "n_heads": 2, "max_len": 50, "dropout": 0.3, "repeat": True},
         train={
             "epochs": 100,
-            "batch_size": 128,
+            "batch_size": 64,
+            "lr": 2e-3,
             "patience": 8,
             "propensity_weight": 1.0,
             "kind_weight": 0.2,
@@ -103,8 +105,9 @@ def predict(
     ranks, loglik, prop = [], [], []
     for sl in batches(len(cases), batch):
         w = _width(cases.items[sl])
-        h = model(*(_t(a[sl, -w:], device) for a in (cases.items, cases.kinds, cases.gaps)))[:, -1]
-        logits = model.item_logits(h)
+        items, kinds, gaps = (_t(a[sl, -w:], device) for a in (cases.items, cases.kinds, cases.gaps))
+        h = model(items, kinds, gaps)[:, -1]
+        logits = model.next_item_scores(h, items, kinds, torch.full_like(items[:, 0], w - 1))
         targets = _t(cases.targets[sl], device)
         logp = torch.log_softmax(logits[:, 2:], dim=1)  # over real items only
         tl = logp.gather(1, (targets - 2).clamp(min=0)[:, None])[:, 0]
@@ -140,6 +143,8 @@ def train(
     if split.train.items.shape[1] != mcfg.max_len:
         raise ValueError(f"split built with max_len {split.train.items.shape[1]}, model wants {mcfg.max_len}")
     seed_everything(tcfg.seed)
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
     device = pick_device(tcfg.device)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(
@@ -168,17 +173,21 @@ def train(
             h = model(items, kinds, gaps)  # (b, L, d)
             valid = (targets != PAD) & (items != PAD)
             hv = h[valid]  # (positions, d)
-            loss = F.cross_entropy(
-                model.item_logits(hv), targets[valid], label_smoothing=tcfg.label_smoothing
-            )
+            rows, at = valid.nonzero(as_tuple=True)
+            scores = model.next_item_scores(hv, items[rows], kinds[rows], at)
+            # an unknown next item cannot be recommended: it does not teach the item head
+            known = targets[valid] != UNK
+            loss = F.cross_entropy(scores[known], targets[valid][known], label_smoothing=tcfg.label_smoothing)
             if tcfg.propensity_weight:
                 logit = model.propensity_head(hv)[:, 0]
                 loss = loss + tcfg.propensity_weight * F.binary_cross_entropy_with_logits(
                     logit, bought[valid].float()
                 )
             if tcfg.kind_weight:
-                next_kinds = torch.roll(kinds, -1, dims=1)[valid]
-                loss = loss + tcfg.kind_weight * F.cross_entropy(model.kind_head(hv), next_kinds)
+                # the next token's kind is known inside the window only: skip the last column
+                inside = at < w - 1
+                next_kinds = torch.roll(kinds, -1, dims=1)[valid][inside]
+                loss = loss + tcfg.kind_weight * F.cross_entropy(model.kind_head(hv[inside]), next_kinds)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
