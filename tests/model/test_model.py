@@ -14,9 +14,10 @@ import torch
 
 from exporters.onnx_export import export, sha256
 from modeling.cli import build_split
+from modeling.evaluate import evaluate
 from modeling.model import PAD, UNK, BehaviourModel, ModelConfig
 from modeling.sequences import Split, leave_one_out, read_seqrec, sequences_from_events, time_split
-from modeling.train import train
+from modeling.train import load_model, train
 from streams.sources import datasets
 from streams.state import TokenKind
 
@@ -122,3 +123,39 @@ print(json.dumps({{"shape": list(ids.shape), "min_id": int(ids.min()),
     )
     assert out == {"shape": [5, 25], "min_id": out["min_id"], "sorted": True, "prop_ok": True}
     assert out["min_id"] >= 2  # PAD and UNK are never recommended
+
+
+def test_evaluation_reports_model_and_baselines(tiny_run: TinyRun) -> None:
+    run, split, _ = tiny_run
+    model = load_model(run)
+    results = evaluate(model, split, run, sampled=False)
+    assert results["headline"] == "history_excluded"
+    assert set(results["models"]) == {"model", "most-popular", "item-kNN"}
+    for entry in results["models"].values():
+        m = entry["history_excluded"]
+        assert 0 <= m["NDCG@10"] <= m["HR@10"] <= m["HR@20"] <= 1
+        lo, hi = entry["NDCG@10_ci95"]
+        assert lo <= m["NDCG@10"] <= hi
+    assert results["models"]["model"]["perplexity"] > 1
+    report = (run / "report.md").read_text()
+    assert "item-kNN" in report and (run / "ndcg10.png").exists()
+
+
+def test_event_log_run_reports_propensity_against_gradient_boosted_trees(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    split = build_split("taobao-users", data_dir, max_len=20)
+    model, _ = train(
+        split,
+        "tiny",
+        tmp_path,
+        {"epochs": 1, "repeat": True, "propensity_weight": 1.0, "eval_exclude_history": False},
+        progress=False,
+    )
+    results = evaluate(model, split, tmp_path, sampled=False)
+    assert results["headline"] == "no_exclusion"
+    prop = results["propensity"]
+    for name in ("model", "gradient-boosted trees"):
+        assert 0 <= prop[name]["ROC-AUC"] <= 1 and 0 <= prop[name]["ECE"] <= 1
+    assert prop["gradient-boosted trees"]["ROC-AUC"] > 0.5  # recency / cart features carry some signal
+    assert (tmp_path / "reliability.png").exists()
