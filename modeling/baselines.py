@@ -77,3 +77,24 @@ def _top_per_row(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
     return sp.csr_matrix(
         (np.asarray(data, dtype=np.float32), np.asarray(indices), np.asarray(indptr)), shape=m.shape
     )
+
+
+class RecentItems:
+    """The user's own recent items, newest first (repeat views and purchases), then popularity.
+
+    Only meaningful where history is not excluded (event logs)."""
+
+    name = "recent-items"
+
+    def __init__(self, histories: list[list[int]], n_items: int, window: int = 50) -> None:
+        self.pop = MostPopular(histories, n_items).scores
+        self.pop = self.pop / (self.pop.max() + 1.0)  # below 1: any recent item ranks above
+        self.window = window
+
+    def score(self, histories: list[list[int]]) -> torch.Tensor:
+        out = self.pop.expand(len(histories), -1).clone()
+        for r, h in enumerate(histories):
+            recent = h[-self.window :]
+            for pos, item in enumerate(recent):
+                out[r, item] = 1.0 + pos  # later (newer) positions overwrite with higher scores
+        return out

@@ -5,6 +5,7 @@ runs, so the serving install never needs torch.
 
 Data specs (``--data``):
 - ``seqrec:NAME``: the S3-Rec benchmark file ``seqrec/s3rec/NAME.txt`` (leave-one-out);
+- ``sasrec:Video``, ``bert4rec:beauty``: the ``user item`` files of SASRec and BERT4Rec (leave-one-out);
 - a path to a ``user item item ...`` file (leave-one-out);
 - ``taobao-users``: Taobao UserBehavior, 814 complete users, time split in Beijing time: train
   before 2017-12-02, validation 12-02, test 12-03; purchase propensity over 24 hours.
@@ -17,7 +18,14 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from modeling.sequences import Split, leave_one_out, read_seqrec, sequences_from_events, time_split
+from modeling.sequences import (
+    Split,
+    leave_one_out,
+    read_pairs,
+    read_seqrec,
+    sequences_from_events,
+    time_split,
+)
 from streams.sources.datasets import load
 
 BEIJING = timezone(timedelta(hours=8))
@@ -28,6 +36,9 @@ def build_split(spec: str, datasets_dir: Path, max_len: int) -> Split:
     if spec.startswith("seqrec:"):
         name = spec.split(":", 1)[1]
         return leave_one_out(read_seqrec(datasets_dir / "seqrec" / "s3rec" / f"{name}.txt"), max_len, spec)
+    if spec.startswith(("sasrec:", "bert4rec:")):
+        folder, name = spec.split(":", 1)
+        return leave_one_out(read_pairs(datasets_dir / "seqrec" / folder / f"{name}.txt"), max_len, spec)
     if spec == "taobao-users":
         seqs = sequences_from_events(load("taobao-users", datasets_dir))
 

@@ -71,6 +71,8 @@ class Block(nn.Module):
 
 
 class BehaviourModel(nn.Module):
+    prop_calib: Tensor  # (2,) buffer: scale and bias of the propensity logit
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -87,6 +89,8 @@ class BehaviourModel(nn.Module):
         # repeat bonus: one scalar per distance back in the context and per event kind
         self.repeat_dist = nn.Embedding(cfg.max_len, 1)
         self.repeat_kind = nn.Embedding(cfg.n_kinds, 1)
+        # Platt scaling of the propensity logit, fitted on the validation split after training
+        self.register_buffer("prop_calib", torch.tensor([1.0, 0.0]))
         self.apply(self._init)
         nn.init.zeros_(self.repeat_dist.weight)
         nn.init.zeros_(self.repeat_kind.weight)
@@ -135,6 +139,11 @@ class BehaviourModel(nn.Module):
         )
         return logits.scatter_add(1, items, torch.where(seen, bonus, torch.zeros_like(bonus)))
 
+    def propensity(self, h: Tensor) -> Tensor:
+        """Calibrated probability (p,) of a purchase within the horizon from hidden states (p, d)."""
+        logit = self.propensity_head(h)[:, 0]
+        return torch.sigmoid(self.prop_calib[0] * logit + self.prop_calib[1])
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -157,5 +166,5 @@ class ServingModel(nn.Module):
         last = torch.full_like(items[:, 0], items.shape[1] - 1)
         logits = self.model.next_item_scores(h, items, kinds, last)[:, 2:]  # (b, n_items - 2): no PAD/UNK
         scores, idx = torch.topk(logits, self.k, dim=1)
-        propensity = torch.sigmoid(self.model.propensity_head(h)).squeeze(1)
+        propensity = self.model.propensity(h)
         return idx + 2, scores, propensity

@@ -124,6 +124,18 @@ def read_seqrec(path: Path) -> list[UserSeq]:
     return out
 
 
+def read_pairs(path: Path) -> list[UserSeq]:
+    """``user item`` lines in time order (the SASRec and BERT4Rec data files) -> sequences."""
+    users: dict[str, list[str]] = {}
+    with path.open() as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 2:
+                users.setdefault(parts[0], []).append(parts[1])
+    kind = int(TokenKind.PURCHASE)
+    return [UserSeq(u, items, [kind] * len(items), [0.0] * len(items)) for u, items in users.items()]
+
+
 def sequences_from_events(events: Iterable[dict[str, object]]) -> list[UserSeq]:
     """Contract events (dicts) -> per-user token sequences, tokenised like the worker does."""
     users: dict[str, UserSeq] = {}

@@ -112,7 +112,7 @@ def predict(
         logp = torch.log_softmax(logits[:, 2:], dim=1)  # over real items only
         tl = logp.gather(1, (targets - 2).clamp(min=0)[:, None])[:, 0]
         loglik.append(torch.where(targets >= 2, tl, torch.full_like(tl, float("nan"))).cpu().numpy())
-        prop.append(torch.sigmoid(model.propensity_head(h))[:, 0].cpu().numpy())
+        prop.append(model.propensity(h).cpu().numpy())
         hist = cases.history[sl] if exclude else None
         ranks.append(ranks_from_scores(logits.float().cpu(), targets.cpu(), hist).numpy())
     return np.concatenate(ranks), np.concatenate(loglik), np.concatenate(prop)
@@ -223,8 +223,29 @@ def train(
             break
     metrics_file.close()
     model.load_state_dict(torch.load(out_dir / "model.pt", weights_only=True, map_location=device))
+    if tcfg.propensity_weight:
+        calibrate_propensity(model, split.valid, device)
+        torch.save(model.state_dict(), out_dir / "model.pt")
     plot_learning_curve(history, out_dir / "learning_curve.png")
     return model, history
+
+
+@torch.no_grad()
+def calibrate_propensity(model: BehaviourModel, cases: Cases, device: torch.device) -> None:
+    """Platt scaling: fit sigmoid(a * logit + b) to the validation labels, store (a, b) in the model."""
+    from sklearn.linear_model import LogisticRegression
+
+    model.eval()
+    logits = []
+    for sl in batches(len(cases), 512):
+        w = _width(cases.items[sl])
+        h = model(*(_t(a[sl, -w:], device) for a in (cases.items, cases.kinds, cases.gaps)))[:, -1]
+        logits.append(model.propensity_head(h)[:, 0].cpu().numpy())
+    x, y = np.concatenate(logits)[:, None], cases.bought
+    if len(np.unique(y)) < 2:
+        return
+    lr = LogisticRegression(C=1e4).fit(x, y)
+    model.prop_calib.copy_(torch.tensor([float(lr.coef_[0, 0]), float(lr.intercept_[0])]))
 
 
 def plot_learning_curve(history: list[dict[str, Any]], path: Path) -> None:
@@ -249,5 +270,7 @@ def plot_learning_curve(history: list[dict[str, Any]], path: Path) -> None:
 def load_model(run_dir: Path, device: str = "cpu") -> BehaviourModel:
     cfg = json.loads((run_dir / "config.json").read_text())
     model = BehaviourModel(ModelConfig(**cfg["model"]))
-    model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True, map_location=device))
+    state = torch.load(run_dir / "model.pt", weights_only=True, map_location=device)
+    state.setdefault("prop_calib", torch.tensor([1.0, 0.0]))  # runs from before calibration existed
+    model.load_state_dict(state)
     return model.eval()

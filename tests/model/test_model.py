@@ -16,7 +16,14 @@ from exporters.onnx_export import export, sha256
 from modeling.cli import build_split
 from modeling.evaluate import evaluate
 from modeling.model import PAD, UNK, BehaviourModel, ModelConfig
-from modeling.sequences import Split, leave_one_out, read_seqrec, sequences_from_events, time_split
+from modeling.sequences import (
+    Split,
+    leave_one_out,
+    read_pairs,
+    read_seqrec,
+    sequences_from_events,
+    time_split,
+)
 from modeling.train import load_model, train
 from streams.sources import datasets
 from streams.state import TokenKind
@@ -38,6 +45,13 @@ def test_seqrec_file_reads_and_splits_leave_one_out() -> None:
     trained = {int(t) for t in split.train.targets.ravel() if t != PAD}
     assert trained <= {v("b"), v("c"), v("e"), v("f")}
     assert split.train.items.shape[1] == 4
+
+
+def test_user_item_pair_files_read_in_order(data_dir: Path) -> None:
+    seqs = read_pairs(DATA / "pairs.txt")
+    assert [(s.user, s.items) for s in seqs] == [("1", ["a", "b", "c"]), ("2", ["x", "y"])]
+    split = build_split("sasrec:Video", data_dir, max_len=50)
+    assert len(split.test) > 20_000 and len(split.vocab) > 10_000
 
 
 def test_event_sequences_use_the_worker_tokens_and_split_by_time() -> None:
@@ -130,7 +144,7 @@ def test_evaluation_reports_model_and_baselines(tiny_run: TinyRun) -> None:
     model = load_model(run)
     results = evaluate(model, split, run, sampled=False)
     assert results["headline"] == "history_excluded"
-    assert set(results["models"]) == {"model", "most-popular", "item-kNN"}
+    assert set(results["models"]) == {"model", "most-popular", "item-kNN"}  # no recent-items: history excluded
     for entry in results["models"].values():
         m = entry["history_excluded"]
         assert 0 <= m["NDCG@10"] <= m["HR@10"] <= m["HR@20"] <= 1
