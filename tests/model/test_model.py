@@ -144,7 +144,11 @@ def test_evaluation_reports_model_and_baselines(tiny_run: TinyRun) -> None:
     model = load_model(run)
     results = evaluate(model, split, run, sampled=False)
     assert results["headline"] == "history_excluded"
-    assert set(results["models"]) == {"model", "most-popular", "item-kNN"}  # no recent-items: history excluded
+    assert set(results["models"]) == {
+        "model",
+        "most-popular",
+        "item-kNN",
+    }  # history excluded: no recent-items
     for entry in results["models"].values():
         m = entry["history_excluded"]
         assert 0 <= m["NDCG@10"] <= m["HR@10"] <= m["HR@20"] <= 1
