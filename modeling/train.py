@@ -271,6 +271,10 @@ def load_model(run_dir: Path, device: str = "cpu") -> BehaviourModel:
     cfg = json.loads((run_dir / "config.json").read_text())
     model = BehaviourModel(ModelConfig(**cfg["model"]))
     state = torch.load(run_dir / "model.pt", weights_only=True, map_location=device)
-    state.setdefault("prop_calib", torch.tensor([1.0, 0.0]))  # runs from before calibration existed
-    model.load_state_dict(state)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # runs saved before calibration and the repeat bonus existed keep their neutral initial values
+    if unexpected or set(missing) - {"prop_calib", "repeat_dist.weight", "repeat_kind.weight"}:
+        raise RuntimeError(
+            f"{run_dir / 'model.pt'} does not match its config: missing {missing}, unexpected {unexpected}"
+        )
     return model.eval()
