@@ -113,8 +113,14 @@ def evaluate_propensity(model: BehaviourModel, split: Split, run_dir: Path) -> d
     dev = next(model.parameters()).device
     _, _, p_model = predict(model, split.test, dev, exclude=False)
     p_gbt = GBTPropensity().fit(split.train_cases).predict(split.test)
-    y = split.test.bought
-    out: dict[str, Any] = {"horizon": "24h", "positives": float(y.mean())}
+    known = split.test.bought >= 0  # cases whose horizon ends inside the data
+    y, p_model, p_gbt = split.test.bought[known], p_model[known], p_gbt[known]
+    hours = split.horizon_s / 3600
+    out: dict[str, Any] = {
+        "horizon": f"{hours:g}h",
+        "positives": float(y.mean()),
+        "censored_cases": int((~known).sum()),
+    }
     for name, p in (("model", p_model), ("gradient-boosted trees", p_gbt)):
         pairs = np.stack([p, y], axis=1)
         out[name] = {

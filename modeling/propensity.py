@@ -56,7 +56,8 @@ class GBTPropensity:
         )
 
     def fit(self, cases: Cases) -> GBTPropensity:
-        self.clf.fit(features(cases), cases.bought)
+        known = cases.bought >= 0
+        self.clf.fit(features(cases)[known], cases.bought[known])
         return self
 
     def predict(self, cases: Cases) -> np.ndarray:

@@ -94,7 +94,7 @@ class Cases:
     kinds: np.ndarray
     gaps: np.ndarray
     targets: np.ndarray
-    bought: np.ndarray  # 1 if a purchase follows within the horizon (propensity label)
+    bought: np.ndarray  # 1 if a purchase follows within the horizon, 0 if not, -1 if not observed
     history: list[list[int]] = field(default_factory=list)  # full history per case (for exclusion)
 
     def __len__(self) -> int:
@@ -110,6 +110,7 @@ class Split:
     train_histories: list[list[int]]  # per training user, the vocab ids seen (for baselines)
     name: str = ""
     train_cases: Cases | None = None  # event logs: one case per training position (propensity baseline)
+    horizon_s: float = 0.0  # propensity horizon
 
 
 def read_seqrec(path: Path) -> list[UserSeq]:
@@ -171,25 +172,36 @@ def _pad(rows: list[list[int]], width: int) -> np.ndarray:
     return out
 
 
-def _bought_within(seq: UserSeq, j: int, hi: int, horizon_s: float) -> int:
-    """1 if a purchase token follows position j within the horizon, looking only before ``hi``."""
+CENSORED = -1  # propensity label of a position whose horizon runs past the observed period
+
+
+def _bought_within(seq: UserSeq, j: int, hi: int, horizon_s: float, end: float = math.inf) -> int:
+    """1 if a purchase follows position j within the horizon (looking only before index ``hi``),
+    0 if none does and the whole horizon lies before ``end``, else CENSORED (not known)."""
     t = seq.times[j]
     for k in range(j + 1, hi):
         if seq.times[k] - t > horizon_s:
             return 0
         if seq.kinds[k] == TokenKind.PURCHASE:
             return 1
-    return 0
+    return 0 if t + horizon_s <= end else CENSORED
 
 
-def _windows(seqs: list[UserSeq], bounds: list[int], vocab: Vocab, max_len: int, horizon_s: float) -> Cases:
+def _windows(
+    seqs: list[UserSeq],
+    bounds: list[int],
+    vocab: Vocab,
+    max_len: int,
+    horizon_s: float,
+    end: float = math.inf,
+) -> Cases:
     """Training windows of max_len + 1 tokens (stride max_len) from each user's training prefix."""
     xi, xk, xg, ys, yb = [], [], [], [], []
     for seq, hi in zip(seqs, bounds, strict=True):
         if hi < 2:
             continue
         items, kinds, gaps = _encode(seq, vocab, 0, hi)
-        bought = [_bought_within(seq, j, hi, horizon_s) for j in range(hi)]
+        bought = [_bought_within(seq, j, hi, horizon_s, end) for j in range(hi)]
         end = hi
         while end >= 2:
             lo = max(0, end - max_len - 1)
@@ -211,6 +223,7 @@ def _cases(
     max_len: int,
     horizon_s: float,
     label_limits: list[int] | None = None,
+    end: float = math.inf,
 ) -> Cases:
     """One case per target position j in [lo, hi): history = tokens before j.
 
@@ -229,7 +242,7 @@ def _cases(
             xk.append(kinds)
             xg.append(gaps)
             ys.append(vocab.encode(seq.items[j]))
-            yb.append(_bought_within(seq, j - 1, limit, horizon_s))
+            yb.append(_bought_within(seq, j - 1, limit, horizon_s, end))
     return Cases(
         _pad(xi, max_len),
         _pad(xk, max_len),
@@ -281,10 +294,18 @@ def time_split(
     histories = [[vocab.encode(i) for i in s.items[:b]] for s, b in zip(seqs, train_bounds, strict=True)]
     return Split(
         vocab=vocab,
-        train=_windows(seqs, train_bounds, vocab, max_len, horizon_s),
-        train_cases=_cases(seqs, [(1, b) for b in train_bounds], vocab, max_len, horizon_s, train_bounds),
+        train=_windows(seqs, train_bounds, vocab, max_len, horizon_s, valid_start),
+        train_cases=_cases(
+            seqs, [(1, b) for b in train_bounds], vocab, max_len, horizon_s, train_bounds, valid_start
+        ),
         valid=_cases(
-            seqs, list(zip(train_bounds, test_bounds, strict=True)), vocab, max_len, horizon_s, test_bounds
+            seqs,
+            list(zip(train_bounds, test_bounds, strict=True)),
+            vocab,
+            max_len,
+            horizon_s,
+            test_bounds,
+            test_start,
         ),
         test=_cases(
             seqs,
@@ -292,7 +313,10 @@ def time_split(
             vocab,
             max_len,
             horizon_s,
+            None,
+            test_end,
         ),
         train_histories=histories,
         name=name,
+        horizon_s=horizon_s,
     )

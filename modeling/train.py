@@ -178,10 +178,11 @@ def train(
             # an unknown next item cannot be recommended: it does not teach the item head
             known = targets[valid] != UNK
             loss = F.cross_entropy(scores[known], targets[valid][known], label_smoothing=tcfg.label_smoothing)
-            if tcfg.propensity_weight:
-                logit = model.propensity_head(hv)[:, 0]
+            labelled = bought[valid] >= 0  # censored positions (horizon past the period) carry no label
+            if tcfg.propensity_weight and bool(labelled.any()):
+                logit = model.propensity_head(hv[labelled])[:, 0]
                 loss = loss + tcfg.propensity_weight * F.binary_cross_entropy_with_logits(
-                    logit, bought[valid].float()
+                    logit, bought[valid][labelled].float()
                 )
             if tcfg.kind_weight:
                 # the next token's kind is known inside the window only: skip the last column
@@ -242,6 +243,7 @@ def calibrate_propensity(model: BehaviourModel, cases: Cases, device: torch.devi
         h = model(*(_t(a[sl, -w:], device) for a in (cases.items, cases.kinds, cases.gaps)))[:, -1]
         logits.append(model.propensity_head(h)[:, 0].cpu().numpy())
     x, y = np.concatenate(logits)[:, None], cases.bought
+    x, y = x[y >= 0], y[y >= 0]
     if len(np.unique(y)) < 2:
         return
     lr = LogisticRegression(C=1e4).fit(x, y)

@@ -69,10 +69,10 @@ def test_event_sequences_use_the_worker_tokens_and_split_by_time() -> None:
     )
     assert set(split.vocab.items) == {"100", "101"}  # user 2's only view is in the test period
     assert list(split.valid.targets) == [split.vocab.encode("101")]
-    assert list(split.valid.bought) == [0]  # the purchase that follows falls in the test period
+    assert list(split.valid.bought) == [CENSORED]  # the hour after it runs into the test period
     assert len(split.test) == 1 and list(split.test.bought) == [1]  # the next token is the purchase
     assert split.train_cases is not None and len(split.train_cases) == 1  # 100 -> 101
-    assert list(split.train_cases.bought) == [0]  # the purchase is after the training period
+    assert list(split.train_cases.bought) == [CENSORED]  # the purchase is after the training period
     assert len(time_split(seqs, 1511658002, 1511658003, 1511658200, 8, 3600).vocab) == 2  # min_count 2
 
 
