@@ -17,6 +17,7 @@ from modeling.cli import build_split
 from modeling.evaluate import evaluate
 from modeling.model import PAD, UNK, BehaviourModel, ModelConfig
 from modeling.sequences import (
+    CENSORED,
     Split,
     leave_one_out,
     read_pairs,
