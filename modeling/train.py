@@ -33,6 +33,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     patience: int = 10  # epochs without validation NDCG@10 improvement before stopping
     propensity_weight: float = 0.0  # weight of the purchase-propensity loss (event logs)
+    propensity_probe: bool = False  # the propensity loss trains its head only, not the transformer
     kind_weight: float = 0.0  # weight of the next-event-kind loss (event logs)
     eval_exclude_history: bool = True  # validation protocol (benchmark files: exclude history)
     seed: int = 42
@@ -180,7 +181,8 @@ def train(
             loss = F.cross_entropy(scores[known], targets[valid][known], label_smoothing=tcfg.label_smoothing)
             labelled = bought[valid] >= 0  # censored positions (horizon past the period) carry no label
             if tcfg.propensity_weight and bool(labelled.any()):
-                logit = model.propensity_head(hv[labelled])[:, 0]
+                hp = hv[labelled].detach() if tcfg.propensity_probe else hv[labelled]
+                logit = model.propensity_head(hp)[:, 0]
                 loss = loss + tcfg.propensity_weight * F.binary_cross_entropy_with_logits(
                     logit, bought[valid][labelled].float()
                 )
