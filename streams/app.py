@@ -115,26 +115,22 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
     input_types = settings.input_topics
     sources = app.topic(*input_types, internal=False, **RAW)
     by_user = app.topic(settings.topic_events_by_user, partitions=settings.partitions, internal=False, **RAW)
-    users = app.tables.add(
-        UserTable(
-            app,
-            name="users",
-            partitions=settings.partitions,
-            beacon=app.tables.beacon,
-            help="Per-user state.",
-            **TABLE_RAW,
+
+    def table(cls: type[faust.Table], name: str, about: str) -> Any:
+        """A raw-bytes table of our own class, registered with the app like ``app.Table`` does."""
+        return app.tables.add(
+            cls(
+                app,
+                name=name,
+                partitions=settings.partitions,
+                beacon=app.tables.beacon,
+                help=about,
+                **TABLE_RAW,
+            )
         )
-    )
-    items = app.tables.add(
-        ItemTable(
-            app,
-            name="items",
-            partitions=settings.partitions,
-            beacon=app.tables.beacon,
-            help="Baseline co-visitation statistics, per partition.",
-            **TABLE_RAW,
-        )
-    )
+
+    users = table(UserTable, "users", "Per-user state.")
+    items = table(ItemTable, "items", "Baseline co-visitation statistics, per partition.")
     recommender = CovisitBaseline(items, neighbors=settings.covisit_neighbors, window=settings.covisit_window)
     seeded: set[int] = set()
     deadletters = DeadLetters(app, settings.topic_deadletter, metrics)
