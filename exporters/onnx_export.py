@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import warnings
 from datetime import UTC, datetime
@@ -111,7 +112,8 @@ def export(run_dir: Path, out_dir: Path, cases: Cases, *, k: int = 100, opset: i
     created = datetime.now(UTC)
     manifest = {
         "format_version": FORMAT_VERSION,
-        "model_version": f"{cfg.get('data') or 'model'}-{created:%Y%m%d%H%M%S}-{digest[:8]}",
+        "model_version": re.sub(r"[^A-Za-z0-9._-]+", "-", f"{cfg.get('data') or 'model'}")
+        + f"-{created:%Y%m%d%H%M%S}-{digest[:8]}",
         "created_at": created.isoformat(),
         "graph": "model.onnx",
         "graph_sha256": digest,
