@@ -61,7 +61,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
-        ex = tuple(torch.from_numpy(rng.integers(2, model.cfg.n_items, (2, length))) for _ in range(3))
+        ex_items = torch.from_numpy(rng.integers(2, model.cfg.n_items, (2, length)))
+        ex = (ex_items, torch.full_like(ex_items, 2), torch.ones_like(ex_items))
         export_graph(serving, ex, path, 17)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = args.threads
