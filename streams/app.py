@@ -35,7 +35,7 @@ from streams.errors import RejectedInput, RejectReason
 from streams.metrics import Metrics
 from streams.records import CartEvent, OrderEvent, ReviewEvent, SearchEvent, ViewEvent, event_adapter
 from streams.settings import Settings
-from streams.state import UserState, event_tokens, seen_ms_of, user_partition
+from streams.state import UserState, seen_ms_of, user_partition
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +178,10 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         raw = users.get(key)
         state = UserState.loads(raw) if raw else UserState()
         recent = state.recent_items(settings.covisit_window)
-        if state.apply(ev, int(time.time() * 1000), settings.sequence_length):
+        tokens = state.apply(ev, int(time.time() * 1000), settings.sequence_length)
+        if tokens is not None:
             users[key] = state.dumps()
-            for item, kind, _t in event_tokens(ev):
+            for item, kind, _t in tokens:
                 recommender.observe(partition, recent, item, kind)
                 if item and (not recent or recent[0] != item):
                     recent = [item, *[r for r in recent if r != item]][: settings.covisit_window]

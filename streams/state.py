@@ -109,10 +109,10 @@ class UserState:
         return d  # type: ignore[no-any-return]
 
     # --- the fold ----------------------------------------------------------------------------
-    def apply(self, event: AnyEvent, now_ms: int, max_len: int) -> bool:
-        """Fold one event in; False (and no change) when the event id was already applied."""
+    def apply(self, event: AnyEvent, now_ms: int, max_len: int) -> list[Token] | None:
+        """Fold one event in and return its tokens; None (and no change) for an event id seen before."""
         if event.event_id in self.recent_ids:
-            return False
+            return None
         self.recent_ids.append(event.event_id)
         if len(self.recent_ids) > RECENT_IDS:
             del self.recent_ids[0]
@@ -150,7 +150,7 @@ class UserState:
                 self.reviews[1] += event.rating
                 if event.rating <= LOW_RATING:
                     self.reviews[2] += 1
-        return True
+        return tokens
 
     def recent_items(self, n: int) -> list[str]:
         """The user's last ``n`` distinct items, most recent first."""
