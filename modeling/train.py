@@ -87,11 +87,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _t(a: np.ndarray, device: torch.device) -> torch.Tensor:
+def as_tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
 
-def _width(items: np.ndarray) -> int:
+def used_width(items: np.ndarray) -> int:
     """Columns that hold tokens in a left-padded batch: the rest is padding and can be cut."""
     used = (items != PAD).any(axis=0)
     return int(len(used) - used.argmax()) if used.any() else 1
@@ -105,11 +105,11 @@ def predict(
     model.eval()
     ranks, loglik, prop = [], [], []
     for sl in batches(len(cases), batch):
-        w = _width(cases.items[sl])
-        items, kinds, gaps = (_t(a[sl, -w:], device) for a in (cases.items, cases.kinds, cases.gaps))
+        w = used_width(cases.items[sl])
+        items, kinds, gaps = (as_tensor(a[sl, -w:], device) for a in (cases.items, cases.kinds, cases.gaps))
         h = model(items, kinds, gaps)[:, -1]
         logits = model.next_item_scores(h, items, kinds, torch.full_like(items[:, 0], w - 1))
-        targets = _t(cases.targets[sl], device)
+        targets = as_tensor(cases.targets[sl], device)
         logp = torch.log_softmax(logits[:, 2:], dim=1)  # over real items only
         tl = logp.gather(1, (targets - 2).clamp(min=0)[:, None])[:, 0]
         loglik.append(torch.where(targets >= 2, tl, torch.full_like(tl, float("nan"))).cpu().numpy())
@@ -168,9 +168,9 @@ def train(
             length_buckets(lengths, tcfg.batch_size), desc=f"epoch {epoch}", disable=not progress, leave=False
         )
         for idx in bar:
-            w = _width(tr.items[idx])
-            items, kinds, gaps = (_t(a[idx, -w:], device) for a in (tr.items, tr.kinds, tr.gaps))
-            targets, bought = _t(tr.targets[idx, -w:], device), _t(tr.bought[idx, -w:], device)
+            w = used_width(tr.items[idx])
+            items, kinds, gaps = (as_tensor(a[idx, -w:], device) for a in (tr.items, tr.kinds, tr.gaps))
+            targets, bought = as_tensor(tr.targets[idx, -w:], device), as_tensor(tr.bought[idx, -w:], device)
             h = model(items, kinds, gaps)  # (b, L, d)
             valid = (targets != PAD) & (items != PAD)
             hv = h[valid]  # (positions, d)
@@ -241,8 +241,8 @@ def calibrate_propensity(model: BehaviourModel, cases: Cases, device: torch.devi
     model.eval()
     logits = []
     for sl in batches(len(cases), 512):
-        w = _width(cases.items[sl])
-        h = model(*(_t(a[sl, -w:], device) for a in (cases.items, cases.kinds, cases.gaps)))[:, -1]
+        w = used_width(cases.items[sl])
+        h = model(*(as_tensor(a[sl, -w:], device) for a in (cases.items, cases.kinds, cases.gaps)))[:, -1]
         logits.append(model.propensity_head(h)[:, 0].cpu().numpy())
     x, y = np.concatenate(logits)[:, None], cases.bought
     x, y = x[y >= 0], y[y >= 0]
