@@ -29,16 +29,12 @@ from modeling.metrics import (
 from modeling.model import BehaviourModel
 from modeling.propensity import GBTPropensity
 from modeling.sequences import Cases, Split
-from modeling.train import as_tensor, predict, used_width
+from modeling.train import last_position, predict
 
 
 @torch.no_grad()
 def model_scores(model: BehaviourModel, cases: Cases, sl: slice) -> torch.Tensor:
-    w = used_width(cases.items[sl])
-    dev = next(model.parameters()).device
-    items, kinds, gaps = (as_tensor(a[sl, -w:], dev) for a in (cases.items, cases.kinds, cases.gaps))
-    h = model(items, kinds, gaps)[:, -1]
-    return model.next_item_scores(h, items, kinds, torch.full_like(items[:, 0], w - 1)).float().cpu()
+    return last_position(model, cases, sl, next(model.parameters()).device)[1].float().cpu()
 
 
 def evaluate(

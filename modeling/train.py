@@ -97,6 +97,16 @@ def used_width(items: np.ndarray) -> int:
     return int(len(used) - used.argmax()) if used.any() else 1
 
 
+def last_position(
+    model: BehaviourModel, cases: Cases, sl: slice, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden state at each case's newest token (b, d) and its next-item scores (b, n_items)."""
+    w = used_width(cases.items[sl])
+    items, kinds, gaps = (as_tensor(a[sl, -w:], device) for a in (cases.items, cases.kinds, cases.gaps))
+    h = model(items, kinds, gaps)[:, -1]
+    return h, model.next_item_scores(h, items, kinds, torch.full_like(items[:, 0], w - 1))
+
+
 @torch.no_grad()
 def predict(
     model: BehaviourModel, cases: Cases, device: torch.device, exclude: bool, batch: int = 512
@@ -105,10 +115,7 @@ def predict(
     model.eval()
     ranks, loglik, prop = [], [], []
     for sl in batches(len(cases), batch):
-        w = used_width(cases.items[sl])
-        items, kinds, gaps = (as_tensor(a[sl, -w:], device) for a in (cases.items, cases.kinds, cases.gaps))
-        h = model(items, kinds, gaps)[:, -1]
-        logits = model.next_item_scores(h, items, kinds, torch.full_like(items[:, 0], w - 1))
+        h, logits = last_position(model, cases, sl, device)
         targets = as_tensor(cases.targets[sl], device)
         logp = torch.log_softmax(logits[:, 2:], dim=1)  # over real items only
         tl = logp.gather(1, (targets - 2).clamp(min=0)[:, None])[:, 0]
@@ -241,8 +248,7 @@ def calibrate_propensity(model: BehaviourModel, cases: Cases, device: torch.devi
     model.eval()
     logits = []
     for sl in batches(len(cases), 512):
-        w = used_width(cases.items[sl])
-        h = model(*(as_tensor(a[sl, -w:], device) for a in (cases.items, cases.kinds, cases.gaps)))[:, -1]
+        h, _ = last_position(model, cases, sl, device)
         logits.append(model.propensity_head(h)[:, 0].cpu().numpy())
     x, y = np.concatenate(logits)[:, None], cases.bought
     x, y = x[y >= 0], y[y >= 0]

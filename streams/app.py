@@ -165,11 +165,11 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
     async def _score(event: EventT) -> None:
         msg = event.message
         partition = msg.partition
-        if partition not in seeded:
-            seeded.add(partition)
-            prefix = b"%d/" % partition
-            n = recommender.seed_popularity((k, v) for k, v in items.items() if k.startswith(prefix))
-            log.info("partition %d: popularity seeded from %d items", partition, n)
+        if partition not in seeded:  # first event of a newly assigned partition: one scan seeds all new ones
+            fresh = [(k, v) for k, v in items.items() if partition_of_key(k) not in seeded]
+            n = recommender.seed_popularity(fresh)
+            seeded.update({partition_of_key(k) for k, _ in fresh} | {partition})
+            log.info("popularity seeded from %d items (partitions now seeded: %s)", n, sorted(seeded))
         try:
             ev = event_adapter.validate_json(msg.value)
         except ValidationError as exc:
@@ -183,14 +183,12 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
             users[key] = state.dumps()
             for item, kind, _t in tokens:
                 recommender.observe(partition, recent, item, kind)
-                if item and (not recent or recent[0] != item):
+                if item:  # keep ``recent`` equal to state.recent_items() without rescanning
                     recent = [item, *[r for r in recent if r != item]][: settings.covisit_window]
         else:
-            metrics.duplicates.inc()
+            metrics.duplicates.inc()  # state unchanged: ``recent`` is still the user's
         exclude = set(state.cart) | set(state.bought) | _items_of(ev)
-        ranked = recommender.recommend(
-            partition, state.recent_items(settings.covisit_window), exclude, settings.recommendations
-        )
+        ranked = recommender.recommend(partition, recent, exclude, settings.recommendations)
         now = time.time()
         rec = {
             "schema_version": 1,
