@@ -62,7 +62,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         ex_items = torch.from_numpy(rng.integers(2, model.cfg.n_items, (2, length)))
-        ex = (ex_items, torch.full_like(ex_items, 2), torch.ones_like(ex_items))
+        ex: tuple[torch.Tensor, ...] = (ex_items, torch.full_like(ex_items, 2), torch.ones_like(ex_items))
+        if model.cfg.n_feats:
+            ex = (
+                *ex,
+                torch.from_numpy(rng.integers(0, model.cfg.n_feats, (2, length, model.cfg.feat_width))),
+            )
         export_graph(serving, ex, path, 17)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = args.threads
@@ -81,7 +86,11 @@ def main() -> None:
             kinds = np.full_like(items, 2)
             gaps = np.ones_like(items)
             feeds = {"items": items, "kinds": kinds, "gaps": gaps}
-            tensors = [torch.from_numpy(a) for a in (items, kinds, gaps)]
+            if model.cfg.n_feats:  # a few features per token, the rest padding, as in real data
+                feats = rng.integers(1, model.cfg.n_feats, (batch, length, model.cfg.feat_width))
+                feats[:, :, 3:] = 0
+                feeds["feats"] = feats
+            tensors = [torch.from_numpy(a) for a in feeds.values()]
             reps = max(20, 2000 // batch)
 
             def run_torch(tensors: list[torch.Tensor] = tensors) -> None:

@@ -26,6 +26,7 @@ import torch
 from modeling.model import ServingModel
 from modeling.sequences import Cases
 from modeling.train import load_model
+from streams.state import N_GAPS
 
 FORMAT_VERSION = 1
 INPUTS = ("items", "kinds", "gaps")
@@ -45,8 +46,23 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def input_names(serving: ServingModel) -> tuple[str, ...]:
+    """The graph's inputs: ``feats`` only for a model trained with token features."""
+    return (*INPUTS, "feats") if serving.model.cfg.n_feats else INPUTS
+
+
+def input_arrays(serving: ServingModel, cases: Cases, rows: slice, w: int) -> list[np.ndarray]:
+    arrays = [cases.items, cases.kinds, cases.gaps]
+    if serving.model.cfg.n_feats:
+        if cases.feats is None:
+            raise ExportError("the model reads token features but the example cases have none")
+        arrays.append(cases.feats.astype(np.int64))
+    return [np.ascontiguousarray(a[rows, -w:]) for a in arrays]
+
+
 def export_graph(serving: ServingModel, example: tuple[torch.Tensor, ...], path: Path, opset: int) -> None:
-    dyn = {name: {0: "batch", 1: "length"} for name in INPUTS}
+    names = input_names(serving)
+    dyn = {name: {0: "batch", 1: "length"} for name in names}
     dyn.update({name: {0: "batch"} for name in OUTPUTS})
     with warnings.catch_warnings():
         # The TorchScript-based exporter is deprecated upstream but still the one that needs no
@@ -56,7 +72,7 @@ def export_graph(serving: ServingModel, example: tuple[torch.Tensor, ...], path:
             serving,
             example,
             str(path),
-            input_names=list(INPUTS),
+            input_names=list(names),
             output_names=list(OUTPUTS),
             dynamic_axes=dyn,
             opset_version=opset,
@@ -69,14 +85,15 @@ def _parity(serving: ServingModel, path: Path, cases: Cases) -> dict[str, float]
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = input_names(serving)
     worst = {"top_scores": 0.0, "propensity": 0.0, "top_items_mismatch": 0.0}
     n = len(cases)
     for b, w in ((1, cases.items.shape[1]), (8, 10), (min(64, n), cases.items.shape[1]), (min(32, n), 3)):
         sel = slice(0, min(b, n))
-        arrays = [np.ascontiguousarray(a[sel, -w:]) for a in (cases.items, cases.kinds, cases.gaps)]
+        arrays = input_arrays(serving, cases, sel, w)
         with torch.no_grad():
             t_items, t_scores, t_prop = serving(*(torch.from_numpy(a) for a in arrays))
-        o_items, o_scores, o_prop = sess.run(list(OUTPUTS), dict(zip(INPUTS, arrays, strict=True)))
+        o_items, o_scores, o_prop = sess.run(list(OUTPUTS), dict(zip(names, arrays, strict=True)))
         worst["top_scores"] = max(worst["top_scores"], float(np.abs(o_scores - t_scores.numpy()).max()))
         worst["propensity"] = max(worst["propensity"], float(np.abs(o_prop - t_prop.numpy()).max()))
         # ids may swap where two scores tie within float error; count disagreements beyond that
@@ -100,7 +117,7 @@ def export(run_dir: Path, out_dir: Path, cases: Cases, *, k: int = 100, opset: i
     out_dir.mkdir(parents=True, exist_ok=True)
     graph = out_dir / "model.onnx"
     example = tuple(
-        torch.from_numpy(np.ascontiguousarray(a[:4])) for a in (cases.items, cases.kinds, cases.gaps)
+        torch.from_numpy(a) for a in input_arrays(serving, cases, slice(0, 4), cases.items.shape[1])
     )
     export_graph(serving, example, graph, opset)
     onnx.checker.check_model(str(graph), full_check=True)
@@ -123,7 +140,13 @@ def export(run_dir: Path, out_dir: Path, cases: Cases, *, k: int = 100, opset: i
         "max_len": model.cfg.max_len,
         "top_k": serving.k,
         "opset": opset,
-        "inputs": {name: {"dtype": "int64", "shape": ["batch", "length"]} for name in INPUTS},
+        "inputs": {
+            name: {
+                "dtype": "int64",
+                "shape": ["batch", "length", *(["feat_width"] if name == "feats" else [])],
+            }
+            for name in input_names(serving)
+        },
         "outputs": {
             "top_items": {"dtype": "int64", "shape": ["batch", serving.k]},
             "top_scores": {"dtype": "float32", "shape": ["batch", serving.k]},
@@ -133,7 +156,11 @@ def export(run_dir: Path, out_dir: Path, cases: Cases, *, k: int = 100, opset: i
             "pad": 0,
             "unk": 1,
             "kinds": "streams.state.TokenKind",
-            "gaps": "modeling.sequences.gap_bucket",
+            "gaps": "streams.state.gap_bucket",
+            "feats": "streams.state.event_tokens (hashed features)",
+            "gap_buckets": N_GAPS,
+            "feature_buckets": model.cfg.n_feats,
+            "feat_width": model.cfg.feat_width if model.cfg.n_feats else 0,
         },
         "config": cfg,
         "trained_on": cfg.get("data"),

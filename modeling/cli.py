@@ -37,7 +37,10 @@ HORIZON_S = 6 * 3600.0
 def build_split(spec: str, datasets_dir: Path, max_len: int) -> Split:
     if spec.startswith("seqrec:"):
         name = spec.split(":", 1)[1]
-        return leave_one_out(read_seqrec(datasets_dir / "seqrec" / "s3rec" / f"{name}.txt"), max_len, spec)
+        s3rec = datasets_dir / "seqrec" / "s3rec"
+        attrs = s3rec / f"{name}_item2attributes.json"
+        seqs = read_seqrec(s3rec / f"{name}.txt", attrs if attrs.is_file() else None)
+        return leave_one_out(seqs, max_len, spec)
     if spec.startswith(("sasrec:", "bert4rec:")):
         folder, name = spec.split(":", 1)
         return leave_one_out(read_pairs(datasets_dir / "seqrec" / folder / f"{name}.txt"), max_len, spec)

@@ -1,7 +1,11 @@
 """The behaviour model: a causal transformer over event tokens (SASRec / GPT-like).
 
 A user's history is a sequence of tokens; each token is an item, the kind of event (view, cart add,
-purchase, ...) and a bucketed time gap to the previous token. The model reads the sequence like a
+purchase, ...), a bucketed time gap to the previous token and, where the data has them, hashed
+features (category, brand, price bucket, rating, query/review word pieces; ``streams.state``). An
+item is represented by its own embedding plus the mean embedding of its static features (known
+from training data and kept in the ``item_feats`` buffer), on the input and the tied output side,
+so rare items borrow strength from their category and brand. The model reads the sequence like a
 language model reads text and, at every position, predicts the next item over the whole catalogue
 (tied item embeddings, full softmax), the next event kind, and the probability that the user buys
 within a horizon. ``forward`` takes tensors only, so the model exports to ONNX as it is.
@@ -24,7 +28,7 @@ UNK = 1  # unknown item (not in the training vocabulary)
 class ModelConfig:
     n_items: int  # item vocabulary size, including PAD (0) and UNK (1)
     n_kinds: int = 8  # event kinds (streams.state.TokenKind values 1..6) plus PAD
-    n_gaps: int = 20  # time-gap buckets (see modeling.sequences.gap_bucket) plus PAD
+    n_gaps: int = 20  # time-gap buckets (see streams.state.gap_bucket) plus PAD
     max_len: int = 50  # context length in tokens
     d_model: int = 64  # width of embeddings and hidden states
     n_layers: int = 2  # transformer blocks
@@ -32,6 +36,8 @@ class ModelConfig:
     dropout: float = 0.5  # on embeddings, attention and feed-forward outputs
     ff_mult: int = 4  # feed-forward width as a multiple of d_model
     repeat: bool = False  # add a learned bonus for items already in the context (repeat buying/viewing)
+    n_feats: int = 0  # hashed feature ids (streams.state.FEATURE_BUCKETS); 0 = no feature input
+    feat_width: int = 8  # feature ids per token (streams.state.MAX_FEATURES)
 
     def to_dict(self) -> dict[str, int | float]:
         return asdict(self)
@@ -72,6 +78,7 @@ class Block(nn.Module):
 
 class BehaviourModel(nn.Module):
     prop_calib: Tensor  # (2,) buffer: scale and bias of the propensity logit
+    item_feats: Tensor  # (n_items, feat_width) buffer: static feature ids of each item (0 = none)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -91,6 +98,9 @@ class BehaviourModel(nn.Module):
         self.repeat_kind = nn.Embedding(cfg.n_kinds, 1)
         # Platt scaling of the propensity logit, fitted on the validation split after training
         self.register_buffer("prop_calib", torch.tensor([1.0, 0.0]))
+        self.feat_emb = nn.Embedding(cfg.n_feats, d, padding_idx=PAD) if cfg.n_feats else None
+        width = cfg.feat_width if cfg.n_feats else 0
+        self.register_buffer("item_feats", torch.zeros(cfg.n_items, width, dtype=torch.long))
         self.apply(self._init)
         nn.init.zeros_(self.repeat_dist.weight)
         nn.init.zeros_(self.repeat_kind.weight)
@@ -103,12 +113,39 @@ class BehaviourModel(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, items: Tensor, kinds: Tensor, gaps: Tensor) -> Tensor:
-        """Hidden states (b, n, d) for left-padded token tensors (b, n) with n <= max_len."""
+    def bag(self, ids: Tensor) -> Tensor:
+        """Mean embedding (..., d) of feature ids (..., width); zero where all are padding."""
+        assert self.feat_emb is not None
+        present = (ids != PAD).unsqueeze(-1).to(self.feat_emb.weight.dtype)
+        total: Tensor = (self.feat_emb(ids) * present).sum(dim=-2)
+        return total / present.sum(dim=-2).clamp(min=1.0)
+
+    def item_table(self) -> Tensor:
+        """Item representations (n_items, d): own embedding plus the bag of static features."""
+        if self.feat_emb is None:
+            return self.item_emb.weight
+        return self.item_emb.weight + self.bag(self.item_feats)
+
+    def forward(
+        self,
+        items: Tensor,
+        kinds: Tensor,
+        gaps: Tensor,
+        feats: Tensor | None = None,
+        table: Tensor | None = None,
+    ) -> Tensor:
+        """Hidden states (b, n, d) for left-padded token tensors (b, n) with n <= max_len.
+
+        ``feats`` (b, n, feat_width): per-token feature ids, used when the model has features.
+        ``table``: ``item_table()`` when the caller already computed it.
+        """
         n = items.shape[1]
         pos = torch.arange(n, device=items.device) + (self.cfg.max_len - n)  # right-aligned positions
-        x = self.item_emb(items) * math.sqrt(self.cfg.d_model)
+        table = self.item_table() if table is None else table
+        x = F.embedding(items, table) * math.sqrt(self.cfg.d_model)
         x = x + self.kind_emb(kinds) + self.gap_emb(gaps) + self.pos_emb(pos)
+        if self.feat_emb is not None and feats is not None:
+            x = x + self.bag(feats)
         x = self.drop(x)
         valid = items != PAD  # (b, n)
         ar = torch.arange(n, device=items.device)
@@ -120,15 +157,17 @@ class BehaviourModel(nn.Module):
             x = block(x, mask)
         return self.ln_f(x)  # type: ignore[no-any-return]
 
-    def item_logits(self, h: Tensor) -> Tensor:
+    def item_logits(self, h: Tensor, table: Tensor | None = None) -> Tensor:
         """Next-item scores over the whole catalogue from hidden states (..., d) -> (..., n_items)."""
-        return h @ self.item_emb.weight.T
+        return h @ (self.item_table() if table is None else table).T
 
-    def next_item_scores(self, h: Tensor, items: Tensor, kinds: Tensor, at: Tensor) -> Tensor:
+    def next_item_scores(
+        self, h: Tensor, items: Tensor, kinds: Tensor, at: Tensor, table: Tensor | None = None
+    ) -> Tensor:
         """Next-item scores (p, n_items) for hidden states ``h`` (p, d) at positions ``at`` (p,) of
         the token rows ``items`` / ``kinds`` (p, n): the catalogue logits plus, with ``repeat``, a
         learned bonus for each item that occurs at or before the position."""
-        logits = self.item_logits(h)
+        logits = self.item_logits(h, table)
         if not self.cfg.repeat:
             return logits
         n = items.shape[1]
@@ -151,20 +190,28 @@ class BehaviourModel(nn.Module):
 class ServingModel(nn.Module):
     """The graph that is exported: last-position hidden state -> top-K items and propensity.
 
-    Inputs: ``items``, ``kinds``, ``gaps`` (int64, (batch, length), left-padded). Outputs:
-    ``top_items`` (int64, (batch, k)) vocabulary ids, ``top_scores`` (float32, (batch, k)) and
-    ``propensity`` (float32, (batch,)). PAD and UNK are never returned.
+    Inputs: ``items``, ``kinds``, ``gaps`` (int64, (batch, length), left-padded) and, for a model
+    with features, ``feats`` (int64, (batch, length, feat_width)). Outputs: ``top_items`` (int64,
+    (batch, k)) vocabulary ids, ``top_scores`` (float32, (batch, k)) and ``propensity`` (float32,
+    (batch,)). PAD and UNK are never returned. The item table is computed once and stored in the
+    graph as a constant.
     """
+
+    table: Tensor
 
     def __init__(self, model: BehaviourModel, k: int) -> None:
         super().__init__()
         self.model = model
         self.k = min(k, model.cfg.n_items - 2)
+        with torch.no_grad():
+            self.register_buffer("table", model.item_table().detach().clone())
 
-    def forward(self, items: Tensor, kinds: Tensor, gaps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        h = self.model(items, kinds, gaps)[:, -1, :]  # (b, d): the newest token
+    def forward(
+        self, items: Tensor, kinds: Tensor, gaps: Tensor, feats: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        h = self.model(items, kinds, gaps, feats, self.table)[:, -1, :]  # (b, d): the newest token
         last = torch.full_like(items[:, 0], items.shape[1] - 1)
-        logits = self.model.next_item_scores(h, items, kinds, last)[:, 2:]  # (b, n_items - 2): no PAD/UNK
+        logits = self.model.next_item_scores(h, items, kinds, last, self.table)[:, 2:]  # no PAD/UNK
         scores, idx = torch.topk(logits, self.k, dim=1)
         propensity = self.model.propensity(h)
         return idx + 2, scores, propensity

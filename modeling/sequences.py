@@ -25,15 +25,15 @@ import orjson
 
 from modeling.model import PAD, UNK
 from streams.records import event_adapter
-from streams.state import TokenKind, event_tokens
-
-N_GAPS = 20
-FIRST_GAP = 1  # bucket of a token with no predecessor (or no time information)
-
-
-def gap_bucket(gap_s: float) -> int:
-    """Bucket of the time since the previous token: 2 + floor(log2(seconds + 1)), capped."""
-    return 2 + min(int(math.log2(max(gap_s, 0.0) + 1.0)), N_GAPS - 3)
+from streams.state import (
+    FIRST_GAP,
+    MAX_FEATURES,
+    STATIC_BUCKETS,
+    TokenKind,
+    event_tokens,
+    gap_bucket,
+    static_feature,
+)
 
 
 @dataclass
@@ -84,6 +84,7 @@ class UserSeq:
     items: list[str]
     kinds: list[int]
     times: list[float]  # unix seconds; all 0 when the source has no times
+    feats: list[list[int]] | None = None  # hashed feature ids per token (streams.state), when known
 
 
 @dataclass
@@ -96,6 +97,7 @@ class Cases:
     targets: np.ndarray
     bought: np.ndarray  # 1 if a purchase follows within the horizon, 0 if not, -1 if not observed
     history: list[list[int]] = field(default_factory=list)  # full history per case (for exclusion)
+    feats: np.ndarray | None = None  # (n, L, MAX_FEATURES) int32 hashed feature ids, 0 = none
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -111,17 +113,29 @@ class Split:
     name: str = ""
     train_cases: Cases | None = None  # event logs: one case per training position (propensity baseline)
     horizon_s: float = 0.0  # propensity horizon
+    item_feats: np.ndarray | None = None  # (len(vocab), MAX_FEATURES) static feature ids per item
 
 
-def read_seqrec(path: Path) -> list[UserSeq]:
-    """``user item item ...`` lines (items in time order) -> sequences without kinds or times."""
+def read_seqrec(path: Path, attributes: Path | None = None) -> list[UserSeq]:
+    """``user item item ...`` lines (items in time order) -> sequences without kinds or times.
+
+    ``attributes``: an S3-Rec ``*_item2attributes.json`` (item -> attribute ids, e.g. brand and
+    categories); each token then carries its item's attributes as static features.
+    """
+    attrs: dict[str, list[int]] = {}
+    if attributes is not None:
+        raw = json.loads(attributes.read_text())
+        attrs = {
+            item: [static_feature("a", str(a)) for a in values[:MAX_FEATURES]] for item, values in raw.items()
+        }
     out = []
     with path.open() as f:
         for line in f:
             parts = line.split()
             if len(parts) >= 2:
                 n = len(parts) - 1
-                out.append(UserSeq(parts[0], parts[1:], [int(TokenKind.PURCHASE)] * n, [0.0] * n))
+                feats = [attrs.get(item, []) for item in parts[1:]] if attrs else None
+                out.append(UserSeq(parts[0], parts[1:], [int(TokenKind.PURCHASE)] * n, [0.0] * n, feats))
     return out
 
 
@@ -144,12 +158,33 @@ def sequences_from_events(events: Iterable[dict[str, object]]) -> list[UserSeq]:
         event = event_adapter.validate_json(orjson.dumps(ev))
         seq = users.get(event.user_id)
         if seq is None:
-            seq = users[event.user_id] = UserSeq(event.user_id, [], [], [])
-        for item, kind, t in event_tokens(event):
+            seq = users[event.user_id] = UserSeq(event.user_id, [], [], [], [])
+        for item, kind, t, feats in event_tokens(event):
             seq.items.append(item)
             seq.kinds.append(int(kind))
             seq.times.append(float(t))
+            seq.feats.append(feats)  # type: ignore[union-attr]
     return list(users.values())
+
+
+def has_features(seqs: Iterable[UserSeq]) -> bool:
+    return any(s.feats and any(s.feats) for s in seqs)
+
+
+def item_features(seqs: Iterable[UserSeq], bounds: Iterable[int], vocab: Vocab) -> np.ndarray:
+    """Static features (category, brand, attributes) of each vocabulary item, from training tokens:
+    the most recent token of the item that had any. Row 0 (PAD) and 1 (UNK) stay empty."""
+    out = np.zeros((len(vocab), MAX_FEATURES), dtype=np.int32)
+    for seq, hi in zip(seqs, bounds, strict=True):
+        if not seq.feats:
+            continue
+        for item, feats in zip(seq.items[:hi], seq.feats[:hi], strict=True):
+            static = [f for f in feats if f < STATIC_BUCKETS]
+            idx = vocab.encode(item)
+            if static and idx > UNK:
+                out[idx] = 0
+                out[idx, : len(static)] = static
+    return out
 
 
 def _encode(seq: UserSeq, vocab: Vocab, lo: int, hi: int) -> tuple[list[int], list[int], list[int]]:
@@ -161,6 +196,16 @@ def _encode(seq: UserSeq, vocab: Vocab, lo: int, hi: int) -> tuple[list[int], li
         for j in range(lo, hi)
     ]
     return items, kinds, gaps
+
+
+def _pad_feats(rows: list[list[list[int]]], width: int) -> np.ndarray:
+    out = np.zeros((len(rows), width, MAX_FEATURES), dtype=np.int32)
+    for r, row in enumerate(rows):
+        row = row[-width:]
+        for c, feats in enumerate(row, start=width - len(row)):
+            if feats:
+                out[r, c, : len(feats)] = feats[:MAX_FEATURES]
+    return out
 
 
 def _pad(rows: list[list[int]], width: int) -> np.ndarray:
@@ -196,7 +241,8 @@ def _windows(
     end: float = math.inf,
 ) -> Cases:
     """Training windows of max_len + 1 tokens (stride max_len) from each user's training prefix."""
-    xi, xk, xg, ys, yb = [], [], [], [], []
+    xi, xk, xg, ys, yb, xf = [], [], [], [], [], []
+    with_feats = has_features(seqs)
     for seq, hi in zip(seqs, bounds, strict=True):
         if hi < 2:
             continue
@@ -210,9 +256,16 @@ def _windows(
             xg.append(gaps[lo : end - 1])
             ys.append(items[lo + 1 : end])
             yb.append(bought[lo : end - 1])
+            if with_feats:
+                xf.append((seq.feats or [])[lo : end - 1])
             end -= max_len
     return Cases(
-        _pad(xi, max_len), _pad(xk, max_len), _pad(xg, max_len), _pad(ys, max_len), _pad(yb, max_len)
+        _pad(xi, max_len),
+        _pad(xk, max_len),
+        _pad(xg, max_len),
+        _pad(ys, max_len),
+        _pad(yb, max_len),
+        feats=_pad_feats(xf, max_len) if with_feats else None,
     )
 
 
@@ -230,7 +283,8 @@ def _cases(
     The propensity label looks ahead only up to ``label_limits`` (default: the whole sequence), so
     cases of one period never learn from the next period's purchases.
     """
-    xi, xk, xg, ys, yb, hist = [], [], [], [], [], []
+    xi, xk, xg, ys, yb, hist, xf = [], [], [], [], [], [], []
+    with_feats = has_features(seqs)
     limits = label_limits or [len(s.items) for s in seqs]
     for seq, (lo, hi), limit in zip(seqs, ranges, limits, strict=True):
         encoded = [vocab.encode(i) for i in seq.items]
@@ -243,6 +297,8 @@ def _cases(
             xg.append(gaps)
             ys.append(vocab.encode(seq.items[j]))
             yb.append(_bought_within(seq, j - 1, limit, horizon_s, end))
+            if with_feats:
+                xf.append((seq.feats or [])[start:j])
     return Cases(
         _pad(xi, max_len),
         _pad(xk, max_len),
@@ -250,6 +306,7 @@ def _cases(
         np.array(ys, dtype=np.int64),
         np.array(yb, dtype=np.int64),
         hist,
+        feats=_pad_feats(xf, max_len) if with_feats else None,
     )
 
 
@@ -268,6 +325,7 @@ def leave_one_out(seqs: list[UserSeq], max_len: int, name: str = "") -> Split:
             [vocab.encode(i) for i in s.items[:b]] for s, b in zip(seqs, train_bounds, strict=True)
         ],
         name=name,
+        item_feats=item_features(seqs, train_bounds, vocab) if has_features(seqs) else None,
     )
 
 
@@ -319,4 +377,5 @@ def time_split(
         train_histories=histories,
         name=name,
         horizon_s=horizon_s,
+        item_feats=item_features(seqs, train_bounds, vocab) if has_features(seqs) else None,
     )

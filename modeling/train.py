@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from modeling.metrics import batches, ranking_metrics, ranks_from_scores
 from modeling.model import PAD, UNK, BehaviourModel, ModelConfig
-from modeling.sequences import N_GAPS, Cases, Split
+from modeling.sequences import Cases, Split
+from streams.state import FEATURE_BUCKETS, MAX_FEATURES, N_GAPS
 
 
 @dataclass
@@ -40,6 +41,7 @@ class TrainConfig:
     device: str = "auto"  # auto: CUDA when present, else CPU
     max_minutes: float = 60.0  # wall-clock budget
     threads: int = 0  # CPU threads for torch (0: torch's default, all cores)
+    features: bool = True  # use the data's token features (category, brand, price, text) when it has them
 
 
 @dataclass
@@ -97,14 +99,26 @@ def used_width(items: np.ndarray) -> int:
     return int(len(used) - used.argmax()) if used.any() else 1
 
 
+def token_tensors(
+    model: BehaviourModel, cases: Cases, rows: slice | np.ndarray, w: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The last ``w`` columns of items, kinds, gaps (b, w) and, for a model with features, feats."""
+    items, kinds, gaps = (as_tensor(a[rows, -w:], device) for a in (cases.items, cases.kinds, cases.gaps))
+    feats = None
+    if model.cfg.n_feats and cases.feats is not None:
+        feats = as_tensor(cases.feats[rows, -w:], device).long()
+    return items, kinds, gaps, feats
+
+
 def last_position(
-    model: BehaviourModel, cases: Cases, sl: slice, device: torch.device
+    model: BehaviourModel, cases: Cases, sl: slice, device: torch.device, table: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden state at each case's newest token (b, d) and its next-item scores (b, n_items)."""
     w = used_width(cases.items[sl])
-    items, kinds, gaps = (as_tensor(a[sl, -w:], device) for a in (cases.items, cases.kinds, cases.gaps))
-    h = model(items, kinds, gaps)[:, -1]
-    return h, model.next_item_scores(h, items, kinds, torch.full_like(items[:, 0], w - 1))
+    items, kinds, gaps, feats = token_tensors(model, cases, sl, w, device)
+    table = model.item_table() if table is None else table
+    h = model(items, kinds, gaps, feats, table)[:, -1]
+    return h, model.next_item_scores(h, items, kinds, torch.full_like(items[:, 0], w - 1), table)
 
 
 @torch.no_grad()
@@ -114,8 +128,9 @@ def predict(
     """Per-case target rank, next-item log-likelihood, and propensity."""
     model.eval()
     ranks, loglik, prop = [], [], []
+    table = model.item_table()
     for sl in batches(len(cases), batch):
-        h, logits = last_position(model, cases, sl, device)
+        h, logits = last_position(model, cases, sl, device, table)
         targets = as_tensor(cases.targets[sl], device)
         logp = torch.log_softmax(logits[:, 2:], dim=1)  # over real items only
         tl = logp.gather(1, (targets - 2).clamp(min=0)[:, None])[:, 0]
@@ -139,14 +154,17 @@ def train(
 ) -> tuple[BehaviourModel, list[dict[str, Any]]]:
     p = PRESETS[preset]
     overrides = overrides or {}
-    mcfg = ModelConfig(
-        n_items=len(split.vocab),
-        n_gaps=N_GAPS,
-        **{**p.model, **{k: v for k, v in overrides.items() if k in ModelConfig.__annotations__}},
-    )
     tcfg = replace(
         TrainConfig(),
         **{**p.train, **{k: v for k, v in overrides.items() if k in TrainConfig.__annotations__}},
+    )
+    with_feats = tcfg.features and split.item_feats is not None and split.train.feats is not None
+    mcfg = ModelConfig(
+        n_items=len(split.vocab),
+        n_gaps=N_GAPS,
+        n_feats=FEATURE_BUCKETS if with_feats else 0,
+        feat_width=MAX_FEATURES,
+        **{**p.model, **{k: v for k, v in overrides.items() if k in ModelConfig.__annotations__}},
     )
     if split.train.items.shape[1] != mcfg.max_len:
         raise ValueError(f"split built with max_len {split.train.items.shape[1]}, model wants {mcfg.max_len}")
@@ -162,6 +180,9 @@ def train(
     )
     split.vocab.save(out_dir / "vocab.json")
     model = BehaviourModel(mcfg).to(device)
+    if with_feats:
+        assert split.item_feats is not None
+        model.item_feats.copy_(torch.from_numpy(split.item_feats).long())
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
     tr = split.train
     lengths = (tr.items != PAD).sum(axis=1)
@@ -176,13 +197,14 @@ def train(
         )
         for idx in bar:
             w = used_width(tr.items[idx])
-            items, kinds, gaps = (as_tensor(a[idx, -w:], device) for a in (tr.items, tr.kinds, tr.gaps))
+            items, kinds, gaps, feats = token_tensors(model, tr, idx, w, device)
             targets, bought = as_tensor(tr.targets[idx, -w:], device), as_tensor(tr.bought[idx, -w:], device)
-            h = model(items, kinds, gaps)  # (b, L, d)
+            table = model.item_table()
+            h = model(items, kinds, gaps, feats, table)  # (b, L, d)
             valid = (targets != PAD) & (items != PAD)
             hv = h[valid]  # (positions, d)
             rows, at = valid.nonzero(as_tuple=True)
-            scores = model.next_item_scores(hv, items[rows], kinds[rows], at)
+            scores = model.next_item_scores(hv, items[rows], kinds[rows], at, table)
             # an unknown next item cannot be recommended: it does not teach the item head
             known = targets[valid] != UNK
             loss = F.cross_entropy(scores[known], targets[valid][known], label_smoothing=tcfg.label_smoothing)
@@ -247,8 +269,9 @@ def calibrate_propensity(model: BehaviourModel, cases: Cases, device: torch.devi
 
     model.eval()
     logits = []
+    table = model.item_table()
     for sl in batches(len(cases), 512):
-        h, _ = last_position(model, cases, sl, device)
+        h, _ = last_position(model, cases, sl, device, table)
         logits.append(model.propensity_head(h)[:, 0].cpu().numpy())
     x, y = np.concatenate(logits)[:, None], cases.bought
     x, y = x[y >= 0], y[y >= 0]
@@ -283,7 +306,7 @@ def load_model(run_dir: Path, device: str = "cpu") -> BehaviourModel:
     state = torch.load(run_dir / "model.pt", weights_only=True, map_location=device)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # runs saved before calibration and the repeat bonus existed keep their neutral initial values
-    if unexpected or set(missing) - {"prop_calib", "repeat_dist.weight", "repeat_kind.weight"}:
+    if unexpected or set(missing) - {"prop_calib", "repeat_dist.weight", "repeat_kind.weight", "item_feats"}:
         raise RuntimeError(
             f"{run_dir / 'model.pt'} does not match its config: missing {missing}, unexpected {unexpected}"
         )

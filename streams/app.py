@@ -181,7 +181,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         tokens = state.apply(ev, int(time.time() * 1000), settings.sequence_length)
         if tokens is not None:
             users[key] = state.dumps()
-            for item, kind, _t in tokens:
+            for item, kind, _t, _f in tokens:
                 recommender.observe(partition, recent, item, kind)
                 if item:  # keep ``recent`` equal to state.recent_items() without rescanning
                     recent = [item, *[r for r in recent if r != item]][: settings.covisit_window]

@@ -4,13 +4,20 @@ In: validated contract events. Out: a compact ``UserState`` stored in the ``user
 bytes: an 8-byte big-endian "last seen" worker clock (ms), then orjson. The prefix lets the
 expiry sweep read a user's idle time without decoding the JSON.
 
-Tokens are the vocabulary the behaviour model reads: ``[item_id, kind, unix_seconds]``, one per
-item touched (an order yields one purchase token per line; a search without a click has item "").
+Tokens are the vocabulary the behaviour model reads: ``[item_id, kind, unix_seconds, features]``,
+one per item touched (an order yields one purchase token per line; a search without a click has
+item ""). ``features`` are hashed ids of what the event says beyond the item: its category and
+brand (static, in the lower half of the hash space), its price bucket, rating and the word pieces
+of its query or review text (dynamic, upper half). Training tokenises with the same functions, so
+the model and the worker agree on every id.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import struct
+import zlib
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -27,6 +34,19 @@ MAX_BOUGHT = 100  # recent purchases remembered per user (excluded from recommen
 MAX_CART_LINES = 200
 LOW_RATING = 2  # ratings at or below this count as negative reviews
 
+FEATURE_BUCKETS = 1 << 15  # hashed feature ids: 1 .. FEATURE_BUCKETS - 1 (0 is padding)
+STATIC_BUCKETS = FEATURE_BUCKETS // 2  # ids below this describe the item itself (category, brand)
+MAX_FEATURES = 8  # features per token
+MAX_WORDS = 5  # word pieces of query / review text per token
+_WORD = re.compile(r"[^\W_]+")
+N_GAPS = 20  # time-gap buckets, PAD (0) included
+FIRST_GAP = 1  # bucket of a token with no predecessor (or no time information)
+
+
+def gap_bucket(gap_s: float) -> int:
+    """Bucket of the time since the previous token: 2 + floor(log2(seconds + 1)), capped."""
+    return 2 + min(int(math.log2(max(gap_s, 0.0) + 1.0)), N_GAPS - 3)
+
 
 class TokenKind(IntEnum):
     """Event kind of a token; stable integers shared with the model's vocabulary."""
@@ -39,7 +59,61 @@ class TokenKind(IntEnum):
     REVIEW = 6
 
 
-Token = tuple[str, int, int]  # (item_id or "", TokenKind, unix seconds)
+Token = tuple[str, int, int, list[int]]  # (item_id or "", TokenKind, unix seconds, feature ids)
+
+
+def _hash(text: str, lo: int, hi: int) -> int:
+    return lo + zlib.crc32(text.encode()) % (hi - lo)
+
+
+def static_feature(name: str, value: str) -> int:
+    """Hashed id of an attribute of the item itself (``c`` category, ``b`` brand, ``a`` attribute)."""
+    return _hash(f"{name}:{value}", 1, STATIC_BUCKETS)
+
+
+def dynamic_feature(name: str, value: str) -> int:
+    """Hashed id of an attribute of the event (``p`` price bucket, ``r`` rating, ``w`` word, ...)."""
+    return _hash(f"{name}:{value}", STATIC_BUCKETS, FEATURE_BUCKETS)
+
+
+def price_bucket(price: float) -> int:
+    """Half-octave price bucket: 0 below 1, then 2 per doubling."""
+    return int(2 * math.log2(price)) + 1 if price >= 1 else 0
+
+
+def word_pieces(text: str, limit: int = MAX_WORDS) -> list[str]:
+    """The first ``limit`` distinct lower-cased words of ``text``."""
+    out: list[str] = []
+    for m in _WORD.finditer(text.lower()):
+        w = m.group()[:32]
+        if w not in out:
+            out.append(w)
+            if len(out) == limit:
+                break
+    return out
+
+
+def _features(
+    category: str | None = None,
+    brand: str | None = None,
+    price: float | None = None,
+    extra: tuple[str, str] | None = None,
+    text: str = "",
+) -> list[int]:
+    feats = []
+    if category:
+        feats.append(static_feature("c", category))
+    if brand:
+        feats.append(static_feature("b", brand.lower()))
+    if price is not None:
+        feats.append(dynamic_feature("p", str(price_bucket(price))))
+    if extra:
+        feats.append(dynamic_feature(*extra))
+    if text:
+        feats.extend(
+            dynamic_feature("w", w) for w in word_pieces(text, min(MAX_WORDS, MAX_FEATURES - len(feats)))
+        )
+    return feats[:MAX_FEATURES]
 
 
 def event_tokens(event: AnyEvent) -> list[Token]:
@@ -47,16 +121,26 @@ def event_tokens(event: AnyEvent) -> list[Token]:
     t = int(event.event_time.timestamp())
     match event:
         case ViewEvent():
-            return [(event.item_id, TokenKind.VIEW, t)]
+            fav = ("f", "1") if event.favorite else None
+            return [
+                (event.item_id, TokenKind.VIEW, t, _features(event.category, event.brand, event.price, fav))
+            ]
         case CartEvent():
             kind = TokenKind.CART_ADD if event.action == "add" else TokenKind.CART_REMOVE
-            return [(event.item_id, kind, t)]
+            feats = _features(event.category, event.brand, event.unit_price)
+            return [(event.item_id, kind, t, feats)]
         case OrderEvent():
-            return [(line.item_id, TokenKind.PURCHASE, t) for line in event.lines]
+            return [
+                (line.item_id, TokenKind.PURCHASE, t, _features(price=line.unit_price))
+                for line in event.lines
+            ]
         case ReviewEvent():
-            return [(event.item_id, TokenKind.REVIEW, t)]
+            text = f"{event.title} {event.text}" if event.title else event.text
+            return [
+                (event.item_id, TokenKind.REVIEW, t, _features(extra=("r", str(event.rating)), text=text))
+            ]
         case SearchEvent():
-            return [(event.clicked_item or "", TokenKind.SEARCH, t)]
+            return [(event.clicked_item or "", TokenKind.SEARCH, t, _features(text=event.query))]
     raise TypeError(f"not an event: {type(event).__name__}")  # pragma: no cover
 
 
@@ -155,7 +239,8 @@ class UserState:
     def recent_items(self, n: int) -> list[str]:
         """The user's last ``n`` distinct items, most recent first."""
         out: list[str] = []
-        for item, _kind, _t in reversed(self.seq):
+        for tok in reversed(self.seq):
+            item = tok[0]
             if item and item not in out:
                 out.append(item)
                 if len(out) == n:

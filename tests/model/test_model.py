@@ -27,7 +27,7 @@ from modeling.sequences import (
 )
 from modeling.train import load_model, train
 from streams.sources import datasets
-from streams.state import TokenKind
+from streams.state import FEATURE_BUCKETS, MAX_FEATURES, STATIC_BUCKETS, TokenKind
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -91,6 +91,32 @@ def test_forward_shapes_and_causality() -> None:
     assert model.item_logits(h).shape == (1, 6, 30)
 
 
+def test_item_attributes_become_static_features_of_tokens_and_items(data_dir: Path) -> None:
+    split = build_split("seqrec:LastFM", data_dir, max_len=20)
+    assert split.item_feats is not None and split.train.feats is not None
+    assert split.item_feats.shape == (len(split.vocab), MAX_FEATURES)
+    assert (split.item_feats[2:] > 0).any(axis=1).mean() > 0.9  # most items have attributes
+    assert (split.item_feats < STATIC_BUCKETS).all() and not split.item_feats[:2].any()  # none for PAD/UNK
+    # a token's features are its item's attributes: same ids wherever the item occurs
+    rows, cols = np.nonzero(split.train.items > 1)
+    r, c = rows[0], cols[0]
+    assert sorted(split.train.feats[r, c][split.train.feats[r, c] > 0]) == sorted(
+        split.item_feats[split.train.items[r, c]][split.item_feats[split.train.items[r, c]] > 0]
+    )
+    model = BehaviourModel(
+        ModelConfig(n_items=len(split.vocab), d_model=16, max_len=20, n_feats=FEATURE_BUCKETS)
+    ).eval()
+    model.item_feats.copy_(torch.from_numpy(split.item_feats).long())
+    items = torch.from_numpy(split.test.items[:3])
+    assert split.test.feats is not None
+    feats = torch.from_numpy(split.test.feats[:3].astype(np.int64))
+    kinds, gaps = torch.full_like(items, 5), torch.ones_like(items)
+    with torch.no_grad():
+        with_feats, without = model(items, kinds, gaps, feats), model(items, kinds, gaps)
+        assert not torch.allclose(with_feats, without)  # the features reach the hidden states
+        assert not torch.allclose(model.item_table(), model.item_emb.weight)  # and the item table
+
+
 class TinyRun(NamedTuple):
     run: Path
     split: Split
@@ -119,15 +145,19 @@ def test_export_is_checked_and_scores_without_torch(tiny_run: TinyRun, tmp_path:
     assert manifest["graph_sha256"] == sha256(tmp_path / "model.onnx")
     assert manifest["parity_max_abs_diff"]["top_scores"] < 1e-4
     assert manifest["top_k"] == 25 and manifest["n_items"] == len(split.vocab)
+    assert list(manifest["inputs"]) == ["items", "kinds", "gaps", "feats"]  # LastFM has item attributes
+    assert split.test.feats is not None
     items = split.test.items[:5, -7:]
     np.save(tmp_path / "items.npy", items)
+    np.save(tmp_path / "feats.npy", split.test.feats[:5, -7:].astype(np.int64))
     code = f"""
 import sys, json
 sys.modules["torch"] = None  # any torch import fails: the artifact must not need it
 import numpy as np, onnxruntime as ort
 s = ort.InferenceSession("{tmp_path / "model.onnx"}", providers=["CPUExecutionProvider"])
 items = np.load("{tmp_path / "items.npy"}")
-feeds = {{"items": items, "kinds": np.full_like(items, 5), "gaps": np.ones_like(items)}}
+feats = np.load("{tmp_path / "feats.npy"}")
+feeds = {{"items": items, "kinds": np.full_like(items, 5), "gaps": np.ones_like(items), "feats": feats}}
 ids, scores, prop = s.run(None, feeds)
 print(json.dumps({{"shape": list(ids.shape), "min_id": int(ids.min()),
                   "sorted": bool((np.diff(scores, axis=1) <= 0).all()),

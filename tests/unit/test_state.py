@@ -97,3 +97,26 @@ def test_serialisation_round_trips_and_exposes_last_seen_without_decoding() -> N
 def test_user_partition_matches_kafkas_default_partitioner(key: str, p8: int, p12: int) -> None:
     assert user_partition(key.encode(), 8) == p8
     assert user_partition(key.encode(), 12) == p12
+
+
+def test_tokens_carry_hashed_static_and_dynamic_features() -> None:
+    from streams.state import FEATURE_BUCKETS, MAX_FEATURES, STATIC_BUCKETS, event_tokens, word_pieces
+
+    view = ev("view", "1", item_id="a", category="shoes.running", brand="Acme", price=59.0)
+    cart = ev("cart", "2", action="add", item_id="b", quantity=1, category="shoes.running", unit_price=61.0)
+    (_, _, _, vf), (_, _, _, cf) = event_tokens(view)[0], event_tokens(cart)[0]
+    assert vf[0] == cf[0] and 0 < vf[0] < STATIC_BUCKETS  # same category, same static id
+    assert vf[2] == cf[1] and STATIC_BUCKETS <= vf[2] < FEATURE_BUCKETS  # 59 and 61 share a price bucket
+    (_, kind, _, sf) = event_tokens(ev("search", "3", query="Red Running-Shoes, red!"))[0]
+    assert kind == TokenKind.SEARCH and len(sf) == 3 == len(word_pieces("Red Running-Shoes, red!"))
+    review = ev("review", "4", item_id="a", rating=1, title="Broken", text="w " * 9000 + "stuck zipper again")
+    (_, _, _, rf) = event_tokens(review)[0]
+    assert len(rf) <= MAX_FEATURES and all(STATIC_BUCKETS <= f < FEATURE_BUCKETS for f in rf)
+    assert event_tokens(ev("view", "5", item_id="a"))[0][3] == []
+
+
+def test_states_stored_before_token_features_still_load() -> None:
+    old = UserState(seq=[["a", 2, 100], ["b", 3, 101]])
+    s = UserState.loads(old.dumps())
+    s.apply(ev("view", "1", item_id="c", category="x"), 5, 50)
+    assert s.recent_items(5) == ["c", "b", "a"]
