@@ -1,16 +1,22 @@
 """The faust application: topology on one screen.
 
     shop.searches ┐
-    shop.views    │  route_by_user        shopstream.events-by-user     score_event
-    shop.carts    ├─ validate, key by ──▶ (keyed by user id, N parts) ──▶ fold into `users`,
-    shop.orders   │  user id                                             learn `items`, rank,
-    shop.reviews  ┘      │                                                     │
-                         └─▶ shop.deadletter (raw bytes + reason)              └─▶ shop.recommendations
+    shop.views    │  route_by_user        shopstream.events-by-user     score_event (micro-batches)
+    shop.carts    ├─ validate, key by ──▶ (keyed by user id, N parts) ──▶ fold into `users`, learn
+    shop.orders   │  user id                                             `items`, score with the ONNX
+    shop.reviews  ┘      │                                               model, promotion policy
+                         │                                                     │
+                         └─▶ shop.deadletter (raw bytes + reason)              ├─▶ shop.recommendations
+                                                                               └─▶ shop.promotions
+    timers: cart_timers (event-time cart abandonment), reload_model (hot swap), expire_idle_users
 
 Tables (rocksdb store, changelog topics ``<app_id>-<table>-changelog``):
 - ``users``: user id -> ``UserState`` bytes, partitioned like the by-user topic (the producer's
   murmur2 partitioner on the raw key, so timers may write too); idle users are swept.
 - ``items``: ``b"<partition>/<item>"`` -> co-visitation statistics of the baseline recommender.
+- ``budget``: ``b"<partition>/<day>"`` -> discount spend of that partition on that event-time day.
+
+The per-batch work lives in ``streams.pipeline`` (no faust there); this module wires it to topics.
 """
 
 from __future__ import annotations
@@ -18,22 +24,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import UTC, datetime
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import faust
-import orjson
+from faust.streams import _current_event
 from faust.types import EventT, StreamT
 from prometheus_client import CollectorRegistry, generate_latest
-from pydantic import ValidationError
 
-from streams import baseline
 from streams.baseline import CovisitBaseline, partition_of_key
 from streams.deadletter import DeadLetters
 from streams.decode import EventDecoder
-from streams.errors import RejectedInput, RejectReason
+from streams.errors import RejectedInput
 from streams.metrics import Metrics
-from streams.records import CartEvent, OrderEvent, ReviewEvent, SearchEvent, ViewEvent, event_adapter
+from streams.pipeline import Message, Pipeline
+from streams.promotions import Budget, CartTimers, Policy
+from streams.scoring import Artifact, ModelWatcher
 from streams.settings import Settings
 from streams.state import UserState, seen_ms_of, user_partition
 
@@ -60,6 +68,47 @@ class UserTable(faust.Table):  # type: ignore[misc]
 
     def partition_for_key(self, key: Any) -> int:
         return user_partition(key, self.partitions)
+
+
+class _Message:
+    __slots__ = ("partition", "topic")
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self.topic = topic
+        self.partition = partition
+
+
+class _PartitionEvent:
+    """Stands in for faust's current event: all a table store reads from it is the partition."""
+
+    __slots__ = ("__weakref__", "message")
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self.message = _Message(topic, partition)
+
+
+class PartitionScope:
+    """``with scope(p):`` table reads and writes go to partition ``p``'s store.
+
+    faust's RocksDB store chooses the partition database from the current event; inside a
+    micro-batch that is the batch's last event and in a timer there is none (the changelog side
+    is covered by the tables' ``partition_for_key``).
+    """
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self.events: dict[int, _PartitionEvent] = {}  # strong references for faust's weakref
+
+    @contextmanager
+    def __call__(self, partition: int) -> Iterator[None]:
+        ev = self.events.get(partition)
+        if ev is None:
+            ev = self.events[partition] = _PartitionEvent(self.topic, partition)
+        token = _current_event.set(weakref.ref(ev))
+        try:
+            yield
+        finally:
+            _current_event.reset(token)
 
 
 def faust_broker_options(settings: Settings) -> dict[str, Any]:
@@ -132,7 +181,6 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
     users = table(UserTable, "users", "Per-user state.")
     items = table(ItemTable, "items", "Baseline co-visitation statistics, per partition.")
     recommender = CovisitBaseline(items, neighbors=settings.covisit_neighbors, window=settings.covisit_window)
-    seeded: set[int] = set()
     deadletters = DeadLetters(app, settings.topic_deadletter, metrics)
 
     @app.agent(sources, name="route_by_user")
@@ -152,59 +200,87 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
             )
             metrics.events.labels(msg.topic, "ok").inc()
 
+    budget = table(ItemTable, "budget", "Discount spend per partition and event-time day.")
+    models = ModelWatcher(
+        settings.model_dir,
+        settings.inference_provider,
+        settings.inference_threads,
+        on_change=lambda art, outcome: _model_changed(metrics, art, outcome),
+    )
+    models.load_initial()  # a broken artifact stops the worker here, with the reason
+    timers = CartTimers(settings.cart_abandon_after_s)
+    policy = Policy(settings, Budget(budget, settings.discount_budget_per_day / settings.partitions))
+    pipeline = Pipeline(
+        settings,
+        users,
+        recommender,
+        models,
+        policy,
+        timers,
+        metrics,
+        scope=PartitionScope(by_user.get_topic_name()),
+    )
+    seeded: set[int] = set()  # partitions whose popularity and cart timers were rebuilt from the tables
+
+    def seed(partitions: set[int]) -> None:
+        """Rebuild in-memory popularity and cart timers of newly assigned partitions (one scan each)."""
+        fresh = partitions - seeded
+        if not fresh:
+            return
+        n = recommender.seed_popularity([(k, v) for k, v in items.items() if partition_of_key(k) in fresh])
+        carts = pipeline.seed_timers(
+            [(k, v) for k, v in users.items() if user_partition(k, settings.partitions) in fresh],
+            lambda k: user_partition(k, settings.partitions),
+        )
+        seeded.update(fresh)
+        log.info("partitions %s: popularity of %d items and %d cart timers restored", sorted(fresh), n, carts)
+
+    def assigned() -> set[int]:
+        return {
+            tp.partition for tp in app.assignor.assigned_actives() if tp.topic == by_user.get_topic_name()
+        }
+
+    async def handle(events: list[EventT]) -> None:
+        seed({e.message.partition for e in events})
+        batch = [
+            Message(e.message.partition, e.message.key, e.message.value, e.message.timestamp) for e in events
+        ]
+        result = pipeline.process(batch)
+        for i, exc in result.failed:
+            await deadletters.send(events[i].message, exc)
+        send = app.producer.send
+        for topic, key, value in result.outputs:
+            await send(topic, key, value, None, None, None)
+
     @app.agent(by_user, name="score_event")
     async def score_event(stream: StreamT) -> None:
-        """Fold each event into the user's state, learn the baseline, publish a recommendation."""
-        async for event in stream.events():
-            try:
-                await _score(event)
-            except Exception as exc:  # one bad event must not stop the partition
-                log.exception("processing failed at %s", _where(event.message))
-                await deadletters.send(event.message, RejectedInput(RejectReason.PROCESSING_ERROR, repr(exc)))
-
-    async def _score(event: EventT) -> None:
-        msg = event.message
-        partition = msg.partition
-        if partition not in seeded:  # first event of a newly assigned partition: one scan seeds all new ones
-            fresh = [(k, v) for k, v in items.items() if partition_of_key(k) not in seeded]
-            n = recommender.seed_popularity(fresh)
-            seeded.update({partition_of_key(k) for k, _ in fresh} | {partition})
-            log.info("popularity seeded from %d items (partitions now seeded: %s)", n, sorted(seeded))
-        try:
-            ev = event_adapter.validate_json(msg.value)
-        except ValidationError as exc:
-            raise RejectedInput(RejectReason.SCHEMA, str(exc)) from None
-        key: bytes = msg.key
-        raw = users.get(key)
-        state = UserState.loads(raw) if raw else UserState()
-        recent = state.recent_items(settings.covisit_window)
-        tokens = state.apply(ev, int(time.time() * 1000), settings.sequence_length)
-        if tokens is not None:
-            users[key] = state.dumps()
-            for item, kind, _t, _f in tokens:
-                recommender.observe(partition, recent, item, kind)
-                if item:  # keep ``recent`` equal to state.recent_items() without rescanning
-                    recent = [item, *[r for r in recent if r != item]][: settings.covisit_window]
+        """Fold events into user state, score them with the model in micro-batches, publish
+        recommendations and promotions."""
+        if settings.batch_max <= 1:
+            async for event in stream.events():
+                await handle([event])
         else:
-            metrics.duplicates.inc()  # state unchanged: ``recent`` is still the user's
-        exclude = set(state.cart) | set(state.bought) | _items_of(ev)
-        ranked = recommender.recommend(partition, recent, exclude, settings.recommendations)
-        now = time.time()
-        rec = {
-            "schema_version": 1,
-            "user_id": ev.user_id,
-            "event_id": ev.event_id,
-            "event_type": ev.type,
-            "event_time": ev.event_time,
-            "items": [{"item_id": i, "score": s} for i, s in ranked],
-            "source": "baseline",
-            "model_version": baseline.VERSION,
-            "generated_at": datetime.fromtimestamp(now, UTC),
-        }
-        await app.producer.send(settings.topic_recommendations, key, orjson.dumps(rec), None, None, None)
-        metrics.recommendations.labels("baseline").inc()
-        if msg.timestamp:
-            metrics.end_to_end.observe(max(0.0, now - msg.timestamp))
+            async for events in stream.take_events(settings.batch_max, within=settings.batch_wait_ms / 1000):
+                await handle(list(events))
+
+    @app.timer(interval=settings.promotion_tick_s)
+    async def cart_timers() -> None:
+        """Fire cart-abandonment promotions whose event-time timers came due."""
+        if not settings.promotions or app.rebalancing or app.tables.recovery.in_recovery:
+            return
+        mine = assigned()
+        for p in set(timers.heaps) - mine:
+            timers.drop(p)  # revoked: the new owner rebuilds them from the table
+        seed(mine)
+        send = app.producer.send
+        for topic, key, value in pipeline.due_carts(mine, time.time()):
+            await send(topic, key, value, None, None, None)
+        metrics.cart_timers.set(timers.pending())
+
+    @app.timer(interval=settings.model_poll_s)
+    async def reload_model() -> None:
+        """Swap in a new model version exported into the model folder."""
+        await models.poll()
 
     @app.timer(interval=settings.expiry_interval_s)
     async def expire_idle_users() -> None:
@@ -232,13 +308,9 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
     return app
 
 
-def _items_of(ev: SearchEvent | ViewEvent | CartEvent | OrderEvent | ReviewEvent) -> set[str]:
-    if isinstance(ev, OrderEvent):
-        return {line.item_id for line in ev.lines}
-    if isinstance(ev, SearchEvent):
-        return {ev.clicked_item} if ev.clicked_item else set()
-    return {ev.item_id}
-
-
-def _where(msg: Any) -> str:
-    return f"{msg.topic}[{msg.partition}]@{msg.offset}"
+def _model_changed(metrics: Metrics, art: Artifact | None, outcome: str) -> None:
+    metrics.model_reloads.labels(outcome).inc()
+    if outcome != "failed":
+        metrics.model_info.clear()
+        if art is not None:
+            metrics.model_info.labels(art.version, art.provider).set(1)

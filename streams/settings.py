@@ -90,6 +90,84 @@ class Settings(BaseSettings):
         3, ge=1, le=20, description="Recent distinct items of a user that a new item co-visits with."
     )
 
+    # --- Behaviour model (onnxruntime) ----------------------------------------------------------
+    model_dir: Path | None = Field(
+        None,
+        description="Folder of the exported model (manifest.json, model.onnx, vocab.json); unset = baseline "
+        "only. Polled for new versions: write model.onnx and vocab.json first, manifest.json last.",
+    )
+    model_poll_s: float = Field(
+        10.0, gt=0, description="How often the model folder is checked for a new version."
+    )
+    inference_provider: str = Field(
+        "auto", pattern="^(auto|cpu|cuda)$", description="auto (CUDA when available, else CPU), cpu or cuda."
+    )
+    inference_threads: int = Field(1, ge=1, le=64, description="onnxruntime intra-op threads per worker.")
+    batch_max: int = Field(
+        64, ge=1, le=4096, description="Micro-batch: score up to this many events in one call (1 = off)."
+    )
+    batch_wait_ms: float = Field(
+        5.0, ge=0, le=1000, description="Micro-batch: wait at most this long for a batch to fill."
+    )
+    exclude_bought_s: float = Field(
+        30 * 86400.0, ge=0, description="Items bought within this many seconds are not recommended."
+    )
+    max_per_category: int = Field(
+        0, ge=0, le=200, description="Diversity: at most this many items per category (0 = no limit)."
+    )
+
+    # --- Promotions ----------------------------------------------------------------------------
+    promotions: bool = Field(True, description="Publish promotion triggers to topic_promotions.")
+    cart_abandon_after_s: float = Field(
+        3600.0, gt=0, description="A cart idle this long in event time, with no order, is abandoned."
+    )
+    promotion_tick_s: float = Field(5.0, gt=0, description="How often cart timers are checked.")
+    browse_views: int = Field(
+        3, ge=2, le=100, description="Views of one item, without a cart add, that trigger browse abandonment."
+    )
+    browse_window_s: float = Field(1800.0, gt=0, description="Window for counting those views.")
+    high_intent_propensity: float = Field(
+        0.7, gt=0, le=1, description="Purchase propensity whose crossing triggers a high-intent nudge."
+    )
+    reminder_propensity: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Abandoned carts of users at least this likely to buy get a reminder, not a discount.",
+    )
+    price_sensitive: float = Field(
+        0.5, ge=0, le=1, description="Price-sensitivity score from which a cart removal triggers an offer."
+    )
+    max_discount_percent: float = Field(15.0, ge=0, le=90, description="Largest discount offered.")
+    discount_budget_per_day: float = Field(
+        1000.0,
+        ge=0,
+        description="Discount spend (cart value x percent) allowed per event-time day, all "
+        "workers together (split evenly over partitions).",
+    )
+    frequency_cap: int = Field(3, ge=1, description="Promotions per user per frequency window.")
+    frequency_window_s: float = Field(86400.0, gt=0, description="The frequency-cap window.")
+    quiet_hours: str = Field(
+        "22-8",
+        pattern=r"^(\d{1,2}-\d{1,2})?$",
+        description="Local hours without promotions, start-end "
+        "(empty = none); cart abandonment waits for the end, other triggers are dropped.",
+    )
+    default_timezone: str = Field(
+        "UTC", description="IANA zone for users whose events carry no UTC offset (timestamps in Z)."
+    )
+    holdout_percent: float = Field(
+        5.0, ge=0, le=100, description="Users (by a hash of the id) in the holdout group: logged, not sent."
+    )
+    suppress_after_order_s: float = Field(
+        86400.0,
+        ge=0,
+        description="No marketing promotions this long after an order (review recovery excepted).",
+    )
+    promotion_ttl_s: float = Field(
+        172800.0, gt=0, description="A promotion expires this long after creation."
+    )
+
     def kafka_client_options(self) -> dict[str, object]:
         """Connection options shared by every aiokafka client the service creates."""
         opts: dict[str, object] = {

@@ -156,6 +156,11 @@ class UserState:
     last_event_s: int = 0  # event time of the latest event
     recent_ids: list[str] = field(default_factory=list)  # idempotency window
     seen_ms: int = 0  # worker clock when last touched (drives expiry)
+    # promotion bookkeeping (streams.promotions): "cart": [unix s, event id] of the last cart change
+    # while the cart holds items; "order": unix s of the last order; "tz": UTC offset in minutes
+    # when events carry one; "fired": unix s of recent promotions; "ids": recent promotion ids;
+    # "done": cart event id already triggered; "p": last propensity; "abandoned": carts abandoned
+    promo: dict[str, Any] = field(default_factory=dict)
 
     # --- serialisation -----------------------------------------------------------------------
     def dumps(self) -> bytes:
@@ -168,6 +173,7 @@ class UserState:
                 "bought": self.bought,
                 "last": self.last_event_s,
                 "ids": self.recent_ids,
+                "promo": self.promo,
             }
         )
         return _SEEN.pack(self.seen_ms) + body
@@ -184,6 +190,7 @@ class UserState:
             last_event_s=d["last"],
             recent_ids=d["ids"],
             seen_ms=_SEEN.unpack_from(raw)[0],
+            promo=d.get("promo", {}),
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -206,8 +213,12 @@ class UserState:
             del self.seq[: len(self.seq) - max_len]
         kind = event.type if not isinstance(event, CartEvent) else f"cart_{event.action}"
         self.counts[kind] = self.counts.get(kind, 0) + 1
-        self.last_event_s = max(self.last_event_s, tokens[0][2])
+        t = tokens[0][2]
+        self.last_event_s = max(self.last_event_s, t)
         self.seen_ms = now_ms
+        offset = event.event_time.utcoffset()
+        if offset:
+            self.promo["tz"] = int(offset.total_seconds() // 60)
         match event:
             case CartEvent(action="add"):
                 line = self.cart.get(event.item_id)
@@ -215,6 +226,7 @@ class UserState:
                 self.cart[event.item_id] = [qty, event.unit_price]
                 if len(self.cart) > MAX_CART_LINES:
                     del self.cart[next(iter(self.cart))]
+                self.promo["cart"] = [t, event.event_id]
             case CartEvent(action="remove"):
                 line = self.cart.get(event.item_id)
                 if line is not None:
@@ -222,11 +234,18 @@ class UserState:
                         line[0] -= event.quantity
                     else:
                         del self.cart[event.item_id]
+                if self.cart:
+                    self.promo["cart"] = [t, event.event_id]
+                else:
+                    self.promo.pop("cart", None)
             case OrderEvent():
+                self.promo["order"] = max(t, self.promo.get("order", 0))
                 for order_line in event.lines:
                     self.cart.pop(order_line.item_id, None)
                     self.bought.pop(order_line.item_id, None)
-                    self.bought[order_line.item_id] = tokens[0][2]
+                    self.bought[order_line.item_id] = t
+                if not self.cart:
+                    self.promo.pop("cart", None)
                 while len(self.bought) > MAX_BOUGHT:
                     del self.bought[next(iter(self.bought))]
             case ReviewEvent():

@@ -1,0 +1,352 @@
+"""Promotion triggers and the marketing policy around them, free of Kafka and faust.
+
+In: a user's ``UserState`` after an event was folded in (and the model's propensity and
+recommendations when a model serves), or a cart timer that came due. Out: ``Promotion`` records
+(as dicts) for ``shop.promotions``. The worker and ``shopstream evaluate-promotions`` run this same
+code, so the offline report describes what the service does.
+
+Triggers:
+- cart abandonment: the cart holds items and has not changed for ``cart_abandon_after_s`` of event
+  time, with no order since (an event-time timer per cart, ``CartTimers``);
+- browse abandonment: ``browse_views`` views of one item within ``browse_window_s`` without adding
+  it to the cart or buying it;
+- review recovery: a rating at or below 2, or a 3 with negative words in the text;
+- high intent: the model's purchase propensity crosses ``high_intent_propensity`` upwards;
+- price sensitivity: a cart removal by a user whose price-sensitivity score is high.
+
+Policy, applied to every trigger in this order: suppression after an order (review recovery
+excepted), frequency cap per user per window, quiet hours in the user's time zone (the UTC offset
+of their events, else ``default_timezone``): a due cart waits for the end of the quiet hours, other
+triggers are dropped. Users in the holdout group (a hash of the id) get the same decision logged
+with ``holdout=true``, not meant to be sent. Offers: a user likely to buy anyway
+(propensity >= ``reminder_propensity``) gets a reminder; otherwise a discount growing with price
+sensitivity, while the day's discount budget lasts. Without a model (propensity unknown) the
+policy is the rule-only baseline: every abandoned cart is offered a discount.
+
+Promotion ids are a hash of (user, kind, anchor event id): the same input never yields two ids,
+and recent ids are remembered per user so a redelivered event does not publish one twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from streams.records import CartEvent, ReviewEvent, ViewEvent
+from streams.settings import Settings
+from streams.state import TokenKind, UserState, word_pieces
+
+VERSION_RULES = "rules-1"
+KEEP_IDS = 20  # promotion ids remembered per user
+NEGATIVE_WORDS = frozenset(
+    {
+        *("bad", "broken", "poor", "terrible", "awful", "worst", "disappointed", "disappointing"),
+        *("defective", "refund", "return", "returned", "useless", "cheap", "damaged", "fake"),
+        *("wrong", "late", "never", "missing", "rude", "scam", "waste", "horrible", "unhappy", "faulty"),
+    }
+)
+MARKETING = ("cart_abandonment", "browse_abandonment", "high_intent", "price_sensitivity")
+
+
+def promotion_id(user_id: str, kind: str, anchor: str) -> str:
+    return hashlib.blake2b(f"{user_id}\x1f{kind}\x1f{anchor}".encode(), digest_size=12).hexdigest()
+
+
+def in_holdout(user_id: str, percent: float) -> bool:
+    """Deterministic holdout membership: a stable hash of the user id against ``percent``."""
+    if percent <= 0:
+        return False
+    bucket = int.from_bytes(hashlib.blake2b(user_id.encode(), digest_size=4).digest(), "big") % 10_000
+    return bucket < percent * 100
+
+
+def price_sensitivity(state: UserState) -> float:
+    """0..1: how much the user behaves price-driven: removals and abandoned carts over cart adds
+    and orders (a heuristic until a model head learns it)."""
+    c = state.counts
+    removes = c.get("cart_remove", 0) + state.promo.get("abandoned", 0)
+    adds = c.get("cart_add", 0) + c.get("order", 0)
+    return round(min(1.0, float(removes) / (adds + 1.0)), 4)
+
+
+def cart_value(state: UserState) -> float:
+    return round(float(sum(q * (price or 0.0) for q, price in state.cart.values())), 2)
+
+
+@dataclass
+class Budget:
+    """Discount spend per partition and event-time day, in a table (``b"<partition>/<day>"``)."""
+
+    table: MutableMapping[bytes, bytes]
+    per_partition: float
+
+    def try_spend(self, partition: int, t: float, amount: float) -> bool:
+        key = b"%d/%s" % (partition, datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d").encode())
+        spent = float(self.table.get(key) or b"0")
+        if spent + amount > self.per_partition:
+            return False
+        self.table[key] = repr(spent + amount).encode()
+        return True
+
+
+@dataclass
+class Decision:
+    """Outcome of one trigger: a promotion record, or why there is none."""
+
+    record: dict[str, Any] | None
+    suppressed: str | None = None  # order, frequency_cap, quiet_hours, duplicate
+    retry_at: float | None = None  # cart abandonment deferred by quiet hours
+
+
+@dataclass
+class Trigger:
+    """A candidate promotion before the policy decides on it."""
+
+    kind: str
+    anchor: str  # event id the promotion answers (part of its id)
+    t: float  # event time (unix s) of the decision
+    items: list[str]
+    reason: str
+    scores: dict[str, float]
+    offer: dict[str, Any]
+
+
+class Policy:
+    """Evaluates triggers for one user state; the caller stores the state afterwards."""
+
+    def __init__(self, settings: Settings, budget: Budget) -> None:
+        self.s = settings
+        self.budget = budget
+        self.default_tz = ZoneInfo(settings.default_timezone)
+        start, _, end = settings.quiet_hours.partition("-")
+        self.quiet = (int(start), int(end)) if start else None
+
+    # --- triggers ----------------------------------------------------------------------------
+    def on_event(
+        self,
+        state: UserState,
+        event: Any,
+        partition: int,
+        propensity: float | None,
+        recommended: list[str],
+        model_version: str,
+    ) -> list[Decision]:
+        """Event-driven triggers after ``event`` was folded into ``state``."""
+        s, t, eid = self.s, event.event_time.timestamp(), event.event_id
+        scores: dict[str, float] = {"price_sensitivity": price_sensitivity(state)}
+        triggers: list[Trigger] = []
+        if propensity is not None:
+            prev = state.promo.get("p")
+            state.promo["p"] = scores["propensity"] = round(propensity, 4)
+            if propensity >= s.high_intent_propensity and (prev is None or prev < s.high_intent_propensity):
+                why = f"purchase propensity {propensity:.2f} crossed {s.high_intent_propensity:.2f}"
+                triggers.append(
+                    Trigger("high_intent", eid, t, recommended[:5], why, scores, {"kind": "reminder"})
+                )
+        match event:
+            case ViewEvent():
+                views = self._recent_views(state, event.item_id, t)
+                if views == s.browse_views:
+                    items = [event.item_id, *[i for i in recommended if i != event.item_id][:3]]
+                    why = f"{views} views of {event.item_id} within {s.browse_window_s:.0f}s, not in the cart"
+                    sc = {**scores, "views": float(views)}
+                    triggers.append(
+                        Trigger("browse_abandonment", eid, t, items, why, sc, {"kind": "reminder"})
+                    )
+            case ReviewEvent():
+                negative = sorted(NEGATIVE_WORDS.intersection(word_pieces(event.text, 200)))
+                if event.rating <= 2 or (event.rating == 3 and negative):
+                    why = f"rating {event.rating}" + (
+                        f"; negative words: {', '.join(negative[:5])}" * bool(negative)
+                    )
+                    sc = {**scores, "rating": float(event.rating)}
+                    offer = {"kind": "service_recovery"}
+                    triggers.append(Trigger("review_recovery", eid, t, [event.item_id], why, sc, offer))
+            case CartEvent(action="remove") if scores["price_sensitivity"] >= s.price_sensitive:
+                sensitivity = scores["price_sensitivity"]
+                why = f"removed {event.item_id} from the cart; price sensitivity {sensitivity:.2f}"
+                offer = self._discount(sensitivity)
+                triggers.append(Trigger("price_sensitivity", eid, t, [event.item_id], why, scores, offer))
+        out = []
+        for trig in triggers:
+            decision = self._decide(state, event.user_id, trig, model_version)
+            value = (event.unit_price or 0.0) * event.quantity if isinstance(event, CartEvent) else 0.0
+            out.append(self._spend(decision, partition, t, value))
+        return out
+
+    def on_cart_due(
+        self, state: UserState, user: str, now: float, partition: int, model_version: str
+    ) -> Decision | None:
+        """A cart timer came due at event time ``now``: trigger, defer, or nothing (cart changed)."""
+        cart = state.promo.get("cart")
+        if not cart or not state.cart or state.promo.get("done") == cart[1]:
+            return None
+        since, anchor = cart
+        if now - since < self.s.cart_abandon_after_s:
+            return None  # the cart changed after the timer was set; a later timer covers it
+        if state.promo.get("order", 0) >= since:
+            return None
+        p = state.promo.get("p")
+        value = cart_value(state)
+        scores = {
+            "price_sensitivity": price_sensitivity(state),
+            "cart_value": value,
+            "idle_s": round(now - since),
+        }
+        if p is not None:
+            scores["propensity"] = p
+        likely_buyer = p is not None and p >= self.s.reminder_propensity
+        offer = {"kind": "reminder"} if likely_buyer else self._discount(scores["price_sensitivity"])
+        why = f"cart of {len(state.cart)} item(s) idle for {(now - since) / 60:.0f} min without an order"
+        trig = Trigger("cart_abandonment", anchor, now, list(state.cart)[:10], why, scores, offer)
+        decision = self._decide(state, user, trig, model_version, defer=True)
+        if decision.retry_at is None:
+            state.promo["done"] = anchor
+            state.promo["abandoned"] = state.promo.get("abandoned", 0) + 1
+        return self._spend(decision, partition, now, value)
+
+    # --- policy ------------------------------------------------------------------------------
+    def _decide(
+        self, state: UserState, user: str, trig: Trigger, model_version: str, defer: bool = False
+    ) -> Decision:
+        """Apply suppression, frequency cap, quiet hours and holdout; build the record."""
+        pid = promotion_id(user, trig.kind, trig.anchor)
+        promo = state.promo
+        ids: list[str] = promo.setdefault("ids", [])
+        if pid in ids:
+            return Decision(None, "duplicate")
+        if trig.kind in MARKETING and trig.t - promo.get("order", -1e18) < self.s.suppress_after_order_s:
+            return Decision(None, "order")
+        fired = [f for f in promo.get("fired", []) if trig.t - f < self.s.frequency_window_s]
+        promo["fired"] = fired
+        if len(fired) >= self.s.frequency_cap:
+            return Decision(None, "frequency_cap")
+        quiet_end = self._quiet_until(state, trig.t)
+        if quiet_end is not None:
+            return Decision(None, "quiet_hours", retry_at=quiet_end if defer else None)
+        fired.append(trig.t)
+        ids.append(pid)
+        del ids[:-KEEP_IDS]
+        created = datetime.now(UTC)
+        record = {
+            "schema_version": 1,
+            "user_id": user,
+            "promotion_id": pid,
+            "kind": trig.kind,
+            "reason": trig.reason[:512],
+            "trigger_event_id": trig.anchor,
+            "items": trig.items,
+            "offer": {"kind": trig.offer["kind"], "value": float(trig.offer.get("value", 0.0))},
+            "scores": trig.scores,
+            "holdout": in_holdout(user, self.s.holdout_percent),
+            "created_at": created,
+            "expires_at": created + timedelta(seconds=self.s.promotion_ttl_s),
+            "model_version": model_version,
+        }
+        return Decision(record)
+
+    def _discount(self, sensitivity: float) -> dict[str, Any]:
+        """A percent-off offer sized by price sensitivity (5 % up to ``max_discount_percent``)."""
+        top = self.s.max_discount_percent
+        pct = round(min(top, 5.0 + (top - 5.0) * sensitivity)) if top >= 5 else top
+        return {"kind": "percent_off", "value": float(pct)} if pct > 0 else {"kind": "reminder"}
+
+    def _spend(self, decision: Decision, partition: int, t: float, value: float) -> Decision:
+        """Charge a discount to the day's budget; once it is spent the offer becomes a reminder.
+        Holdout records spend nothing (they are not sent)."""
+        rec = decision.record
+        discount = rec is not None and rec["offer"]["kind"] == "percent_off" and not rec["holdout"]
+        if rec and discount and not self.budget.try_spend(partition, t, value * rec["offer"]["value"] / 100):
+            rec["offer"] = {"kind": "reminder", "value": 0.0}
+            rec["reason"] = (rec["reason"] + "; discount budget spent")[:512]
+        return decision
+
+    def _recent_views(self, state: UserState, item: str, t: float) -> int:
+        """Views of ``item`` within the browse window, or 0 once it was carted or bought."""
+        n = 0
+        for tok in reversed(state.seq):
+            if t - tok[2] > self.s.browse_window_s:
+                break
+            if tok[0] == item:
+                if tok[1] in (TokenKind.CART_ADD, TokenKind.PURCHASE):
+                    return 0
+                if tok[1] == TokenKind.VIEW:
+                    n += 1
+        return n
+
+    def _quiet_until(self, state: UserState, t: float) -> float | None:
+        """End of the quiet hours (unix s) when ``t`` falls inside them in the user's zone, else None."""
+        if self.quiet is None:
+            return None
+        start, end = self.quiet
+        tz = state.promo.get("tz")
+        local = datetime.fromtimestamp(t, UTC).astimezone(
+            self.default_tz if tz is None else timezone(timedelta(minutes=tz))
+        )
+        h = local.hour
+        inside = (start <= h or h < end) if start > end else (start <= h < end)
+        if not inside:
+            return None
+        wake = local.replace(hour=end, minute=0, second=0, microsecond=0)
+        if wake <= local:
+            wake += timedelta(days=1)
+        return wake.timestamp()
+
+
+@dataclass(order=True)
+class _Due:
+    at: float
+    key: bytes = field(compare=False)
+
+
+class CartTimers:
+    """Event-time timers for carts, per partition.
+
+    Each partition's clock is the newest event time seen on it, advanced by the wall-clock time
+    since that event (so carts come due during quiet traffic as well as during a fast replay).
+    Timers live in memory and are rebuilt from the ``users`` table when a partition is assigned.
+    """
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+        self.heaps: dict[int, list[_Due]] = {}
+        self.clock: dict[int, tuple[float, float]] = {}  # partition -> (max event time, wall time then)
+
+    def observe(self, partition: int, event_t: float, wall: float) -> None:
+        cur = self.clock.get(partition)
+        if cur is None or event_t > cur[0]:
+            self.clock[partition] = (event_t, wall)
+
+    def now(self, partition: int, wall: float) -> float | None:
+        cur = self.clock.get(partition)
+        return None if cur is None else cur[0] + max(0.0, wall - cur[1])
+
+    def schedule(self, partition: int, key: bytes, at: float) -> None:
+        heapq.heappush(self.heaps.setdefault(partition, []), _Due(at, key))
+
+    def track(self, partition: int, key: bytes, state: UserState) -> None:
+        """Set the timer of a user whose cart changed (or seed it from stored state)."""
+        cart = state.promo.get("cart")
+        if cart and state.promo.get("done") != cart[1]:
+            self.schedule(partition, key, cart[0] + self.after_s)
+
+    def due(self, partition: int, now: float) -> list[bytes]:
+        heap = self.heaps.get(partition)
+        out: list[bytes] = []
+        while heap and heap[0].at <= now:
+            key = heapq.heappop(heap).key
+            if key not in out:
+                out.append(key)
+        return out
+
+    def drop(self, partition: int) -> None:
+        self.heaps.pop(partition, None)
+        self.clock.pop(partition, None)
+
+    def pending(self) -> int:
+        return sum(len(h) for h in self.heaps.values())
