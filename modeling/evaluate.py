@@ -103,10 +103,16 @@ def evaluate(
     return results
 
 
-def evaluate_propensity(model: BehaviourModel, split: Split, run_dir: Path) -> dict[str, Any]:
-    """Purchase within the horizon: the model's head vs gradient-boosted trees, same test cases."""
+def _auc(pairs: np.ndarray) -> float:
+    """ROC-AUC of (score, label) rows; NaN for a resample holding one class only."""
     from sklearn.metrics import roc_auc_score
 
+    y = pairs[:, 1]
+    return float(roc_auc_score(y, pairs[:, 0])) if 0 < y.sum() < len(y) else float("nan")
+
+
+def evaluate_propensity(model: BehaviourModel, split: Split, run_dir: Path) -> dict[str, Any]:
+    """Purchase within the horizon: the model's head vs gradient-boosted trees, same test cases."""
     assert split.train_cases is not None
     dev = next(model.parameters()).device
     _, _, p_model = predict(model, split.test, dev, exclude=False)
@@ -123,7 +129,7 @@ def evaluate_propensity(model: BehaviourModel, split: Split, run_dir: Path) -> d
         pairs = np.stack([p, y], axis=1)
         out[name] = {
             **propensity_metrics(p, y),
-            "ROC-AUC_ci95": bootstrap_ci(pairs, lambda a: float(roc_auc_score(a[:, 1], a[:, 0]))),
+            "ROC-AUC_ci95": bootstrap_ci(pairs, _auc),
         }
     plot_reliability({"model": p_model, "gradient-boosted trees": p_gbt}, y, run_dir / "reliability.png")
     return out

@@ -71,7 +71,10 @@ def bootstrap_ci(
     m = len(values)
     if m == 0:
         return (float("nan"), float("nan"))
-    stats = [stat(values[rng.integers(0, m, m)]) for _ in range(n)]
+    stats = np.array([stat(values[rng.integers(0, m, m)]) for _ in range(n)])
+    stats = stats[~np.isnan(stats)]  # resamples where the statistic is undefined
+    if len(stats) == 0:
+        return (float("nan"), float("nan"))
     return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
 
 

@@ -178,7 +178,8 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--data",
         required=True,
-        help="seqrec:Beauty, seqrec:Sports_and_Outdoors, taobao-users, or a 'user item item ...' file",
+        help="seqrec:Beauty, seqrec:Sports_and_Outdoors, taobao-users, rees46, rees46-demo, or a "
+        "'user item item ...' file",
     )
     tr.add_argument("--preset", default="seqrec", help="tiny, seqrec or events")
     tr.add_argument("--out", help="run folder (default runs/<data>-<preset>)")

@@ -1,7 +1,9 @@
 """``shopstream demo``: the main job on a local default, start to finish.
 
-Local Kafka up -> topics -> a worker process -> the shipped REES46 sample replayed -> the
-recommendations it produced printed -> worker stopped (the broker keeps running).
+Local Kafka up -> topics -> a worker process serving the shipped demo model
+(``deploy/demo/model``, trained on the same REES46 sample: ``shopstream train --data rees46-demo``)
+-> the sample replayed -> the recommendations and promotions it produced printed -> worker stopped
+(the broker keeps running).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import orjson
@@ -24,6 +27,8 @@ from streams.settings import Settings
 from streams.sources.datasets import load
 from streams.tail import end_offsets
 
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "deploy" / "demo" / "model"
+
 
 def run_demo(settings: Settings, *, kafka_script: Path, events: int) -> int:
     local = settings.kafka_bootstrap_servers.startswith(("127.0.0.1", "localhost"))
@@ -33,9 +38,12 @@ def run_demo(settings: Settings, *, kafka_script: Path, events: int) -> int:
     print(f"== starting a worker (log: {settings.data_dir / 'worker.log'})", flush=True)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     log = (settings.data_dir / "worker.log").open("ab")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "streams", "worker"], stdout=log, stderr=log, env=os.environ.copy()
-    )
+    env = os.environ.copy()
+    model = settings.model_dir or (DEMO_MODEL if (DEMO_MODEL / "manifest.json").exists() else None)
+    if model is not None:
+        env["SHOPSTREAM_MODEL_DIR"] = str(model)
+        print(f"== model: {model}", flush=True)
+    worker = subprocess.Popen([sys.executable, "-m", "streams", "worker"], stdout=log, stderr=log, env=env)
     try:
         return asyncio.run(_replay_and_show(settings, events, worker))
     finally:
@@ -48,7 +56,7 @@ def run_demo(settings: Settings, *, kafka_script: Path, events: int) -> int:
 
 
 async def _replay_and_show(settings: Settings, n: int, worker: subprocess.Popen[bytes]) -> int:
-    topics = [settings.topic_recommendations, settings.topic_deadletter]
+    topics = [settings.topic_recommendations, settings.topic_deadletter, settings.topic_promotions]
     start = {t: await end_offsets(settings, t) for t in topics}
     print(f"== replaying {n} REES46 events (max rate) to the input topics", flush=True)
     events = list(load("rees46-demo", settings.datasets_dir))[:n]
@@ -60,6 +68,8 @@ async def _replay_and_show(settings: Settings, n: int, worker: subprocess.Popen[
     answered: set[str] = set()
     recs = dead = shown = 0
     users: set[str] = set()
+    sources: Counter[str] = Counter()
+    promotions: list[dict[str, object]] = []
     t0 = time.time()
     try:
         parts = [tp for t in topics for tp in start[t]]
@@ -68,7 +78,12 @@ async def _replay_and_show(settings: Settings, n: int, worker: subprocess.Popen[
             for tp, off in start[t].items():
                 consumer.seek(tp, off)
         print("== recommendations (user <- event: top items)", flush=True)
-        while len(answered) < len(wanted) and time.time() - t0 < 180:
+        # after the last answer, wait a few cart-timer ticks for promotions that come due
+        settle = settings.promotion_tick_s * 2 + 2
+        done_at: float | None = None
+        while (done_at is None or time.time() - done_at < settle) and time.time() - t0 < 180:
+            if done_at is None and len(answered) >= len(wanted):
+                done_at = time.time()
             if worker.poll() is not None:
                 raise ShopstreamError(f"the worker exited with {worker.returncode}; see its log")
             batch = await consumer.getmany(timeout_ms=1000)
@@ -78,21 +93,36 @@ async def _replay_and_show(settings: Settings, n: int, worker: subprocess.Popen[
                         dead += 1
                         continue
                     rec = orjson.loads(r.value or b"{}")
+                    if tp.topic == settings.topic_promotions:
+                        promotions.append(rec)
+                        continue
                     if rec["event_id"] not in wanted:
                         continue  # an earlier run's output
                     recs += 1
                     answered.add(rec["event_id"])
                     users.add(rec["user_id"])
-                    if shown < 12 and rec["items"]:
-                        top = ", ".join(f"{i['item_id']} ({i['score']:.2f})" for i in rec["items"][:4])
-                        print(f"   user {rec['user_id']} <- {rec['event_type']} {rec['event_id']}: {top}")
+                    sources[rec["source"]] += 1
+                    if shown < 10 and rec["items"] and (rec["source"] == "model" or shown >= 7):
+                        top = ", ".join(f"{i['item_id']} ({i['score']:.2f})" for i in rec["items"][:3])
+                        print(f"   user {rec['user_id']} <- {rec['event_type']}, {rec['source']}: {top}")
                         shown += 1
     finally:
         await consumer.stop()
     took = time.time() - t0
+    kinds = Counter(str(p["kind"]) for p in promotions)
     print(
-        f"== {recs} recommendations for {len(users)} users, {dead} dead-lettered; "
+        f"== promotions ({len(promotions)}: {', '.join(f'{k} {n}' for k, n in kinds.most_common()) or 'none'})"
+    )
+    for p in promotions[:6]:
+        offer = p["offer"]
+        assert isinstance(offer, dict)
+        value = f" {offer['value']:g}%" if offer["kind"] == "percent_off" else ""
+        hold = " [holdout: logged, not sent]" if p["holdout"] else ""
+        print(f"   user {p['user_id']}: {p['kind']} -> {offer['kind']}{value} ({p['reason']}){hold}")
+    by_source = ", ".join(f"{k} {n}" for k, n in sources.items())
+    print(
+        f"== {recs} recommendations for {len(users)} users ({by_source}), {dead} dead-lettered; "
         f"{len(answered)}/{sent} events answered within {took:.1f}s of the replay's start"
     )
-    print("   more: `shopstream tail --from-beginning --limit 20`")
+    print("   more: `shopstream tail --topic promotions --from-beginning --limit 20`")
     return 0 if len(answered) == len(wanted) else 1

@@ -226,7 +226,9 @@ def select_providers(setting: str, available: Sequence[str]) -> list[str]:
             raise ModelError(f"inference_provider=cuda but onnxruntime offers only {list(available)}")
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if setting == "auto":
-        if "CUDAExecutionProvider" in available:
+        # onnxruntime-gpu lists CUDA even on machines without a GPU driver; ask for it only where
+        # the NVIDIA driver is loaded (the fallback check in load_artifact still applies)
+        if "CUDAExecutionProvider" in available and Path("/proc/driver/nvidia/version").exists():
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
     raise ModelError(f"inference_provider must be auto, cpu or cuda, not {setting!r}")
