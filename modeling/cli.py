@@ -9,9 +9,10 @@ Data specs (``--data``):
 - a path to a ``user item item ...`` file (leave-one-out);
 - ``taobao-users``: Taobao UserBehavior, 814 complete users, time split in Beijing time: train
   before 2017-12-02, validation 12-02, test 12-03; purchase propensity over 6 hours.
-- ``rees46``, ``rees46-demo`` (the sample shipped for the demo): REES46 events, time split at the
-  70 % and 85 % quantiles of event time; purchase propensity over 30 minutes. These logs cover
-  hours, not days: the split exists so the demo model is chosen on held-out events.
+- any other event data set of ``shopstream replay`` (``taobao`` time slice, ``rees46``, ``rees46-demo``
+  (the sample shipped for the demo), ``instacart``, ...): time split at the 70 % and 85 % quantiles
+  of event time; purchase propensity over 30 minutes. Some of these logs cover hours, not days:
+  the split exists so the model is chosen on held-out events.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from modeling.sequences import (
     sequences_from_events,
     time_split,
 )
-from streams.sources.datasets import load
+from streams.sources.datasets import DATASETS, load
 
 BEIJING = timezone(timedelta(hours=8))
 # Purchase propensity horizon. The test period is one day, so a 24 h horizon would never be fully
@@ -54,7 +55,7 @@ def build_split(spec: str, datasets_dir: Path, max_len: int) -> Split:
             return datetime(2017, 12, d, tzinfo=BEIJING).timestamp()
 
         return time_split(seqs, day(2), day(3), day(4), max_len, HORIZON_S, spec)
-    if spec in ("rees46", "rees46-demo"):
+    if spec in DATASETS or spec == "rees46-demo":
         seqs = sequences_from_events(load(spec, datasets_dir))
         times = sorted(t for s in seqs for t in s.times)
         valid_start, test_start = times[int(0.70 * len(times))], times[int(0.85 * len(times))]
