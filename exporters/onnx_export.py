@@ -38,6 +38,17 @@ class ExportError(Exception):
     """The exported graph failed a check."""
 
 
+def _strict(value: Any) -> Any:
+    """JSON without NaN/Infinity (undefined metrics become null), readable by any parser."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    return value
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -167,5 +178,5 @@ def export(run_dir: Path, out_dir: Path, cases: Cases, *, k: int = 100, opset: i
         "metrics": evaluation,
         "parity_max_abs_diff": parity,
     }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (out_dir / "manifest.json").write_text(json.dumps(_strict(manifest), indent=2, allow_nan=False))
     return manifest

@@ -110,15 +110,15 @@ async def _replay_and_show(settings: Settings, n: int, worker: subprocess.Popen[
         await consumer.stop()
     took = time.time() - t0
     kinds = Counter(str(p["kind"]) for p in promotions)
-    print(
-        f"== promotions ({len(promotions)}: {', '.join(f'{k} {n}' for k, n in kinds.most_common()) or 'none'})"
-    )
+    by_kind = ", ".join(f"{k} {n}" for k, n in kinds.most_common()) or "none"
+    print(f"== promotions ({len(promotions)}: {by_kind})")
     for p in promotions[:6]:
         offer = p["offer"]
         assert isinstance(offer, dict)
         value = f" {offer['value']:g}%" if offer["kind"] == "percent_off" else ""
         hold = " [holdout: logged, not sent]" if p["holdout"] else ""
         print(f"   user {p['user_id']}: {p['kind']} -> {offer['kind']}{value} ({p['reason']}){hold}")
+    by_source = ", ".join(f"{k} {n}" for k, n in sources.items())
     by_source = ", ".join(f"{k} {n}" for k, n in sources.items())
     print(
         f"== {recs} recommendations for {len(users)} users ({by_source}), {dead} dead-lettered; "

@@ -94,27 +94,31 @@ class Pipeline:
 
     # --- events ------------------------------------------------------------------------------
     def process(self, batch: list[Message]) -> Result:
+        """Process a batch in waves: wave k holds every user's k-th event of the batch, so each
+        event sees the state its predecessors left while most of the batch scores in one call."""
         result = Result()
-        segment: list[_Ctx] = []
-        in_segment: set[bytes] = set()
-        wall = time.time()
+        seen: dict[bytes, int] = {}
+        waves: list[list[int]] = []
         for i, msg in enumerate(batch):
-            if msg.key in in_segment:  # the user's second event: answer the first one first
-                self._flush(segment, result, wall)
-                segment, in_segment = [], set()
-            try:
-                with self.scope(msg.partition):
-                    ctx = self._fold(i, msg, wall)
-            except RejectedInput as exc:
-                result.failed.append((i, exc))
-                continue
-            except Exception as exc:  # one bad event must not stop the partition
-                log.exception("processing failed at partition %d, batch index %d", msg.partition, i)
-                result.failed.append((i, RejectedInput(RejectReason.PROCESSING_ERROR, repr(exc))))
-                continue
-            segment.append(ctx)
-            in_segment.add(msg.key)
-        self._flush(segment, result, wall)
+            k = seen.get(msg.key, 0)
+            seen[msg.key] = k + 1
+            if k == len(waves):
+                waves.append([])
+            waves[k].append(i)
+        wall = time.time()
+        for wave in waves:
+            ctxs: list[_Ctx] = []
+            for i in wave:
+                msg = batch[i]
+                try:
+                    with self.scope(msg.partition):
+                        ctxs.append(self._fold(i, msg, wall))
+                except RejectedInput as exc:
+                    result.failed.append((i, exc))
+                except Exception as exc:  # one bad event must not stop the partition
+                    log.exception("processing failed at partition %d, batch index %d", msg.partition, i)
+                    result.failed.append((i, RejectedInput(RejectReason.PROCESSING_ERROR, repr(exc))))
+            self._flush(ctxs, result, wall)
         return result
 
     def _fold(self, i: int, msg: Message, wall: float) -> _Ctx:

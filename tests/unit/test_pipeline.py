@@ -1,0 +1,95 @@
+"""The per-batch pipeline without Kafka: micro-batching never changes a user's answers."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry
+
+from streams.baseline import CovisitBaseline
+from streams.metrics import Metrics
+from streams.pipeline import Message, Pipeline
+from streams.promotions import Budget, CartTimers, Policy
+from streams.scoring import ModelError, ModelWatcher, load_artifact
+from streams.settings import Settings
+from streams.sources.datasets import load
+from streams.state import UserState, user_partition
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_MODEL = ROOT / "deploy" / "demo" / "model"
+
+
+def pipeline(settings: Settings) -> tuple[Pipeline, dict[bytes, bytes]]:
+    users: dict[bytes, bytes] = {}
+    models = ModelWatcher(settings.model_dir, "cpu", 1)
+    models.load_initial()
+    p = Pipeline(
+        settings,
+        users,
+        CovisitBaseline({}, neighbors=50, window=3),
+        models,
+        Policy(settings, Budget({}, 100.0)),
+        CartTimers(settings.cart_abandon_after_s),
+        Metrics(CollectorRegistry()),
+    )
+    return p, users
+
+
+def run(settings: Settings, msgs: list[Message], batch: int) -> tuple[dict[str, Any], dict[bytes, bytes]]:
+    p, users = pipeline(settings)
+    outputs: dict[str, Any] = {}
+    for i in range(0, len(msgs), batch):
+        for out in p.process(msgs[i : i + batch]).outputs:
+            rec = orjson.loads(out.value)
+            outputs[rec.get("event_id") or rec["promotion_id"]] = rec
+    return outputs, users
+
+
+def test_micro_batches_give_each_user_the_answers_of_one_by_one_processing() -> None:
+    settings = Settings(model_dir=DEMO_MODEL, quiet_hours="", inference_provider="cpu")
+    events = list(load("rees46-demo", settings.datasets_dir))[:1500]
+    msgs = [
+        Message(user_partition(e["user_id"].encode(), 8), e["user_id"].encode(), orjson.dumps(e), time.time())
+        for e in events
+    ]
+    one, users_one = run(settings, msgs, 1)
+    batched, users_batched = run(settings, msgs, 64)
+    assert set(one) == set(batched)
+    model_recs = [k for k, r in one.items() if r.get("source") == "model"]
+    assert len(model_recs) > 1000  # the demo model knows most of the sample's items
+    for k in model_recs:
+        assert batched[k]["source"] == "model"
+        assert [i["item_id"] for i in batched[k]["items"]] == [i["item_id"] for i in one[k]["items"]], k
+    promos = {k for k, r in one.items() if "promotion_id" in r}
+    assert promos and promos == {k for k, r in batched.items() if "promotion_id" in r}
+    assert {k: UserState.loads(v).seq for k, v in users_one.items()} == {
+        k: UserState.loads(v).seq for k, v in users_batched.items()
+    }
+
+
+def test_a_corrupt_or_foreign_artifact_is_refused_with_the_reason(tmp_path: Path) -> None:
+    import shutil
+
+    art = tmp_path / "m"
+    shutil.copytree(DEMO_MODEL, art)
+    load_artifact(art, "cpu")  # the shipped one loads
+    (art / "model.onnx").write_bytes((art / "model.onnx").read_bytes()[:-10])
+    with pytest.raises(ModelError, match=r"sha256 .* does not match the manifest"):
+        load_artifact(art, "cpu")
+    shutil.copytree(DEMO_MODEL, art, dirs_exist_ok=True)
+    manifest = orjson.loads((art / "manifest.json").read_bytes())
+    manifest["token_ids"]["feature_buckets"] = 1024
+    (art / "manifest.json").write_bytes(orjson.dumps(manifest))
+    with pytest.raises(ModelError, match="hashes features into 1024"):
+        load_artifact(art, "cpu")
+    (art / "manifest.json").write_text("{not json")
+    with pytest.raises(ModelError, match="unreadable manifest"):
+        load_artifact(art, "cpu")
+    with pytest.raises(ModelError, match="inference_provider=cuda"):
+        from streams.scoring import select_providers
+
+        select_providers("cuda", ["CPUExecutionProvider"])
