@@ -7,6 +7,7 @@ shopstream replay DATASET [--speed X]         publish a real data set as contrac
 shopstream tail [--topic recommendations]     print output records
 shopstream demo                               all of the above on the shipped REES46 sample
 shopstream schemas [--check]                  write or check the JSON Schema files
+shopstream evaluate-promotions DATASET        the promotion policy replayed offline, model vs rules
 """
 
 from __future__ import annotations
@@ -92,6 +93,28 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     return run_demo(settings, kafka_script=KAFKA_SCRIPT, events=args.events)
 
 
+def cmd_evaluate_promotions(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+    from datetime import datetime
+
+    from streams.policy_eval import evaluate_promotions, report
+    from streams.sources.datasets import load
+
+    events = list(load(args.dataset, settings.datasets_dir))[: args.limit]
+    since = datetime.fromisoformat(args.since).timestamp() if args.since else 0.0
+    model = Path(args.model) if args.model else settings.model_dir
+    results = evaluate_promotions(events, settings, model, window=args.window_h * 3600, since=since)
+    text = report(results, args.dataset)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "promotions.md").write_text(text)
+        (out / "promotions.json").write_text(json.dumps(results, indent=2))
+        print(f"written to {out}/promotions.md and promotions.json")
+    return 0
+
+
 def cmd_schemas(settings: Settings, args: argparse.Namespace) -> int:
     from streams.schemas import check_schemas, write_schemas
 
@@ -171,6 +194,16 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="local Kafka + worker + the REES46 sample replayed")
     d.add_argument("--events", type=int, default=3000, help="sample events to replay")
     d.set_defaults(func=cmd_demo)
+    pe = sub.add_parser(
+        "evaluate-promotions", help="replay a data set through the promotion policy: model vs rule-only"
+    )
+    pe.add_argument("dataset", help="taobao-users, taobao, rees46, rees46-demo, instacart, ...")
+    pe.add_argument("--model", help="exported model folder (default: SHOPSTREAM_MODEL_DIR; none: rules only)")
+    pe.add_argument("--window-h", type=float, default=24.0, help="outcome window after a trigger, hours")
+    pe.add_argument("--since", help="count triggers from this instant (ISO 8601), e.g. the test period")
+    pe.add_argument("--limit", type=int, default=None, help="first N events only")
+    pe.add_argument("--out", help="folder for promotions.md and promotions.json")
+    pe.set_defaults(func=cmd_evaluate_promotions)
     s = sub.add_parser("schemas", help="write streams/schemas/*.json from the records")
     s.add_argument("--check", action="store_true", help="exit 1 if the files are stale")
     s.set_defaults(func=cmd_schemas)

@@ -80,10 +80,12 @@ class Pipeline:
         timers: CartTimers,
         metrics: Metrics,
         scope: Callable[[int], AbstractContextManager[Any]] = lambda _p: nullcontext(),
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """``scope(partition)`` wraps every table access of that partition (faust's RocksDB store
         picks the partition's database from the "current event", which a batch or a timer lacks)."""
         self.scope = scope
+        self.clock = clock
         self.s = settings
         self.users = users
         self.recommender = recommender
@@ -105,7 +107,7 @@ class Pipeline:
             if k == len(waves):
                 waves.append([])
             waves[k].append(i)
-        wall = time.time()
+        wall = self.clock()
         for wave in waves:
             ctxs: list[_Ctx] = []
             for i in wave:
@@ -164,7 +166,7 @@ class Pipeline:
                 preds[c.index] = p
             self.metrics.inference_seconds.observe(time.perf_counter() - started)
             self.metrics.batch_size.observe(len(scored))
-        now = time.time()
+        now = self.clock()
         for c in segment:
             with self.scope(c.msg.partition):
                 self._answer(c, preds.get(c.index), model, now, result)
