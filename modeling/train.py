@@ -207,7 +207,13 @@ def train(
             scores = model.next_item_scores(hv, items[rows], kinds[rows], at, table)
             # an unknown next item cannot be recommended: it does not teach the item head
             known = targets[valid] != UNK
-            loss = F.cross_entropy(scores[known], targets[valid][known], label_smoothing=tcfg.label_smoothing)
+            # every term is skipped when its selection is empty (cross-entropy of nothing is NaN):
+            # a length-bucketed batch of one-token windows has no next kind, for example
+            loss = scores.new_zeros(())
+            if bool(known.any()):
+                loss = F.cross_entropy(
+                    scores[known], targets[valid][known], label_smoothing=tcfg.label_smoothing
+                )
             labelled = bought[valid] >= 0  # censored positions (horizon past the period) carry no label
             if tcfg.propensity_weight and bool(labelled.any()):
                 hp = hv[labelled].detach() if tcfg.propensity_probe else hv[labelled]
@@ -215,11 +221,12 @@ def train(
                 loss = loss + tcfg.propensity_weight * F.binary_cross_entropy_with_logits(
                     logit, bought[valid][labelled].float()
                 )
-            if tcfg.kind_weight:
-                # the next token's kind is known inside the window only: skip the last column
-                inside = at < w - 1
+            inside = at < w - 1  # the next token's kind is known inside the window only
+            if tcfg.kind_weight and bool(inside.any()):
                 next_kinds = torch.roll(kinds, -1, dims=1)[valid][inside]
                 loss = loss + tcfg.kind_weight * F.cross_entropy(model.kind_head(hv[inside]), next_kinds)
+            if not loss.requires_grad:
+                continue  # nothing to learn from this batch
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

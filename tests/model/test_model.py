@@ -19,6 +19,7 @@ from modeling.model import PAD, UNK, BehaviourModel, ModelConfig
 from modeling.sequences import (
     CENSORED,
     Split,
+    UserSeq,
     leave_one_out,
     read_pairs,
     read_seqrec,
@@ -208,3 +209,16 @@ def test_event_log_run_reports_propensity_against_gradient_boosted_trees(
         assert 0 <= prop[name]["ROC-AUC"] <= 1 and 0 <= prop[name]["ECE"] <= 1
     assert prop["gradient-boosted trees"]["ROC-AUC"] > 0.5  # recency / cart features carry some signal
     assert (tmp_path / "reliability.png").exists()
+
+
+def test_batches_of_one_token_windows_train_without_nan(tmp_path: Path) -> None:
+    # every user has two events: all training windows are one token long, with no next kind inside
+    seqs = [
+        UserSeq(f"u{i}", [f"i{(i + k) % 5}" for k in range(4)], [2, 3, 2, 5], [0.0, 5.0, 12.0, 20.0])
+        for i in range(40)
+    ]
+    split = time_split(seqs, 10.0, 20.0, 30.0, max_len=4, horizon_s=60.0, min_count=1)
+    _, history = train(
+        split, "tiny", tmp_path, {"epochs": 1, "kind_weight": 0.5, "max_len": 4}, progress=False
+    )
+    assert np.isfinite(history[0]["train_loss"])
