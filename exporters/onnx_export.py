@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
@@ -133,7 +132,12 @@ def export(run_dir: Path, out_dir: Path, cases: Cases, *, k: int = 100, opset: i
     export_graph(serving, example, graph, opset)
     onnx.checker.check_model(str(graph), full_check=True)
     parity = _parity(serving, graph, cases)
-    shutil.copyfile(run_dir / "vocab.json", out_dir / "vocab.json")
+    vocab = json.loads((run_dir / "vocab.json").read_text())
+    if model.cfg.n_feats:
+        # each item's first static feature (its category where the data has one) for the
+        # serving side's diversity filter; 0 = none
+        vocab["categories"] = model.item_feats[2:, 0].tolist()
+    (out_dir / "vocab.json").write_text(json.dumps(vocab))
     cfg = json.loads((run_dir / "config.json").read_text())
     digest = sha256(graph)
     evaluation = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else None

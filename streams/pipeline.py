@@ -177,7 +177,7 @@ class Pipeline:
         key, partition = c.msg.key, c.msg.partition
         if pred is not None and model is not None:
             ranked = [(i, s) for i, s in zip(pred.items, pred.scores, strict=True) if i not in c.exclude]
-            ranked = ranked[:n]
+            ranked = _diverse(ranked, model.category, self.s.max_per_category, n)
             if len(ranked) < n:  # a long exclusion list: top up from the baseline
                 have = c.exclude | {i for i, _ in ranked}
                 floor = min((s for _, s in ranked), default=0.0)
@@ -277,4 +277,25 @@ def _recent(seq: list[list[Any]], n: int) -> list[str]:
             out.append(tok[0])
             if len(out) == n:
                 break
+    return out
+
+
+def _diverse(
+    ranked: list[tuple[str, float]], category: dict[str, int], cap: int, n: int
+) -> list[tuple[str, float]]:
+    """The best ``n`` items with at most ``cap`` per category (0 = no cap; items without a known
+    category are not capped)."""
+    if not cap or not category:
+        return ranked[:n]
+    out: list[tuple[str, float]] = []
+    per: dict[int, int] = {}
+    for item, score in ranked:
+        c = category.get(item)
+        if c is not None:
+            if per.get(c, 0) >= cap:
+                continue
+            per[c] = per.get(c, 0) + 1
+        out.append((item, score))
+        if len(out) == n:
+            break
     return out

@@ -86,6 +86,7 @@ class Artifact:
     top_k: int
     with_feats: bool
     manifest_sha: str
+    category: dict[str, int] = field(default_factory=dict)  # item -> hashed category id, where known
     buffers: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def encode_id(self, item: str) -> int:
@@ -179,9 +180,13 @@ def load_artifact(folder: Path, provider: str = "auto", threads: int = 1) -> Art
             f"this service into {FEATURE_BUCKETS} x {MAX_FEATURES}"
         )
     try:
-        vocab = json.loads(vocab_path.read_text())["items"]
-    except (OSError, ValueError, KeyError) as exc:
+        vocab_doc = json.loads(vocab_path.read_text())
+        vocab = vocab_doc["items"]
+        categories = vocab_doc.get("categories") or []
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"{vocab_path}: unreadable vocabulary: {exc!r}") from None
+    if categories and len(categories) != len(vocab):
+        raise ModelError(f"{vocab_path}: {len(categories)} categories for {len(vocab)} items")
     if len(vocab) + 2 != manifest.get("n_items"):
         raise ModelError(f"{vocab_path}: {len(vocab)} items, the manifest says {manifest.get('n_items')} - 2")
 
@@ -208,6 +213,7 @@ def load_artifact(folder: Path, provider: str = "auto", threads: int = 1) -> Art
         provider=actual,
         vocab=vocab,
         index={item: i + 2 for i, item in enumerate(vocab)},
+        category={item: c for item, c in zip(vocab, categories, strict=False) if c},  # [] when absent
         max_len=max_len,
         top_k=top_k,
         with_feats=with_feats,

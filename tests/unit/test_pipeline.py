@@ -93,3 +93,13 @@ def test_a_corrupt_or_foreign_artifact_is_refused_with_the_reason(tmp_path: Path
         from streams.scoring import select_providers
 
         select_providers("cuda", ["CPUExecutionProvider"])
+
+
+def test_diversity_caps_items_per_category_and_keeps_the_order() -> None:
+    from streams.pipeline import _diverse
+
+    ranked = [("a", 9.0), ("b", 8.0), ("c", 7.0), ("d", 6.0), ("e", 5.0)]
+    category = {"a": 1, "b": 1, "c": 1, "d": 2}  # e: category unknown, never capped
+    assert _diverse(ranked, category, 0, 3) == ranked[:3]
+    assert _diverse(ranked, category, 1, 3) == [("a", 9.0), ("d", 6.0), ("e", 5.0)]
+    assert _diverse(ranked, category, 2, 10) == [("a", 9.0), ("b", 8.0), ("d", 6.0), ("e", 5.0)]
