@@ -76,7 +76,8 @@ def test_a_corrupt_or_foreign_artifact_is_refused_with_the_reason(tmp_path: Path
 
     art = tmp_path / "m"
     shutil.copytree(DEMO_MODEL, art)
-    load_artifact(art, "cpu")  # the shipped one loads
+    shipped = load_artifact(art, "cpu")  # the shipped one loads, with its items' categories
+    assert shipped.with_feats and len(shipped.category) == len(shipped.vocab)
     (art / "model.onnx").write_bytes((art / "model.onnx").read_bytes()[:-10])
     with pytest.raises(ModelError, match=r"sha256 .* does not match the manifest"):
         load_artifact(art, "cpu")
