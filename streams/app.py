@@ -248,8 +248,11 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         result = pipeline.process(batch)
         for i, exc in result.failed:
             await deadletters.send(events[i].message, exc)
+        outputs = result.outputs
+        if settings.promotions:  # carts that came due in the event time this batch moved past
+            outputs += pipeline.due_carts({m.partition for m in batch}, time.time())
         send = app.producer.send
-        for topic, key, value in result.outputs:
+        for topic, key, value in outputs:
             await send(topic, key, value, None, None, None)
 
     @app.agent(by_user, name="score_event")

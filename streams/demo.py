@@ -58,8 +58,14 @@ def run_demo(settings: Settings, *, kafka_script: Path, events: int) -> int:
 async def _replay_and_show(settings: Settings, n: int, worker: subprocess.Popen[bytes]) -> int:
     topics = [settings.topic_recommendations, settings.topic_deadletter, settings.topic_promotions]
     start = {t: await end_offsets(settings, t) for t in topics}
-    print(f"== replaying {n} REES46 events (max rate) to the input topics", flush=True)
+    # a suffix per run on user and event ids: every run starts with fresh users (state and
+    # promotion ids of earlier runs on the same broker would otherwise recognise the events)
+    run = f"{int(time.time()) % 100000:05d}"
+    print(f"== replaying {n} REES46 events (max rate) to the input topics, users as <id>.{run}", flush=True)
     events = list(load("rees46-demo", settings.datasets_dir))[:n]
+    for ev in events:
+        ev["user_id"] = f"{ev['user_id']}.{run}"
+        ev["event_id"] = f"{ev['event_id']}.{run}"
     wanted = {ev["event_id"] for ev in events}
     sent, secs = await replay(settings, events, progress=False)
     print(f"   published {sent} events in {secs:.1f}s", flush=True)
@@ -108,11 +114,16 @@ async def _replay_and_show(settings: Settings, n: int, worker: subprocess.Popen[
                         shown += 1
     finally:
         await consumer.stop()
-    took = time.time() - t0
+    took = (done_at or time.time()) - t0
     kinds = Counter(str(p["kind"]) for p in promotions)
     by_kind = ", ".join(f"{k} {n}" for k, n in kinds.most_common()) or "none"
     print(f"== promotions ({len(promotions)}: {by_kind})")
-    for p in promotions[:6]:
+    first_of_kind = {str(p["kind"]): i for i, p in reversed(list(enumerate(promotions)))}
+    shown_first = sorted(first_of_kind.values())
+    examples = [promotions[i] for i in shown_first] + [
+        p for i, p in enumerate(promotions) if i not in set(shown_first)
+    ]
+    for p in examples[:6]:  # one of each kind first
         offer = p["offer"]
         assert isinstance(offer, dict)
         value = f" {offer['value']:g}%" if offer["kind"] == "percent_off" else ""

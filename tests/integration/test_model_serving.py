@@ -166,6 +166,16 @@ async def test_model_recommendations_survive_hot_reload_and_a_corrupt_version(
     assert 'shopstream_model_info{provider="CPUExecutionProvider",version="v2-test"} 1.0' in metrics
 
 
+async def quiet_promotions(settings: Settings, quiet_s: float = 3.0) -> list[dict[str, Any]]:
+    """All promotions so far, once none has arrived for ``quiet_s`` (what should not come had its chance)."""
+    seen = -1
+    while True:
+        got = values(await collect(settings, settings.topic_promotions, lambda rs: False, timeout=quiet_s))
+        if len(got) == seen:
+            return got
+        seen = len(got)
+
+
 def same_partition(names: list[str], partitions: int) -> list[str]:
     target = user_partition(names[0].encode(), partitions)
     return [n for n in names if user_partition(n.encode(), partitions) == target]
@@ -209,9 +219,8 @@ async def test_cart_abandonment_policy_end_to_end(served: tuple[Settings, Worker
     def settled(rs: list[Any]) -> bool:
         return sum(1 for v in values(rs) if v["kind"] == "cart_abandonment") >= 2
 
-    promos = values(await collect(settings, settings.topic_promotions, settled, timeout=60, worker=worker))
-    await asyncio.sleep(3)  # anything that should not come has had its chance
-    promos = values(await collect(settings, settings.topic_promotions, lambda rs: False, timeout=2))
+    await collect(settings, settings.topic_promotions, settled, timeout=60, worker=worker)
+    promos = await quiet_promotions(settings)
     by_user = Counter((p["user_id"], p["kind"]) for p in promos)
     assert by_user == {
         (idle, "cart_abandonment"): 1,
@@ -229,7 +238,10 @@ async def test_cart_abandonment_policy_end_to_end(served: tuple[Settings, Worker
 
     # the same input replayed: no promotion id twice
     await produce(settings, inputs)
-    await asyncio.sleep(4)
-    again = values(await collect(settings, settings.topic_promotions, lambda rs: False, timeout=2))
+    recs = await collect(
+        settings, settings.topic_recommendations, lambda rs: len(values(rs)) >= 2 * len(inputs)
+    )
+    assert len(values(recs)) >= 2 * len(inputs)  # the replay was processed (and answered again)
+    again = await quiet_promotions(settings)
     ids = [p["promotion_id"] for p in again]
     assert len(ids) == len(set(ids)) == len(promos)
