@@ -1,0 +1,84 @@
+"""CPU cost of the worker's per-batch work without Kafka or faust, batch sizes side by side.
+
+Runs ``streams.pipeline.Pipeline`` (validate, fold state, baseline, onnxruntime scoring, filters,
+promotion policy) over a real data set with in-memory tables, for each batch size, fresh state
+each time. The difference to ``bench/model_batching.py`` is what faust and Kafka cost.
+
+    python bench/pipeline_cost.py [--model deploy/demo/model] [--dataset rees46-demo] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import orjson
+from prometheus_client import CollectorRegistry
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from streams.baseline import CovisitBaseline  # noqa: E402
+from streams.metrics import Metrics  # noqa: E402
+from streams.pipeline import Message, Pipeline  # noqa: E402
+from streams.promotions import Budget, CartTimers, Policy  # noqa: E402
+from streams.scoring import ModelWatcher  # noqa: E402
+from streams.settings import Settings  # noqa: E402
+from streams.sources.datasets import load  # noqa: E402
+from streams.state import user_partition  # noqa: E402
+
+
+def build(settings: Settings) -> Pipeline:
+    models = ModelWatcher(settings.model_dir, "cpu", 1)
+    models.load_initial()
+    return Pipeline(
+        settings,
+        {},
+        CovisitBaseline({}, neighbors=settings.covisit_neighbors, window=settings.covisit_window),
+        models,
+        Policy(settings, Budget({}, 1e9)),
+        CartTimers(settings.cart_abandon_after_s),
+        Metrics(CollectorRegistry()),
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", type=Path, default=ROOT / "deploy" / "demo" / "model")
+    ap.add_argument("--dataset", default="rees46-demo")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--profile", action="store_true", help="cProfile the last batch size, top 15")
+    args = ap.parse_args()
+    settings = Settings(model_dir=args.model)
+    events = list(load(args.dataset, settings.datasets_dir))[: args.limit]
+    msgs = [
+        Message(user_partition(e["user_id"].encode(), 8), e["user_id"].encode(), orjson.dumps(e), time.time())
+        for e in events
+    ]
+    print(f"{len(msgs)} {args.dataset} events, model {args.model}")
+    sizes = [int(b) for b in args.batches.split(",")]
+    for size in sizes:
+        pipeline = build(settings)
+
+        def run(p: Pipeline = pipeline, size: int = size) -> None:
+            for i in range(0, len(msgs), size):
+                p.process(msgs[i : i + size])
+
+        started = time.process_time()
+        if args.profile and size == sizes[-1]:
+            prof = cProfile.Profile()
+            prof.runcall(run)
+            pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+        else:
+            run()
+        cpu = time.process_time() - started
+        print(f"batch {size:4d}: {cpu * 1e6 / len(msgs):6.0f} us CPU/event, {len(msgs) / cpu:7.0f} events/s")
+
+
+if __name__ == "__main__":
+    main()
