@@ -235,6 +235,15 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         seeded.update(fresh)
         log.info("partitions %s: popularity of %d items and %d cart timers restored", sorted(fresh), n, carts)
 
+    @app.on_partitions_revoked.connect
+    async def forget_revoked(sender: Any, revoked: set[Any], **kwargs: Any) -> None:
+        """Drop in-memory popularity and cart timers of partitions this worker gives up; if they
+        come back they are rebuilt from the tables (which another worker may have changed)."""
+        for p in {tp.partition for tp in revoked if tp.topic == by_user.get_topic_name()}:
+            timers.drop(p)
+            recommender.popular.pop(p, None)
+            seeded.discard(p)
+
     def assigned() -> set[int]:
         return {
             tp.partition for tp in app.assignor.assigned_actives() if tp.topic == by_user.get_topic_name()
