@@ -313,11 +313,77 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         raw = users.get(user_id.encode())
         return web.json(UserState.loads(raw).as_json() if raw else None)
 
+    # --- health, readiness and the metrics that need the app -----------------------------------
+    health = {"assigned": False, "recovery_started": 0.0}
+
+    @app.on_partitions_assigned.connect
+    async def count_assignment(sender: Any, assigned: set[Any], **kwargs: Any) -> None:
+        health["assigned"] = True
+        metrics.rebalances.inc()
+
+    def readiness() -> tuple[bool, dict[str, Any]]:
+        recovering = bool(app.tables.recovery.in_recovery)
+        checks = {
+            "consuming": bool(health["assigned"]) and not app.rebalancing,
+            "tables_recovered": not recovering,
+            "model_loaded": settings.model_dir is None or models.current is not None,
+        }
+        return all(checks.values()), checks
+
+    consumed = {settings.topic_events_by_user, *settings.input_topics}
+
+    @app.timer(interval=settings.metrics_interval_s)
+    async def refresh_metrics() -> None:
+        """Gauges that are read rather than counted: lag, table sizes, readiness, recovery time."""
+        ok, _ = readiness()
+        metrics.ready.set(1 if ok else 0)
+        recovering = bool(app.tables.recovery.in_recovery)
+        if recovering and not health["recovery_started"]:
+            health["recovery_started"] = time.monotonic()
+        elif not recovering and health["recovery_started"]:
+            metrics.recovery_seconds.set(time.monotonic() - float(health["recovery_started"]))
+            metrics.recoveries.inc()
+            health["recovery_started"] = 0.0
+        metrics.consumer_lag.clear()
+        consumer = app.consumer
+        for tp in app.assignor.assigned_actives():
+            if tp.topic not in consumed:
+                continue
+            high = consumer.highwater(tp)
+            last = consumer._read_offset.get(tp)  # faust's last offset handed to a stream
+            done = last + 1 if last is not None else consumer._committed_offset.get(tp)
+            if high is not None and done is not None:
+                metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, high - done))
+        for name, tbl in (("users", users), ("items", items), ("budget", budget)):
+            metrics.table_keys.labels(name).set(estimate_keys(tbl))
+
     @app.page("/metrics")
     async def prometheus_metrics(web: Any, request: Any) -> Any:
         return web.bytes(generate_latest(registry), content_type="text/plain; version=0.0.4")
 
+    @app.page("/healthz")
+    async def healthz(web: Any, request: Any) -> Any:
+        """The process is alive and its event loop answers."""
+        return web.json({"status": "ok"})
+
+    @app.page("/readyz")
+    async def readyz(web: Any, request: Any) -> Any:
+        """200 when consuming, tables recovered and the model (if configured) loaded; else 503."""
+        ok, checks = readiness()
+        return web.json({"ready": ok, **checks}, status=200 if ok else 503)
+
     return app
+
+
+def estimate_keys(table: Any) -> int:
+    """Keys of a table's active partitions: RocksDB's estimate per partition database, else len()."""
+    store = table.data
+    try:
+        return sum(
+            int(db.property_int_value("rocksdb.estimate-num-keys") or 0) for db in store._dbs_for_actives()
+        )
+    except AttributeError:  # the memory:// store
+        return len(table)
 
 
 def _model_changed(metrics: Metrics, art: Artifact | None, outcome: str) -> None:

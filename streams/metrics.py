@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 INFERENCE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+AGE_BUCKETS = (0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0, 604800.0)
 
 
 class Metrics:
@@ -83,3 +84,43 @@ class Metrics:
         self.cart_timers = Gauge(
             "shopstream_cart_timers", "Cart-abandonment timers pending in this worker.", registry=registry
         )
+        self.event_age = Histogram(
+            "shopstream_event_age_seconds",
+            "Worker clock at publication minus the event's own event_time (includes producer delay).",
+            buckets=AGE_BUCKETS,
+            registry=registry,
+        )
+        self.consumer_lag = Gauge(
+            "shopstream_consumer_lag_messages",
+            "Messages in the partition after the last one this worker read, per assigned partition.",
+            ["topic", "partition"],
+            registry=registry,
+        )
+        self.table_keys = Gauge(
+            "shopstream_table_keys",
+            "Keys in each table on this worker's active partitions (RocksDB estimate).",
+            ["table"],
+            registry=registry,
+        )
+        self.rebalances = Counter(
+            "shopstream_rebalances_total", "Partition assignments this worker received.", registry=registry
+        )
+        self.recoveries = Counter(
+            "shopstream_table_recoveries_total",
+            "Table recoveries from changelogs completed.",
+            registry=registry,
+        )
+        self.recovery_seconds = Gauge(
+            "shopstream_table_recovery_seconds", "Duration of the last table recovery.", registry=registry
+        )
+        self.ready = Gauge(
+            "shopstream_ready",
+            "1 when the worker is consuming with recovered tables and (if configured) a loaded model.",
+            registry=registry,
+        )
+        self.start_time = Gauge(
+            "shopstream_worker_start_time_seconds",
+            "Unix time this worker process started (a change means a restart).",
+            registry=registry,
+        )
+        self.start_time.set_to_current_time()

@@ -220,6 +220,7 @@ class Pipeline:
             self.users[key] = c.state.dumps()
         if c.msg.timestamp:
             self.metrics.end_to_end.observe(max(0.0, now - c.msg.timestamp))
+        self.metrics.event_age.observe(max(0.0, now - c.event.event_time.timestamp()))
 
     def emit(self, decisions: list[Decision], key: bytes, outputs: list[Output]) -> None:
         for d in decisions:

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     web_host: str = Field("127.0.0.1", description="Bind address of the worker's HTTP server.")
     web_port: int = Field(6066, ge=0, le=65535, description="Port of the worker's HTTP server.")
     log_level: str = Field("info", description="Worker log level (debug, info, warning, error).")
+    metrics_interval_s: float = Field(
+        5.0, gt=0, description="How often lag, table-size and readiness gauges are refreshed."
+    )
     max_message_bytes: int = Field(
         65536, ge=256, description="Input messages larger than this are dead-lettered as oversized."
     )

@@ -1,0 +1,281 @@
+"""Writes deploy/grafana/dashboards/shopstream.json (run after editing the panels below).
+
+Every panel's PromQL is evaluated against a real Prometheus scraping a real worker in
+tests/integration/test_dashboard.py, which fails on an invalid query or one without data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).parent / "dashboards" / "shopstream.json"
+J = '{job=~"$job"}'  # every query is filtered by the job template variable
+RI = "[$__rate_interval]"
+OK = '{job=~"$job",outcome="ok"}'
+NOT_OK = '{job=~"$job",outcome!="ok"}'
+HOLDOUT = '{job=~"$job",holdout="true"}'
+CARTS = '{job=~"$job",kind="cart_abandonment"}'
+
+
+def q(expr: str, legend: str = "") -> dict[str, Any]:
+    return {"expr": expr, "legendFormat": legend, "datasource": {"type": "prometheus", "uid": "prometheus"}}
+
+
+def panel(
+    title: str,
+    targets: list[dict[str, Any]],
+    unit: str,
+    *,
+    kind: str = "timeseries",
+    thresholds: list[tuple[str, float | None]] | None = None,
+    description: str = "",
+    w: int = 8,
+) -> dict[str, Any]:
+    steps = [{"color": c, "value": v} for c, v in (thresholds or [("green", None)])]
+    return {
+        "type": kind,
+        "title": title,
+        "description": description,
+        "datasource": {"type": "prometheus", "uid": "prometheus"},
+        "targets": [dict(t, refId=chr(65 + i)) for i, t in enumerate(targets)],
+        "fieldConfig": {
+            "defaults": {"unit": unit, "thresholds": {"mode": "absolute", "steps": steps}},
+            "overrides": [],
+        },
+        "options": {},
+        "gridPos": {"h": 8, "w": w},
+    }
+
+
+def quantiles(metric: str) -> list[dict[str, Any]]:
+    return [
+        q(f"histogram_quantile({p}, sum by (le) (rate({metric}_bucket{J}{RI})))", f"p{int(p * 100)}")
+        for p in (0.5, 0.99)
+    ]
+
+
+ROWS: list[tuple[str, list[dict[str, Any]]]] = [
+    (
+        "Health",
+        [
+            panel(
+                "Events consumed / s",
+                [q(f"sum by (topic) (rate(shopstream_events_total{OK}{RI}))", "{{topic}}")],
+                "reqps",
+                description="Valid input messages per second, per input topic.",
+            ),
+            panel(
+                "Consumer lag",
+                [q(f"sum by (topic) (shopstream_consumer_lag_messages{J})", "{{topic}}")],
+                "short",
+                thresholds=[("green", None), ("orange", 1000), ("red", 10000)],
+                description="Messages not yet read, summed over partitions and workers.",
+            ),
+            panel(
+                "Dead letters / s",
+                [
+                    q(
+                        f"sum by (outcome) (rate(shopstream_events_total{NOT_OK}{RI}))",
+                        "{{outcome}}",
+                    )
+                ],
+                "reqps",
+                thresholds=[("green", None), ("red", 1)],
+                description="Input messages sent to shop.deadletter, by reason.",
+            ),
+            panel(
+                "Workers ready",
+                [q(f"sum(shopstream_ready{J})", "ready"), q(f"count(shopstream_ready{J})", "workers")],
+                "short",
+                kind="stat",
+                thresholds=[("red", None), ("green", 1)],
+                description="Consuming, tables recovered, model loaded (see /readyz).",
+            ),
+            panel(
+                "Event to recommendation latency",
+                quantiles("shopstream_event_to_output_seconds"),
+                "s",
+                thresholds=[("green", None), ("orange", 1), ("red", 2)],
+                description="Worker clock at publication minus the input's Kafka timestamp.",
+            ),
+            panel(
+                "Restarts, rebalances, recovery",
+                [
+                    q(f"sum(changes(shopstream_worker_start_time_seconds{J}[1h]))", "restarts (1h)"),
+                    q(f"sum(increase(shopstream_rebalances_total{J}[1h]))", "assignments (1h)"),
+                    q(f"max(shopstream_table_recovery_seconds{J})", "last recovery (s)"),
+                ],
+                "short",
+                kind="stat",
+            ),
+            panel(
+                "Table keys",
+                [q(f"sum by (table) (shopstream_table_keys{J})", "{{table}}")],
+                "short",
+                description="Keys on active partitions (RocksDB estimate), all workers.",
+            ),
+            panel(
+                "Users expired / s",
+                [q(f"sum(rate(shopstream_users_expired_total{J}{RI}))", "expired")],
+                "reqps",
+            ),
+            panel(
+                "Cart timers pending",
+                [q(f"sum(shopstream_cart_timers{J})", "timers")],
+                "short",
+            ),
+        ],
+    ),
+    (
+        "Model",
+        [
+            panel(
+                "Inference latency (one call)",
+                quantiles("shopstream_inference_seconds"),
+                "s",
+                thresholds=[("green", None), ("orange", 0.05), ("red", 0.2)],
+            ),
+            panel(
+                "Micro-batch size",
+                [
+                    q(
+                        f"sum(rate(shopstream_inference_batch_size_sum{J}{RI}))"
+                        f" / sum(rate(shopstream_inference_batch_size_count{J}{RI}))",
+                        "mean events per call",
+                    )
+                ],
+                "short",
+            ),
+            panel(
+                "Model version and provider",
+                [q(f"max by (version, provider) (shopstream_model_info{J})", "{{version}} on {{provider}}")],
+                "short",
+                kind="table",
+                description="One row per version and execution provider serving now.",
+            ),
+            panel(
+                "Model loads",
+                [q(f"sum by (outcome) (increase(shopstream_model_reloads_total{J}[1h]))", "{{outcome}}")],
+                "short",
+                kind="stat",
+                description="loaded at start, reloaded (hot swap), failed (refused, old one kept).",
+            ),
+            panel(
+                "Recommendations by source / s",
+                [q(f"sum by (source) (rate(shopstream_recommendations_total{J}{RI}))", "{{source}}")],
+                "reqps",
+                description="model, or baseline (cold users, unknown items, no model).",
+            ),
+        ],
+    ),
+    (
+        "Business",
+        [
+            panel(
+                "Recommendations / s",
+                [q(f"sum(rate(shopstream_recommendations_total{J}{RI}))", "recommendations")],
+                "reqps",
+            ),
+            panel(
+                "Promotions by kind / s",
+                [q(f"sum by (kind) (rate(shopstream_promotions_total{J}{RI}))", "{{kind}}")],
+                "reqps",
+            ),
+            panel(
+                "Holdout share",
+                [
+                    q(
+                        f"sum(increase(shopstream_promotions_total{HOLDOUT}[1h]))"
+                        f" / sum(increase(shopstream_promotions_total{J}[1h]))",
+                        "holdout",
+                    )
+                ],
+                "percentunit",
+                kind="stat",
+                description="Share of promotions logged for the holdout group (SHOPSTREAM_HOLDOUT_PERCENT).",
+            ),
+            panel(
+                "Cart abandonment triggers (1h)",
+                [
+                    q(
+                        f"sum(increase(shopstream_promotions_total{CARTS}[1h]))",
+                        "carts",
+                    )
+                ],
+                "short",
+                kind="stat",
+            ),
+            panel(
+                "Suppressed triggers / s",
+                [q(f"sum by (reason) (rate(shopstream_promotions_suppressed_total{J}{RI}))", "{{reason}}")],
+                "reqps",
+                description="Triggers held back: after an order, frequency cap, quiet hours, duplicate.",
+            ),
+        ],
+    ),
+]
+
+
+def build() -> dict[str, Any]:
+    panels: list[dict[str, Any]] = []
+    y, pid = 0, 1
+    for title, row in ROWS:
+        panels.append(
+            {
+                "type": "row",
+                "title": title,
+                "id": pid,
+                "collapsed": False,
+                "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+                "panels": [],
+            }
+        )
+        pid += 1
+        y += 1
+        x = 0
+        for p in row:
+            if x + p["gridPos"]["w"] > 24:
+                x, y = 0, y + 8
+            p["gridPos"].update(x=x, y=y)
+            p["id"] = pid
+            pid += 1
+            x += p["gridPos"]["w"]
+            panels.append(p)
+        y += 8
+    return {
+        "uid": "shopstream",
+        "title": "shopstream",
+        "tags": ["shopstream", "kafka"],
+        "timezone": "browser",
+        "schemaVersion": 39,
+        "version": 1,
+        "refresh": "30s",
+        "time": {"from": "now-1h", "to": "now"},
+        "templating": {
+            "list": [
+                {
+                    "name": "job",
+                    "label": "job",
+                    "type": "query",
+                    "datasource": {"type": "prometheus", "uid": "prometheus"},
+                    "query": {"query": "label_values(shopstream_events_total, job)", "refId": "job"},
+                    "definition": "label_values(shopstream_events_total, job)",
+                    "includeAll": True,
+                    "multi": True,
+                    "allValue": ".+",
+                    "current": {"text": "All", "value": "$__all"},
+                    "refresh": 2,
+                }
+            ]
+        },
+        "annotations": {"list": []},
+        "panels": panels,
+    }
+
+
+if __name__ == "__main__":
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(build(), indent=2) + "\n")
+    print(f"wrote {OUT}")
