@@ -17,33 +17,18 @@ import time
 from pathlib import Path
 
 import orjson
-from prometheus_client import CollectorRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from streams.baseline import CovisitBaseline  # noqa: E402
-from streams.metrics import Metrics  # noqa: E402
-from streams.pipeline import Message, Pipeline  # noqa: E402
-from streams.promotions import Budget, CartTimers, Policy  # noqa: E402
-from streams.scoring import ModelWatcher  # noqa: E402
+from streams.pipeline import Message, Pipeline, local_pipeline  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 from streams.sources.datasets import load  # noqa: E402
 from streams.state import user_partition  # noqa: E402
 
 
 def build(settings: Settings) -> Pipeline:
-    models = ModelWatcher(settings.model_dir, "cpu", 1)
-    models.load_initial()
-    return Pipeline(
-        settings,
-        {},
-        CovisitBaseline({}, neighbors=settings.covisit_neighbors, window=settings.covisit_window),
-        models,
-        Policy(settings, Budget({}, 1e9)),
-        CartTimers(settings.cart_abandon_after_s),
-        Metrics(CollectorRegistry()),
-    )
+    return local_pipeline(settings, budget_per_partition=1e9)
 
 
 def main() -> None:
@@ -54,7 +39,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--profile", action="store_true", help="cProfile the last batch size, top 15")
     args = ap.parse_args()
-    settings = Settings(model_dir=args.model)
+    settings = Settings(model_dir=args.model, inference_provider="cpu")
     events = list(load(args.dataset, settings.datasets_dir))[: args.limit]
     msgs = [
         Message(user_partition(e["user_id"].encode(), 8), e["user_id"].encode(), orjson.dumps(e), time.time())

@@ -11,7 +11,6 @@ stream never sorts the catalogue in Python.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import warnings
@@ -25,6 +24,7 @@ import torch
 from modeling.model import ServingModel
 from modeling.sequences import Cases
 from modeling.train import load_model
+from streams.scoring import sha256
 from streams.state import N_GAPS
 
 FORMAT_VERSION = 1
@@ -46,14 +46,6 @@ def _strict(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_strict(v) for v in value]
     return value
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def input_names(serving: ServingModel) -> tuple[str, ...]:

@@ -6,9 +6,10 @@ Out: the records to publish (recommendations, promotions), in input order; state
 
 Per event: validate, fold into the user's state (redeliveries are recognised by event id and
 not folded twice), teach the baseline, then - for the whole batch at once - score the users the
-model can serve with one onnxruntime call, filter, and run the promotion policy. A batch is cut
-into segments at a user's second event, so each event sees exactly the state its predecessors
-left: batching changes the speed, never the answers.
+model can serve with one onnxruntime call, filter, and run the promotion policy. A batch runs in
+waves (every user's first event, then every user's second, ...), so each event sees exactly the
+state its own predecessors left: batching changes the speed, not a user's answers. Outputs of
+different users in one batch may come out in another order than their inputs.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import orjson
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from streams import baseline
@@ -29,7 +31,7 @@ from streams.baseline import CovisitBaseline
 from streams.decode import AnyEvent
 from streams.errors import RejectedInput, RejectReason
 from streams.metrics import Metrics
-from streams.promotions import VERSION_RULES, CartTimers, Decision, Policy
+from streams.promotions import VERSION_RULES, Budget, CartTimers, Decision, Policy
 from streams.records import CartEvent, OrderEvent, SearchEvent, event_adapter
 from streams.scoring import ModelWatcher, Prediction
 from streams.settings import Settings
@@ -56,8 +58,8 @@ class _Ctx:
     index: int
     msg: Message
     event: AnyEvent
-    state: UserState
-    seq: list[list[Any]]  # snapshot of the sequence right after this event
+    state: UserState  # after this event; untouched until the wave is answered (one event per user)
+    recent: list[str]  # the user's recent distinct items after this event, newest first
     folded: bool  # False for a redelivered event (state unchanged)
     exclude: set[str]
     use_model: bool
@@ -152,7 +154,7 @@ class Pipeline:
         )
         horizon = ev.event_time.timestamp() - self.s.exclude_bought_s
         exclude = set(state.cart) | {i for i, t in state.bought.items() if t >= horizon} | touched
-        return _Ctx(i, msg, ev, state, list(state.seq), tokens is not None, exclude, use_model)
+        return _Ctx(i, msg, ev, state, recent, tokens is not None, exclude, use_model)
 
     def _flush(self, segment: list[_Ctx], result: Result, wall: float) -> None:
         if not segment:
@@ -162,7 +164,7 @@ class Pipeline:
         scored = [c for c in segment if c.use_model]
         if model is not None and scored:
             started = time.perf_counter()
-            for c, p in zip(scored, model.score([c.seq for c in scored]), strict=True):
+            for c, p in zip(scored, model.score([c.state.seq for c in scored]), strict=True):
                 preds[c.index] = p
             self.metrics.inference_seconds.observe(time.perf_counter() - started)
             self.metrics.batch_size.observe(len(scored))
@@ -181,15 +183,11 @@ class Pipeline:
             if len(ranked) < n:  # a long exclusion list: top up from the baseline
                 have = c.exclude | {i for i, _ in ranked}
                 floor = min((s for _, s in ranked), default=0.0)
-                extra = self.recommender.recommend(
-                    partition, _recent(c.seq, self.s.covisit_window), have, n - len(ranked)
-                )
+                extra = self.recommender.recommend(partition, c.recent, have, n - len(ranked))
                 ranked += [(i, floor - 1.0 - k) for k, (i, _) in enumerate(extra)]
             source, version = "model", model.version
         else:
-            ranked = self.recommender.recommend(
-                partition, _recent(c.seq, self.s.covisit_window), c.exclude, n
-            )
+            ranked = self.recommender.recommend(partition, c.recent, c.exclude, n)
             source, version = "baseline", baseline.VERSION
         rec = {
             "schema_version": 1,
@@ -271,16 +269,6 @@ def _items_of(ev: AnyEvent) -> set[str]:
     return {ev.item_id}
 
 
-def _recent(seq: list[list[Any]], n: int) -> list[str]:
-    out: list[str] = []
-    for tok in reversed(seq):
-        if tok[0] and tok[0] not in out:
-            out.append(tok[0])
-            if len(out) == n:
-                break
-    return out
-
-
 def _diverse(
     ranked: list[tuple[str, float]], category: dict[str, int], cap: int, n: int
 ) -> list[tuple[str, float]]:
@@ -300,3 +288,22 @@ def _diverse(
         if len(out) == n:
             break
     return out
+
+
+def local_pipeline(
+    settings: Settings, budget_per_partition: float, clock: Callable[[], float] = time.time
+) -> Pipeline:
+    """The worker's pipeline on in-memory tables, for offline evaluation, benchmarks and tests:
+    the model from ``settings.model_dir`` (none: baseline only)."""
+    models = ModelWatcher(settings.model_dir, settings.inference_provider, settings.inference_threads)
+    models.load_initial()
+    return Pipeline(
+        settings,
+        {},
+        CovisitBaseline({}, neighbors=settings.covisit_neighbors, window=settings.covisit_window),
+        models,
+        Policy(settings, Budget({}, budget_per_partition)),
+        CartTimers(settings.cart_abandon_after_s),
+        Metrics(CollectorRegistry()),
+        clock=clock,
+    )

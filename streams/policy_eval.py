@@ -31,14 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from prometheus_client import CollectorRegistry
 
-from streams.baseline import CovisitBaseline
 from streams.metrics import Metrics
-from streams.pipeline import Message, Pipeline
-from streams.promotions import Budget, CartTimers, Policy
+from streams.pipeline import Message, local_pipeline
 from streams.records import event_adapter
-from streams.scoring import ModelWatcher
 from streams.settings import Settings
 from streams.state import UserState, user_partition
 
@@ -107,20 +103,9 @@ def replay_policy(
 ) -> tuple[list[dict[str, Any]], Counter[str], int]:
     """Run the pipeline over the events; returns the promotion records, suppressions and the
     number of events the model scored."""
-    models = ModelWatcher(model_dir, settings.inference_provider, settings.inference_threads)
-    models.load_initial()
-    timers = CartTimers(settings.cart_abandon_after_s)
-    metrics = Metrics(CollectorRegistry())
-    pipeline = Pipeline(
-        settings,
-        {},
-        CovisitBaseline({}, neighbors=settings.covisit_neighbors, window=settings.covisit_window),
-        models,
-        Policy(settings, Budget({}, settings.discount_budget_per_day / partitions)),
-        timers,
-        metrics,
-        clock=lambda: 0.0,  # timers follow event time only
-    )
+    settings = settings.model_copy(update={"model_dir": model_dir})
+    pipeline = local_pipeline(settings, settings.discount_budget_per_day / partitions, clock=lambda: 0.0)
+    timers, metrics = pipeline.timers, pipeline.metrics  # the clock: timers follow event time only
     promos: list[dict[str, Any]] = []
     all_parts = set(range(partitions))
     buffer: list[Message] = []

@@ -40,7 +40,8 @@ class ModelError(ShopstreamError):
     """A model artifact that cannot be served (missing, corrupt or made for other conventions)."""
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file (the manifest's checksums; the exporter writes them with this)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -163,7 +164,7 @@ def load_artifact(folder: Path, provider: str = "auto", threads: int = 1) -> Art
     for name, path in (("graph", graph), ("vocab", vocab_path)):
         if not path.is_file():
             raise ModelError(f"{where}: {name} file {path.name} is missing")
-        digest = _sha256(path)
+        digest = sha256(path)
         if digest != manifest.get(f"{name}_sha256"):
             raise ModelError(
                 f"{path}: sha256 {digest[:12]}... does not match the manifest "
@@ -217,7 +218,7 @@ def load_artifact(folder: Path, provider: str = "auto", threads: int = 1) -> Art
         max_len=max_len,
         top_k=top_k,
         with_feats=with_feats,
-        manifest_sha=_sha256(folder / "manifest.json"),
+        manifest_sha=sha256(folder / "manifest.json"),
     )
     warm_up(art)
     return art

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from exporters.onnx_export import export, sha256
+from exporters.onnx_export import export
 from modeling.cli import build_split
 from modeling.evaluate import evaluate
 from modeling.model import PAD, UNK, BehaviourModel, ModelConfig
@@ -27,6 +27,7 @@ from modeling.sequences import (
     time_split,
 )
 from modeling.train import load_model, train
+from streams.scoring import sha256
 from streams.sources import datasets
 from streams.state import FEATURE_BUCKETS, MAX_FEATURES, STATIC_BUCKETS, TokenKind
 

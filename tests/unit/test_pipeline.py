@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from prometheus_client import CollectorRegistry
 
-from streams.baseline import CovisitBaseline
-from streams.metrics import Metrics
-from streams.pipeline import Message, Pipeline
-from streams.promotions import Budget, CartTimers, Policy
-from streams.scoring import ModelError, ModelWatcher, load_artifact
+from streams.pipeline import Message, Pipeline, local_pipeline
+from streams.scoring import ModelError, load_artifact
 from streams.settings import Settings
 from streams.sources.datasets import load
 from streams.state import UserState, user_partition
@@ -23,23 +20,14 @@ ROOT = Path(__file__).resolve().parents[2]
 DEMO_MODEL = ROOT / "deploy" / "demo" / "model"
 
 
-def pipeline(settings: Settings) -> tuple[Pipeline, dict[bytes, bytes]]:
-    users: dict[bytes, bytes] = {}
-    models = ModelWatcher(settings.model_dir, "cpu", 1)
-    models.load_initial()
-    p = Pipeline(
-        settings,
-        users,
-        CovisitBaseline({}, neighbors=50, window=3),
-        models,
-        Policy(settings, Budget({}, 100.0)),
-        CartTimers(settings.cart_abandon_after_s),
-        Metrics(CollectorRegistry()),
-    )
-    return p, users
+def pipeline(settings: Settings) -> tuple[Pipeline, MutableMapping[bytes, bytes]]:
+    p = local_pipeline(settings, budget_per_partition=100.0)
+    return p, p.users
 
 
-def run(settings: Settings, msgs: list[Message], batch: int) -> tuple[dict[str, Any], dict[bytes, bytes]]:
+def run(
+    settings: Settings, msgs: list[Message], batch: int
+) -> tuple[dict[str, Any], MutableMapping[bytes, bytes]]:
     p, users = pipeline(settings)
     outputs: dict[str, Any] = {}
     for i in range(0, len(msgs), batch):
