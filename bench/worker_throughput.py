@@ -103,11 +103,16 @@ async def main() -> None:
     ap.add_argument("--dataset", default="taobao")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--partitions", type=int, default=8)
-    ap.add_argument("--profile", metavar="FILE", help="record the worker with py-spy (speedscope JSON)")
+    ap.add_argument("--model", type=Path, help="exported model folder the worker serves (default: none)")
+    ap.add_argument(
+        "--profile", metavar="FILE", help="record the worker with py-spy (.txt: collapsed stacks, else speedscope)"
+    )
+    ap.add_argument("--profile-s", type=int, default=10, help="seconds to record")
     args = ap.parse_args()
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"shopstream-bench-{uuid.uuid4().hex[:6]}"
-    env = isolated_env(bootstrap, work, SHOPSTREAM_PARTITIONS=str(args.partitions))
+    model = {"SHOPSTREAM_MODEL_DIR": str(args.model), "SHOPSTREAM_INFERENCE_PROVIDER": "cpu"} if args.model else {}
+    env = isolated_env(bootstrap, work, SHOPSTREAM_PARTITIONS=str(args.partitions), **model)
     settings = settings_of(env)
     await ensure_topics(settings)
     events = list(load(args.dataset, settings.datasets_dir))
@@ -138,9 +143,9 @@ async def main() -> None:
             "-r",
             "200",
             "-d",
-            "10",
+            str(args.profile_s),
             "-f",
-            "speedscope",
+            "raw" if args.profile.endswith(".txt") else "speedscope",
             "-o",
             args.profile,
             "-p",

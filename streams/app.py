@@ -34,6 +34,7 @@ from faust.streams import _current_event
 from faust.types import EventT, StreamT
 from prometheus_client import CollectorRegistry, generate_latest
 
+from streams.admin import connect_admin
 from streams.baseline import CovisitBaseline, partition_of_key
 from streams.deadletter import DeadLetters
 from streams.decode import EventDecoder
@@ -128,8 +129,14 @@ def faust_broker_options(settings: Settings) -> dict[str, Any]:
     return opts
 
 
-def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> faust.App:
-    """The worker's faust app with its topics, tables, agents, timer and web pages."""
+def build_app(
+    settings: Settings, registry: CollectorRegistry | None = None, *, direct: bool | None = None
+) -> faust.App:
+    """The worker's faust app with its topics, tables, agents, timer and web pages.
+
+    ``direct`` (default ``settings.direct_input``): the scoring agent reads the input topics
+    itself; only the caller knows whether they have the by-user topic's partition count (see
+    ``inputs_copartitioned``), which faust needs to give a worker the same partitions of both."""
     registry = registry or CollectorRegistry()
     metrics = Metrics(registry)
     app = faust.App(
@@ -183,22 +190,25 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
     recommender = CovisitBaseline(items, neighbors=settings.covisit_neighbors, window=settings.covisit_window)
     deadletters = DeadLetters(app, settings.topic_deadletter, metrics)
 
-    @app.agent(sources, name="route_by_user")
-    async def route_by_user(stream: StreamT) -> None:
-        """Validate each input message and forward it keyed by user id, or dead-letter it."""
-        producer = app.producer
-        target = settings.topic_events_by_user
-        async for event in stream.events():
-            msg = event.message
-            try:
-                ev = decoder.decode(msg.value, input_types.get(msg.topic))
-            except RejectedInput as exc:
-                await deadletters.send(msg, exc)
-                continue
-            await producer.send(
-                target, ev.user_id.encode(), msg.value, None, msg.timestamp, msg.headers or None
-            )
-            metrics.events.labels(msg.topic, "ok").inc()
+    direct = settings.direct_input if direct is None else direct
+    if not direct:
+
+        @app.agent(sources, name="route_by_user")
+        async def route_by_user(stream: StreamT) -> None:
+            """Validate each input message and forward it keyed by user id, or dead-letter it."""
+            producer = app.producer
+            target = settings.topic_events_by_user
+            async for event in stream.events():
+                msg = event.message
+                try:
+                    ev = decoder.decode(msg.value, input_types.get(msg.topic))
+                except RejectedInput as exc:
+                    await deadletters.send(msg, exc)
+                    continue
+                await producer.send(
+                    target, ev.user_id.encode(), msg.value, None, msg.timestamp, msg.headers or None
+                )
+                metrics.events.labels(msg.topic, "ok").inc()
 
     budget = table(ItemTable, "budget", "Discount spend per partition and event-time day.")
     models = ModelWatcher(
@@ -249,14 +259,54 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
             tp.partition for tp in app.assignor.assigned_actives() if tp.topic == by_user.get_topic_name()
         }
 
+    by_user_name = by_user.get_topic_name()
+
+    async def admit(events: list[EventT]) -> tuple[list[Message], list[EventT]]:
+        """The batch's events this worker scores here, with the faust events they came from.
+
+        By-user messages were validated by the router. An input message (direct mode) is
+        validated once here: dead-lettered when invalid, scored here when its user's partition is
+        the one it arrived on (producers keyed by user id with Kafka's default partitioner),
+        otherwise re-keyed through the by-user topic to the worker that owns the user."""
+        batch: list[Message] = []
+        origin: list[EventT] = []
+        ok: dict[str, int] = {}
+        rerouted = 0
+        for e in events:
+            msg = e.message
+            if msg.topic == by_user_name:
+                batch.append(Message(msg.partition, msg.key, msg.value, msg.timestamp))
+                origin.append(e)
+                continue
+            try:
+                ev = decoder.decode(msg.value, input_types.get(msg.topic))
+            except RejectedInput as exc:
+                await deadletters.send(msg, exc)
+                continue
+            ok[msg.topic] = ok.get(msg.topic, 0) + 1
+            key = ev.user_id.encode()
+            if user_partition(key, settings.partitions) == msg.partition:
+                batch.append(Message(msg.partition, key, msg.value, msg.timestamp, ev))
+                origin.append(e)
+            else:
+                await app.producer.send(
+                    by_user_name, key, msg.value, None, msg.timestamp, msg.headers or None
+                )
+                rerouted += 1
+        for topic, n in ok.items():
+            metrics.events.labels(topic, "ok").inc(n)
+        if rerouted:
+            metrics.rerouted.inc(rerouted)
+        return batch, origin
+
     async def handle(events: list[EventT]) -> None:
-        seed({e.message.partition for e in events})
-        batch = [
-            Message(e.message.partition, e.message.key, e.message.value, e.message.timestamp) for e in events
-        ]
+        batch, origin = await admit(events)
+        if not batch:
+            return
+        seed({m.partition for m in batch})
         result = pipeline.process(batch)
         for i, exc in result.failed:
-            await deadletters.send(events[i].message, exc)
+            await deadletters.send(origin[i].message, exc)
         outputs = result.outputs
         if settings.promotions:  # carts that came due in the event time this batch moved past
             outputs += pipeline.due_carts({m.partition for m in batch}, time.time())
@@ -264,7 +314,9 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         for topic, key, value in outputs:
             await send(topic, key, value, None, None, None)
 
-    @app.agent(by_user, name="score_event")
+    scored = app.topic(*input_types, by_user_name, internal=False, **RAW) if direct else by_user
+
+    @app.agent(scored, name="score_event")
     async def score_event(stream: StreamT) -> None:
         """Fold events into user state, score them with the model in micro-batches, publish
         recommendations and promotions."""
@@ -373,6 +425,29 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         return web.json({"ready": ok, **checks}, status=200 if ok else 503)
 
     return app
+
+
+async def inputs_copartitioned(settings: Settings) -> bool:
+    """Whether every input topic has ``settings.partitions`` partitions, so faust assigns a
+    worker the same partitions of the inputs, the by-user topic and the tables (direct mode)."""
+    admin = await connect_admin(settings)
+    try:
+        described = await admin.describe_topics(list(settings.input_topics))
+    finally:
+        await admin.close()
+    counts = {d["topic"]: len(d["partitions"]) for d in described}
+    odd = {t: n for t, n in counts.items() if n != settings.partitions}
+    if odd:
+        log.warning(
+            "input topics %s do not have SHOPSTREAM_PARTITIONS=%d partitions: every event takes the hop "
+            "through %s (direct input off)",
+            odd,
+            settings.partitions,
+            settings.topic_events_by_user,
+        )
+    else:
+        log.info("direct input: events are scored on the partition they arrive on")
+    return not odd
 
 
 def estimate_keys(table: Any) -> int:

@@ -14,7 +14,8 @@ is derived from the same table and kept in memory per partition.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 import orjson
@@ -73,6 +74,7 @@ class CovisitBaseline:
         self.neighbors = neighbors
         self.window = window
         self.popular: dict[int, Popularity] = {}
+        self._batch: dict[bytes, dict[str, Any]] | None = None  # decoded statistics changed in a batch
 
     # --- learning ----------------------------------------------------------------------------
     def observe(self, partition: int, recent: list[str], item: str, kind: int) -> None:
@@ -95,17 +97,43 @@ class CovisitBaseline:
             onb: dict[str, float] = ostats.setdefault("nb", {})
             onb[item] = onb.get(item, 0.0) + w
             self._prune(onb)
-            self.table[okey] = orjson.dumps(ostats)
+            self._put(okey, ostats)
             rank += 1
             if rank == self.window:
                 break
         self._prune(nb)
-        self.table[key] = orjson.dumps(stats)
+        self._put(key, stats)
         self._popularity(partition).add(item, weight)
 
+    def begin(self) -> None:
+        """Hold changed statistics in memory until ``commit``: a key changed by several events
+        of a batch is decoded once and written once."""
+        if self._batch is None:
+            self._batch = {}
+
+    def commit(self, scope: Callable[[int], AbstractContextManager[Any]] | None = None) -> None:
+        """Write the statistics changed since ``begin`` (each inside ``scope(partition)``)."""
+        batch, self._batch = self._batch, None
+        for key, stats in (batch or {}).items():
+            if scope is None:
+                self.table[key] = orjson.dumps(stats)
+            else:
+                with scope(partition_of_key(key)):
+                    self.table[key] = orjson.dumps(stats)
+
     def _get(self, key: bytes) -> dict[str, Any]:
+        if self._batch is not None:
+            held = self._batch.get(key)
+            if held is not None:
+                return held
         raw = self.table.get(key)
         return orjson.loads(raw) if raw else {}
+
+    def _put(self, key: bytes, stats: dict[str, Any]) -> None:
+        if self._batch is not None:
+            self._batch[key] = stats
+        else:
+            self.table[key] = orjson.dumps(stats)
 
     def _prune(self, nb: dict[str, float]) -> None:
         if len(nb) > 2 * self.neighbors:
@@ -137,10 +165,7 @@ class CovisitBaseline:
         """Top ``k`` items for a user whose recent distinct items are ``recent`` (newest first)."""
         scores: dict[str, float] = {}
         for rank, item in enumerate(recent[: self.window]):
-            raw = self.table.get(item_key(partition, item))
-            if not raw:
-                continue
-            nb: dict[str, float] = orjson.loads(raw).get("nb", {})
+            nb: dict[str, float] = self._get(item_key(partition, item)).get("nb", {})
             if not nb:
                 continue
             norm = max(nb.values())

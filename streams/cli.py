@@ -1,6 +1,7 @@
 """The ``shopstream`` command: settings are read here, once, and passed down.
 
 shopstream kafka up|down|status|reset|fetch   a real local Apache Kafka (deploy/kafka)
+shopstream settings                           print the effective settings, secrets masked
 shopstream topics                             create the topics the service uses
 shopstream worker                             run a stream worker (faust)
 shopstream replay DATASET [--speed X]         publish a real data set as contract events
@@ -21,17 +22,25 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from streams.errors import ShopstreamError
 from streams.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 KAFKA_SCRIPT = REPO / "deploy" / "kafka" / "local-kafka.sh"
+log = logging.getLogger("streams.cli")
 
 
 def cmd_kafka(settings: Settings, args: argparse.Namespace) -> int:
     if not KAFKA_SCRIPT.exists():
         raise ShopstreamError(f"{KAFKA_SCRIPT} not found: run from a source checkout (pip install -e .)")
     return subprocess.call(["bash", str(KAFKA_SCRIPT), args.action])
+
+
+def cmd_settings(settings: Settings, args: argparse.Namespace) -> int:
+    print("\n".join(settings.dump_env()))
+    return 0
 
 
 def cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
@@ -46,12 +55,14 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     import faust
 
     from streams.admin import ensure_topics
-    from streams.app import build_app
+    from streams.app import build_app, inputs_copartitioned
 
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    log.info("kafka: %s", settings.kafka_summary())
     loop.run_until_complete(ensure_topics(settings))
-    app = build_app(settings)
+    direct = settings.direct_input and loop.run_until_complete(inputs_copartitioned(settings))
+    app = build_app(settings, direct=direct)
     worker = faust.Worker(app, loglevel=settings.log_level, loop=loop, quiet=True)
     worker.execute_from_commandline()  # exits the process
     return 0  # pragma: no cover
@@ -173,6 +184,9 @@ def parser() -> argparse.ArgumentParser:
     k = sub.add_parser("kafka", help="a local Apache Kafka broker (KRaft)")
     k.add_argument("action", choices=["up", "down", "status", "reset", "fetch"])
     k.set_defaults(func=cmd_kafka)
+    sub.add_parser("settings", help="print the effective settings (secrets masked)").set_defaults(
+        func=cmd_settings
+    )
     sub.add_parser("topics", help="create the topics").set_defaults(func=cmd_topics)
     sub.add_parser("worker", help="run a stream worker").set_defaults(func=cmd_worker)
     r = sub.add_parser("replay", help="publish a real data set as contract events")
@@ -243,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings()
         return int(args.func(settings, args))
+    except ValidationError as exc:  # inputs are hidden: a bad setting must not echo the password
+        for err in exc.errors(include_url=False, include_input=False):
+            where = "_".join(str(x) for x in err["loc"]).upper()
+            name = f"SHOPSTREAM_{where}" if where else "settings"
+            print(f"shopstream: invalid {name}: {err['msg']}", file=sys.stderr)
+        return 2
     except ShopstreamError as exc:
         print(f"shopstream: {exc}", file=sys.stderr)
         return 1

@@ -25,6 +25,12 @@ class Metrics:
             ["topic", "outcome"],
             registry=registry,
         )
+        self.rerouted = Counter(
+            "shopstream_events_rerouted_total",
+            "Input events that arrived on a partition other than their user's and took the hop "
+            "through the by-user topic (direct input mode).",
+            registry=registry,
+        )
         self.duplicates = Counter(
             "shopstream_duplicate_events_total",
             "Events whose event_id was already folded into the user's state (redeliveries).",

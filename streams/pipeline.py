@@ -42,9 +42,10 @@ log = logging.getLogger(__name__)
 
 class Message(NamedTuple):
     partition: int
-    key: bytes
+    key: bytes  # the user id
     value: bytes
     timestamp: float | None  # Kafka timestamp (s) of the input, for the latency metric
+    event: AnyEvent | None = None  # already validated by the caller (else validated here)
 
 
 class Output(NamedTuple):
@@ -95,6 +96,9 @@ class Pipeline:
         self.policy = policy
         self.timers = timers
         self.metrics = metrics
+        # users changed in the running batch, stored once at its end (a user's later events in
+        # the batch start from the state object, not a stored copy)
+        self._dirty: dict[bytes, tuple[int, UserState]] = {}
 
     # --- events ------------------------------------------------------------------------------
     def process(self, batch: list[Message]) -> Result:
@@ -110,28 +114,46 @@ class Pipeline:
                 waves.append([])
             waves[k].append(i)
         wall = self.clock()
-        for wave in waves:
-            ctxs: list[_Ctx] = []
-            for i in wave:
-                msg = batch[i]
-                try:
-                    with self.scope(msg.partition):
-                        ctxs.append(self._fold(i, msg, wall))
-                except RejectedInput as exc:
-                    result.failed.append((i, exc))
-                except Exception as exc:  # one bad event must not stop the partition
-                    log.exception("processing failed at partition %d, batch index %d", msg.partition, i)
-                    result.failed.append((i, RejectedInput(RejectReason.PROCESSING_ERROR, repr(exc))))
-            self._flush(ctxs, result, wall)
+        self.recommender.begin()
+        try:
+            for wave in waves:
+                ctxs: list[_Ctx] = []
+                for i in wave:
+                    msg = batch[i]
+                    try:
+                        with self.scope(msg.partition):
+                            ctxs.append(self._fold(i, msg, wall))
+                    except RejectedInput as exc:
+                        result.failed.append((i, exc))
+                    except Exception as exc:  # one bad event must not stop the partition
+                        log.exception("processing failed at partition %d, batch index %d", msg.partition, i)
+                        result.failed.append((i, RejectedInput(RejectReason.PROCESSING_ERROR, repr(exc))))
+                self._flush(ctxs, result, wall)
+        finally:
+            self._store()
         return result
 
+    def _store(self) -> None:
+        """Write the batch's changed users and baseline statistics, each key once."""
+        dirty, self._dirty = self._dirty, {}
+        for key, (partition, state) in dirty.items():
+            with self.scope(partition):
+                self.users[key] = state.dumps()
+        self.recommender.commit(self.scope)
+
     def _fold(self, i: int, msg: Message, wall: float) -> _Ctx:
-        try:
-            ev = event_adapter.validate_json(msg.value)
-        except ValidationError as exc:
-            raise RejectedInput(RejectReason.SCHEMA, str(exc)) from None
-        raw = self.users.get(msg.key)
-        state = UserState.loads(raw) if raw else UserState()
+        ev = msg.event
+        if ev is None:
+            try:
+                ev = event_adapter.validate_json(msg.value)
+            except ValidationError as exc:
+                raise RejectedInput(RejectReason.SCHEMA, str(exc)) from None
+        pending = self._dirty.get(msg.key)
+        if pending is not None:
+            state = pending[1]
+        else:
+            raw = self.users.get(msg.key)
+            state = UserState.loads(raw) if raw else UserState()
         recent = state.recent_items(self.s.covisit_window)
         tokens = state.apply(ev, int(wall * 1000), self.s.sequence_length)
         if tokens is None:
@@ -215,7 +237,7 @@ class Pipeline:
                 self.emit(decisions, key, result.outputs)
                 if isinstance(c.event, CartEvent):
                     self.timers.track(partition, key, c.state)
-            self.users[key] = c.state.dumps()
+            self._dirty[key] = (partition, c.state)
         if c.msg.timestamp:
             self.metrics.end_to_end.observe(max(0.0, now - c.msg.timestamp))
         self.metrics.event_age.observe(max(0.0, now - c.event.event_time.timestamp()))

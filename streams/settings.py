@@ -7,16 +7,21 @@ receive the ``Settings`` instance they need.
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     """Service settings. Defaults run against the local broker from ``shopstream kafka up``."""
 
-    model_config = SettingsConfigDict(env_prefix="SHOPSTREAM_", frozen=True, extra="ignore")
+    # hide_input_in_errors: a validation error would otherwise echo every value read, the
+    # password included
+    model_config = SettingsConfigDict(
+        env_prefix="SHOPSTREAM_", frozen=True, extra="ignore", hide_input_in_errors=True
+    )
 
     # --- Kafka connection -------------------------------------------------------------------
     kafka_bootstrap_servers: str = Field(
@@ -25,12 +30,34 @@ class Settings(BaseSettings):
         description="Comma-separated host:port list of Kafka brokers.",
     )
     kafka_security_protocol: str = Field(
-        "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
+        "PLAINTEXT",
+        pattern="^(PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)$",
+        description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.",
     )
-    kafka_sasl_mechanism: str | None = Field(None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.")
+    kafka_sasl_mechanism: str | None = Field(
+        None,
+        pattern="^(PLAIN|SCRAM-SHA-256|SCRAM-SHA-512)$",
+        description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (required with SASL_*).",
+    )
     kafka_sasl_username: str | None = Field(None, description="SASL user name.")
     kafka_sasl_password: SecretStr | None = Field(None, description="SASL password (masked in logs).")
-    kafka_ssl_cafile: Path | None = Field(None, description="CA bundle to verify the brokers with.")
+    kafka_ssl_cafile: Path | None = Field(
+        None, description="CA bundle (PEM) to verify the brokers with; unset: the system's CAs."
+    )
+    kafka_ssl_certfile: Path | None = Field(
+        None, description="Client certificate chain (PEM), for brokers that require mutual TLS."
+    )
+    kafka_ssl_keyfile: Path | None = Field(
+        None, description="Private key (PEM) of the client certificate; unset: read from the certfile."
+    )
+    kafka_ssl_key_password: SecretStr | None = Field(
+        None, description="Password of an encrypted private key (masked in logs)."
+    )
+    kafka_ssl_check_hostname: bool = Field(
+        True,
+        description="Check that the broker certificate names the host connected to. The certificate "
+        "is verified against the CA either way.",
+    )
 
     # --- Topics (the event contract) ----------------------------------------------------------
     topic_searches: str = Field("shop.searches", description="Input: search events.")
@@ -73,6 +100,15 @@ class Settings(BaseSettings):
 
     datasets_dir: Path = Field(
         Path("../shared/data"), description="Folder of the real data sets used by replay and training."
+    )
+
+    direct_input: bool = Field(
+        True,
+        description="Score input events on the partition they arrive on, without the hop through the "
+        "by-user topic, when every input topic has SHOPSTREAM_PARTITIONS partitions (checked at start). "
+        "Producers keyed by user id with Kafka's default (murmur2) partitioner get the full benefit; "
+        "an event on another partition is re-keyed through the by-user topic. false: every event takes "
+        "that hop.",
     )
 
     # --- Per-user state -------------------------------------------------------------------
@@ -171,6 +207,49 @@ class Settings(BaseSettings):
         172800.0, gt=0, description="A promotion expires this long after creation."
     )
 
+    @model_validator(mode="after")
+    def _kafka_security_is_complete(self) -> Settings:
+        """A half-configured secure connection fails here, by name, rather than at the broker."""
+        sasl = self.kafka_security_protocol.startswith("SASL_")
+        tls = self.kafka_security_protocol in ("SSL", "SASL_SSL")
+        if sasl and not (self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ValueError(
+                f"SHOPSTREAM_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                "SHOPSTREAM_KAFKA_SASL_MECHANISM, SHOPSTREAM_KAFKA_SASL_USERNAME and "
+                "SHOPSTREAM_KAFKA_SASL_PASSWORD"
+            )
+        if self.kafka_sasl_mechanism and not sasl:
+            raise ValueError(
+                "SHOPSTREAM_KAFKA_SASL_MECHANISM is set but SHOPSTREAM_KAFKA_SECURITY_PROTOCOL="
+                f"{self.kafka_security_protocol}: use SASL_SSL (or SASL_PLAINTEXT)"
+            )
+        tls_files = [self.kafka_ssl_cafile, self.kafka_ssl_certfile, self.kafka_ssl_keyfile]
+        if any(tls_files) and not tls:
+            raise ValueError(
+                "SHOPSTREAM_KAFKA_SSL_* files are set but SHOPSTREAM_KAFKA_SECURITY_PROTOCOL="
+                f"{self.kafka_security_protocol}: use SSL or SASL_SSL"
+            )
+        if self.kafka_ssl_keyfile and not self.kafka_ssl_certfile:
+            raise ValueError("SHOPSTREAM_KAFKA_SSL_KEYFILE needs SHOPSTREAM_KAFKA_SSL_CERTFILE")
+        return self
+
+    def kafka_ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context of every Kafka client (None without TLS): verifies the brokers against
+        ``kafka_ssl_cafile`` and presents the client certificate when one is configured."""
+        if self.kafka_security_protocol not in ("SSL", "SASL_SSL"):
+            return None
+        ctx = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None
+        )
+        ctx.check_hostname = self.kafka_ssl_check_hostname  # verify_mode stays CERT_REQUIRED
+        if self.kafka_ssl_certfile:
+            ctx.load_cert_chain(
+                str(self.kafka_ssl_certfile),
+                str(self.kafka_ssl_keyfile) if self.kafka_ssl_keyfile else None,
+                self.kafka_ssl_key_password.get_secret_value() if self.kafka_ssl_key_password else None,
+            )
+        return ctx
+
     def kafka_client_options(self) -> dict[str, object]:
         """Connection options shared by every aiokafka client the service creates."""
         opts: dict[str, object] = {
@@ -183,13 +262,33 @@ class Settings(BaseSettings):
             opts["sasl_plain_password"] = (
                 self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
             )
-        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
-            from aiokafka.helpers import create_ssl_context
-
-            opts["ssl_context"] = create_ssl_context(
-                cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None
-            )
+        ctx = self.kafka_ssl_context()
+        if ctx is not None:
+            opts["ssl_context"] = ctx
         return opts
+
+    def kafka_summary(self) -> str:
+        """One line on how the service reaches Kafka, for logs: never the password."""
+        parts = [f"{self.kafka_bootstrap_servers} over {self.kafka_security_protocol}"]
+        if self.kafka_sasl_mechanism:
+            parts.append(f"SASL {self.kafka_sasl_mechanism} as {self.kafka_sasl_username!r}")
+        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            parts.append(f"CA {self.kafka_ssl_cafile or 'system'}")
+            if self.kafka_ssl_certfile:
+                parts.append(f"client certificate {self.kafka_ssl_certfile}")
+            if not self.kafka_ssl_check_hostname:
+                parts.append("host name not checked")
+        return ", ".join(parts)
+
+    def dump_env(self) -> list[str]:
+        """The effective settings as ``VARIABLE=value`` lines; secrets show as ``**********``."""
+        lines = []
+        for name, value in self:
+            shown = "" if value is None else value
+            if isinstance(shown, bool):
+                shown = str(shown).lower()
+            lines.append(f"SHOPSTREAM_{name.upper()}={shown}")
+        return lines
 
     @property
     def input_topics(self) -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -171,3 +172,74 @@ async def test_by_user_topic_with_wrong_partition_count_is_refused(
     other = settings.model_copy(update={"partitions": 3})
     with pytest.raises(ConfigurationError, match="partitions"):
         await ensure_topics(other, [settings.topic_events_by_user])
+
+
+def metric(port: int, name: str) -> float:
+    """The value of an unlabelled metric on the worker's /metrics page."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not exported")
+
+
+async def test_events_on_another_partition_than_their_users_are_rekeyed(
+    running: tuple[Settings, WorkerProcess],
+) -> None:
+    """Direct input: events keyed by something else than the user id reach the worker that owns
+    the user through the by-user topic; the others are scored where they arrive."""
+    settings, worker = running
+    before = metric(settings.web_port, "shopstream_events_rerouted_total")
+    sent = [event("view", f"rekey-{i % 5}", f"rk{i}", item_id=f"sku-{i % 7}") for i in range(40)]
+    keys = [f"session-{i}".encode() for i in range(40)]  # producers keyed by session, not user
+    await produce(
+        settings, [(settings.topic_views, k, orjson.dumps(v)) for k, v in zip(keys, sent, strict=True)]
+    )
+    wanted = {v["event_id"] for v in sent}
+    recs = await collect(
+        settings,
+        settings.topic_recommendations,
+        lambda r: wanted <= {x["event_id"] for x in values(r)},
+        worker=worker,
+    )
+    mine = [(r, v) for r, v in zip(recs, values(recs), strict=True) if v["event_id"] in wanted]
+    assert {v["event_id"] for _, v in mine} == wanted
+    for r, v in mine:
+        assert r.key == v["user_id"].encode()
+        assert r.partition == user_partition(r.key, settings.partitions)
+    off = sum(
+        1
+        for k, v in zip(keys, sent, strict=True)
+        if user_partition(k, settings.partitions)
+        != user_partition(v["user_id"].encode(), settings.partitions)
+    )
+    assert 0 < off < len(sent)
+    assert metric(settings.web_port, "shopstream_events_rerouted_total") - before == off
+    # each user's state holds all of its events, whichever path they took
+    for u in {v["user_id"] for v in sent}:
+        with urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/users/{u}/", timeout=10) as resp:
+            state = orjson.loads(resp.read())
+        assert len(state["seq"]) == sum(1 for v in sent if v["user_id"] == u)
+
+
+async def test_inputs_with_another_partition_count_take_the_by_user_hop(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    env = isolated_env(kafka_bootstrap, tmp_path)
+    settings = settings_of(env)
+    await ensure_topics(settings.model_copy(update={"partitions": 3}), list(settings.input_topics))
+    worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    try:
+        events = list(load("rees46-demo", settings.datasets_dir))[:150]
+        await replay(settings, events, progress=False)
+        wanted = {e["event_id"] for e in events}
+        recs = await collect(
+            settings,
+            settings.topic_recommendations,
+            lambda r: wanted <= {x["event_id"] for x in values(r)},
+            worker=worker,
+        )
+        assert wanted <= {x["event_id"] for x in values(recs)}
+        assert "direct input off" in worker.log.read_text()
+    finally:
+        worker.stop()
