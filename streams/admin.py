@@ -9,9 +9,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+from aiokafka.conn import create_conn
+from aiokafka.errors import (
+    AuthenticationFailedError,
+    IllegalSaslStateError,
+    KafkaConnectionError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    TopicAlreadyExistsError,
+    UnsupportedSaslMechanismError,
+)
 
 from streams.errors import BrokerUnavailable, ConfigurationError
 from streams.settings import Settings
@@ -29,8 +39,77 @@ def all_topics(settings: Settings) -> list[str]:
     ]
 
 
+async def refusal(settings: Settings) -> str | None:
+    """Why the first broker refuses this client (TLS or SASL), or None when it accepts it or
+    cannot be reached at all. aiokafka only says "unable to bootstrap"; retrying a wrong password
+    for the whole timeout and then blaming the network would hide the cause."""
+    opts = settings.kafka_client_options()
+    host, _, port = settings.kafka_bootstrap_servers.split(",")[0].strip().rpartition(":")
+    try:
+        conn = await create_conn(
+            host,
+            int(port),
+            request_timeout_ms=10_000,
+            ssl_context=opts.get("ssl_context"),
+            security_protocol=settings.kafka_security_protocol,
+            sasl_mechanism=opts.get("sasl_mechanism"),
+            sasl_plain_username=opts.get("sasl_plain_username"),
+            sasl_plain_password=opts.get("sasl_plain_password"),
+        )
+    except (
+        AuthenticationFailedError,
+        IllegalSaslStateError,
+        SaslAuthenticationFailed,
+        UnsupportedSaslMechanismError,
+    ) as exc:
+        return (
+            f"SASL {settings.kafka_sasl_mechanism} authentication of user {settings.kafka_sasl_username!r} "
+            f"failed: {exc} (check SHOPSTREAM_KAFKA_SASL_MECHANISM, _USERNAME and _PASSWORD)"
+        )
+    except ssl.SSLError as exc:
+        return f"TLS handshake failed: {exc} (check SHOPSTREAM_KAFKA_SSL_* and the broker's certificate)"
+    except KafkaConnectionError:
+        # TLS 1.3: a broker that wants a client certificate alerts after the handshake, which
+        # aiokafka reports as a closed connection
+        ctx = opts.get("ssl_context")
+        alert = await _tls_alert(host, int(port), ctx) if isinstance(ctx, ssl.SSLContext) else None
+        if alert:
+            return (
+                f"TLS refused: {alert} (a broker that requires client certificates needs "
+                "SHOPSTREAM_KAFKA_SSL_CERTFILE and _KEYFILE signed by a CA it trusts)"
+            )
+        return None
+    except (TimeoutError, OSError, KafkaError, ValueError):
+        return None
+    conn.close()
+    return None
+
+
+async def _tls_alert(host: str, port: int, ctx: ssl.SSLContext) -> str | None:
+    """The TLS alert a broker sends right after the handshake, if any (it waits for a request
+    otherwise)."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ctx), 10)
+    except ssl.SSLError as exc:
+        return str(exc)
+    except (TimeoutError, OSError):
+        return None
+    try:
+        await asyncio.wait_for(reader.read(1), 1.0)
+    except ssl.SSLError as exc:
+        return str(exc)
+    except (TimeoutError, OSError):
+        pass
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+    return None
+
+
 async def connect_admin(settings: Settings, timeout_s: float = 30.0) -> AIOKafkaAdminClient:
-    """An admin client, retrying until the cluster answers or ``timeout_s`` passes."""
+    """An admin client, retrying until the cluster answers or ``timeout_s`` passes; a broker
+    that refuses the credentials or the TLS handshake fails at once, with the reason."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
         admin = AIOKafkaAdminClient(**settings.kafka_client_options(), request_timeout_ms=10_000)
@@ -39,6 +118,12 @@ async def connect_admin(settings: Settings, timeout_s: float = 30.0) -> AIOKafka
             return admin
         except KafkaConnectionError as exc:
             await admin.close()
+            if settings.kafka_security_protocol != "PLAINTEXT":
+                reason = await refusal(settings)
+                if reason:
+                    raise ConfigurationError(
+                        f"Kafka at {settings.kafka_bootstrap_servers} refused the connection: {reason}"
+                    ) from None
             if asyncio.get_running_loop().time() > deadline:
                 raise BrokerUnavailable(
                     f"no Kafka broker answered at {settings.kafka_bootstrap_servers} in {timeout_s:.0f}s"

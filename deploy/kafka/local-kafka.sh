@@ -16,6 +16,18 @@
 #   SHOPSTREAM_KAFKA_CONTROLLER_PORT  KRaft controller port                  (default 9093)
 #   SHOPSTREAM_KAFKA_HEAP     JVM heap flags                      (default "-Xms512m -Xmx1g")
 #   SHOPSTREAM_KAFKA_START_TIMEOUT  seconds to wait for readiness            (default 90)
+#
+# A SASL_SSL listener instead of PLAINTEXT (the client port, SCRAM-SHA-512, SCRAM-SHA-256 and PLAIN;
+# the broker talks to itself over it too; the controller port stays PLAINTEXT on 127.0.0.1). The
+# names are the worker's, so one set of exports serves both sides:
+#   SHOPSTREAM_KAFKA_SECURITY_PROTOCOL  PLAINTEXT or SASL_SSL                        (default PLAINTEXT)
+#   SHOPSTREAM_KAFKA_SASL_USERNAME, SHOPSTREAM_KAFKA_SASL_PASSWORD  the one user, created when the
+#                                 storage is formatted (no '"', '\' or newline in either)
+#   SHOPSTREAM_KAFKA_SSL_CAFILE   CA (PEM) the broker trusts: its own chain and client certificates
+#   SHOPSTREAM_KAFKA_BROKER_CERTFILE  the broker's certificate chain (PEM), naming 127.0.0.1
+#   SHOPSTREAM_KAFKA_BROKER_KEYFILE   its private key (PEM, PKCS#8, unencrypted)
+#   SHOPSTREAM_KAFKA_CLIENT_AUTH  none, requested or required: client certificates    (default none)
+# A data folder is formatted for one protocol: use another SHOPSTREAM_KAFKA_DATA to switch.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -28,6 +40,7 @@ heap=${SHOPSTREAM_KAFKA_HEAP:-"-Xms512m -Xmx1g"}
 timeout=${SHOPSTREAM_KAFKA_START_TIMEOUT:-90}
 pidfile=$data/kafka.pid
 logfile=$data/kafka.log
+security=${SHOPSTREAM_KAFKA_SECURITY_PROTOCOL:-PLAINTEXT}
 
 log() { echo "[local-kafka] $*" >&2; }
 
@@ -84,20 +97,71 @@ auto.create.topics.enable=false
 log.retention.hours=168
 log.cleaner.threads=1
 EOF
+  if [ "$security" = SASL_SSL ]; then secure_config; fi
+}
+
+# SASL_SSL: the listener, its TLS material and the JAAS logins replace the PLAINTEXT lines above.
+secure_config() {
+  local user=${SHOPSTREAM_KAFKA_SASL_USERNAME:-} pass=${SHOPSTREAM_KAFKA_SASL_PASSWORD:-}
+  local ca=${SHOPSTREAM_KAFKA_SSL_CAFILE:-} cert=${SHOPSTREAM_KAFKA_BROKER_CERTFILE:-}
+  local key=${SHOPSTREAM_KAFKA_BROKER_KEYFILE:-} auth=${SHOPSTREAM_KAFKA_CLIENT_AUTH:-none}
+  [ -n "$user" ] && [ -n "$pass" ] || { log "SASL_SSL needs SHOPSTREAM_KAFKA_SASL_USERNAME and _PASSWORD"; exit 1; }
+  case "$user$pass" in *'"'*|*'\'*|*$'\n'*) log "the SASL user name and password must not hold '\"', '\\' or a newline"; exit 1 ;; esac
+  for f in "$ca" "$cert" "$key"; do
+    [ -n "$f" ] && [ -f "$f" ] || { log "SASL_SSL needs SHOPSTREAM_KAFKA_SSL_CAFILE, _BROKER_CERTFILE and _BROKER_KEYFILE (files)"; exit 1; }
+  done
+  case "$auth" in none|requested|required) ;; *) log "SHOPSTREAM_KAFKA_CLIENT_AUTH: none, requested or required"; exit 1 ;; esac
+  # a PEM key store is one file, the key then the chain; it and the config hold secrets
+  (umask 077; cat "$key" "$cert" > "$data/broker-keystore.pem")
+  chmod 600 "$data/server.properties"
+  sed -i -e "s|^listeners=.*|listeners=SASL_SSL://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport|" \
+    -e "s|^advertised.listeners=.*|advertised.listeners=SASL_SSL://127.0.0.1:$port|" \
+    -e "s|^inter.broker.listener.name=.*|inter.broker.listener.name=SASL_SSL|" \
+    -e "s|^listener.security.protocol.map=.*|listener.security.protocol.map=CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL|" \
+    "$data/server.properties"
+  # on a SASL listener a bare ssl.client.auth is ignored: only the listener-prefixed one applies
+  cat >> "$data/server.properties" <<EOF
+sasl.enabled.mechanisms=SCRAM-SHA-512,SCRAM-SHA-256,PLAIN
+sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="$user" password="$pass";
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="$user" password="$pass";
+listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required username="$user" password="$pass" user_$user="$pass";
+ssl.keystore.type=PEM
+ssl.keystore.location=$data/broker-keystore.pem
+ssl.truststore.type=PEM
+ssl.truststore.location=$ca
+listener.name.sasl_ssl.ssl.client.auth=$auth
+ssl.endpoint.identification.algorithm=https
+EOF
+}
+
+# --add-scram arguments of the format step (SASL_SSL only): the user, for both SCRAM mechanisms
+scram_args() {
+  if [ "$security" != SASL_SSL ]; then return 0; fi
+  local cred="name=$SHOPSTREAM_KAFKA_SASL_USERNAME,password=\"$SHOPSTREAM_KAFKA_SASL_PASSWORD\""
+  printf '%s\n' --add-scram "SCRAM-SHA-512=[$cred]" --add-scram "SCRAM-SHA-256=[$cred]"
 }
 
 up() {
   if running && port_open "$port"; then log "already running (pid $(cat "$pidfile")) on 127.0.0.1:$port"; return 0; fi
   if port_open "$port"; then log "port $port is taken by another process"; exit 1; fi
+  case "$security" in PLAINTEXT|SASL_SSL) ;; *) log "SHOPSTREAM_KAFKA_SECURITY_PROTOCOL: PLAINTEXT or SASL_SSL"; exit 1 ;; esac
   fetch
   write_config
   if [ ! -f "$data/logs/meta.properties" ]; then
     cluster_id=$(java_run kafka.tools.StorageTool random-uuid 2>/dev/null)
     log "formatting KRaft storage in $data/logs (cluster $cluster_id)"
+    local scram=()
+    mapfile -t scram < <(scram_args)
     if ! java_run kafka.tools.StorageTool format --standalone -t "$cluster_id" \
-        -c "$data/server.properties" >"$data/format.log" 2>&1; then
+        -c "$data/server.properties" "${scram[@]}" >"$data/format.log" 2>&1; then
       tail -n 30 "$data/format.log" >&2; exit 1
     fi
+    if [ "$security" != PLAINTEXT ]; then echo "$security" > "$data/security"; fi
+  fi
+  if [ "$(cat "$data/security" 2>/dev/null || echo PLAINTEXT)" != "$security" ]; then
+    log "$data was formatted for $(cat "$data/security" 2>/dev/null || echo PLAINTEXT), not $security: use another SHOPSTREAM_KAFKA_DATA"
+    exit 1
   fi
   log "starting broker on 127.0.0.1:$port (log: $logfile)"
   local started=$SECONDS
