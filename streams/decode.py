@@ -51,5 +51,7 @@ def _rejection(exc: ValidationError) -> RejectedInput:
     errors = exc.errors(include_url=False, include_input=False)
     if any(e["type"] == "json_invalid" for e in errors):
         return RejectedInput(RejectReason.INVALID_JSON, errors[0]["msg"])
+    if all(e["type"] == "impossible_value" for e in errors):  # the contract's own time bounds
+        return RejectedInput(RejectReason.IMPOSSIBLE_VALUE, errors[0]["msg"])
     detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[:5])
     return RejectedInput(RejectReason.SCHEMA, detail)

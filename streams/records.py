@@ -7,17 +7,28 @@ JSON Schema files in ``streams/schemas/`` for producers in other languages.
 Rules of the contract:
 - Every input carries ``schema_version`` (1), ``type``, ``event_id`` (unique; the idempotency key),
   ``user_id``, optional ``session_id`` and ``event_time`` (RFC 3339 with a zone offset).
-- Validation is strict: ``"3"`` is not a quantity. Unknown extra fields are ignored, so producers
-  may add fields before the contract names them.
+- Validation is strict: ``"3"`` is not a quantity and ``"1714550400"`` is not an event time.
+  Unknown extra fields are ignored, so producers may add fields before the contract names them.
 - Outputs are keyed by ``user_id`` and carry the id of the event that triggered them.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Literal
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    TypeAdapter,
+)
+from pydantic_core import PydanticCustomError
 
 SCHEMA_VERSION = 1
 
@@ -25,16 +36,55 @@ Id = Annotated[str, Field(min_length=1, max_length=128)]
 ItemId = Annotated[str, Field(min_length=1, max_length=128, description="Product id (SKU).")]
 Money = Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]
 Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code.")]
+_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]")
+
+
+def _date_time_text(value: Any) -> Any:
+    """An event time is date-time text (or a datetime): pydantic alone would also read a string of
+    digits as unix seconds or milliseconds, guessing which from its size."""
+    if isinstance(value, datetime) or (isinstance(value, str) and _DATE_TIME.match(value)):
+        return value
+    raise ValueError("expected RFC 3339 date-time text such as 2024-05-01T10:00:00Z")
+
+
+EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(3000, 1, 1, tzinfo=UTC)
+
+
+def _plausible(value: datetime) -> datetime:
+    """No shop event happened before 1970 or after 3000, whatever the deployment's tighter bounds
+    (the decoder's settings); date arithmetic near year 1 or 9999 overflows downstream."""
+    if not EARLIEST <= value < LATEST:
+        raise PydanticCustomError(
+            "impossible_value", "event_time {t} is before 1970 or after 3000", {"t": str(value)}
+        )
+    return value
+
+
+# Lax parsing of what the check above let through (strict mode refuses text once a validator ran).
+EventTime = Annotated[
+    AwareDatetime, BeforeValidator(_date_time_text), Strict(False), AfterValidator(_plausible)
+]
+
+
+def _integer(value: Any) -> Any:
+    """An int literal compares equal to ``true`` and ``1.0``, which pydantic then accepts even in
+    strict mode."""
+    if isinstance(value, bool | float):
+        raise ValueError("expected an integer")
+    return value
+
+
+Version = Annotated[Literal[1], BeforeValidator(_integer)]
 
 
 class _Event(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
-    schema_version: Literal[1] = Field(description="Version of this contract.")
+    schema_version: Version = Field(description="Version of this contract.")
     event_id: Id = Field(description="Unique id of the event; the idempotency key.")
     user_id: Id = Field(description="The shop's id of the user (or a stable anonymous id).")
     session_id: Id | None = Field(None, description="The shop's session id, when known.")
-    event_time: AwareDatetime = Field(description="When it happened, RFC 3339 with offset.")
+    event_time: EventTime = Field(description="When it happened, RFC 3339 with offset.")
 
 
 class SearchEvent(_Event):

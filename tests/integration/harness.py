@@ -10,7 +10,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from streams.admin import ensure_topics
 from streams.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,6 +106,19 @@ class WorkerProcess:
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
+
+
+@contextmanager
+def started_worker(bootstrap: str, workdir: Path, **extra: str) -> Iterator[tuple[Settings, WorkerProcess]]:
+    """A worker on its own freshly created topics, stopped on exit."""
+    env = isolated_env(bootstrap, workdir, **extra)
+    settings = settings_of(env)
+    asyncio.run(ensure_topics(settings))
+    worker = WorkerProcess(env, workdir / "worker.log").start()
+    try:
+        yield settings, worker
+    finally:
+        worker.stop()
 
 
 async def produce(settings: Settings, records: Sequence[tuple[str, bytes | None, bytes | None]]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import urllib.request
 from collections import Counter
@@ -22,7 +21,15 @@ from streams.schemas import SCHEMA_DIR
 from streams.settings import Settings
 from streams.sources.datasets import load
 from streams.state import user_partition
-from tests.integration.harness import WorkerProcess, collect, isolated_env, produce, settings_of, values
+from tests.integration.harness import (
+    WorkerProcess,
+    collect,
+    isolated_env,
+    produce,
+    settings_of,
+    started_worker,
+    values,
+)
 
 pytestmark = pytest.mark.integration
 NOW = "2026-01-02T03:04:05Z"
@@ -36,15 +43,8 @@ def event(etype: str, user: str, eid: str, **fields: Any) -> dict[str, Any]:
 def running(
     kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Settings, WorkerProcess]]:
-    work = tmp_path_factory.mktemp("pipeline")
-    env = isolated_env(kafka_bootstrap, work)
-    settings = settings_of(env)
-    asyncio.run(ensure_topics(settings))
-    worker = WorkerProcess(env, work / "worker.log").start()
-    try:
-        yield settings, worker
-    finally:
-        worker.stop()
+    with started_worker(kafka_bootstrap, tmp_path_factory.mktemp("pipeline")) as running:
+        yield running
 
 
 def same_partition_users(n: int, partitions: int) -> list[str]:
