@@ -105,13 +105,17 @@ async def main() -> None:
     ap.add_argument("--partitions", type=int, default=8)
     ap.add_argument("--model", type=Path, help="exported model folder the worker serves (default: none)")
     ap.add_argument(
-        "--profile", metavar="FILE", help="record the worker with py-spy (.txt: collapsed stacks, else speedscope)"
+        "--profile",
+        metavar="FILE",
+        help="py-spy record with py-spy (.txt: collapsed stacks; else speedscope JSON)",
     )
     ap.add_argument("--profile-s", type=int, default=10, help="seconds to record")
     args = ap.parse_args()
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"shopstream-bench-{uuid.uuid4().hex[:6]}"
-    model = {"SHOPSTREAM_MODEL_DIR": str(args.model), "SHOPSTREAM_INFERENCE_PROVIDER": "cpu"} if args.model else {}
+    model = {}
+    if args.model:
+        model = {"SHOPSTREAM_MODEL_DIR": str(args.model), "SHOPSTREAM_INFERENCE_PROVIDER": "cpu"}
     env = isolated_env(bootstrap, work, SHOPSTREAM_PARTITIONS=str(args.partitions), **model)
     settings = settings_of(env)
     await ensure_topics(settings)
