@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -105,19 +106,21 @@ class Artifact:
         feeds = self._buffers(n, width)
         items, kinds, gaps = feeds["items"], feeds["kinds"], feeds["gaps"]
         feats = feeds.get("feats")
-        for r, seq in enumerate(sequences):
+        index = self.index
+        pad = [0] * MAX_FEATURES
+        for r, seq in enumerate(sequences):  # one row assignment per input, not one per token
             toks = seq[-width:]
+            if not toks:
+                continue
             off = width - len(toks)
-            prev_t = None
-            for c, tok in enumerate(toks, start=off):
-                items[r, c] = self.encode_id(tok[0])
-                kinds[r, c] = tok[1]
-                t = tok[2]
-                gaps[r, c] = FIRST_GAP if prev_t is None else gap_bucket(t - prev_t)
-                prev_t = t
-                if feats is not None and len(tok) > 3 and tok[3]:
-                    f = tok[3][:MAX_FEATURES]
-                    feats[r, c, : len(f)] = f
+            items[r, off:] = [index.get(t[0], UNK) if t[0] else UNK for t in toks]
+            kinds[r, off:] = [t[1] for t in toks]
+            ts = [t[2] for t in toks]
+            gaps[r, off:] = [FIRST_GAP, *(gap_bucket(b - a) for a, b in pairwise(ts))]
+            if feats is not None:
+                feats[r, off:] = [
+                    [*t[3][:MAX_FEATURES], *pad][:MAX_FEATURES] if len(t) > 3 and t[3] else pad for t in toks
+                ]
         top_items, top_scores, propensity = self.session.run(list(OUTPUTS), feeds)
         vocab = self.vocab
         return [
