@@ -56,7 +56,9 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
     from streams.admin import ensure_topics
     from streams.app import build_app, inputs_copartitioned
+    from streams.kafka_backoff import back_off_failed_metadata_refreshes
 
+    back_off_failed_metadata_refreshes()  # no busy loop while the broker is away
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     log.info("kafka: %s", settings.kafka_summary())
