@@ -34,7 +34,7 @@ class EventDecoder:
         try:
             event = event_adapter.validate_json(raw)
         except ValidationError as exc:
-            raise _rejection(exc) from None
+            raise rejection(exc) from None
         if expected_type is not None and event.type != expected_type:
             raise RejectedInput(
                 RejectReason.WRONG_TOPIC, f"a {event.type!r} event on a topic of {expected_type!r} events"
@@ -47,7 +47,7 @@ class EventDecoder:
         return event
 
 
-def _rejection(exc: ValidationError) -> RejectedInput:
+def rejection(exc: ValidationError) -> RejectedInput:
     errors = exc.errors(include_url=False, include_input=False)
     if any(e["type"] == "json_invalid" for e in errors):
         return RejectedInput(RejectReason.INVALID_JSON, errors[0]["msg"])

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from streams import baseline
 from streams.baseline import CovisitBaseline
-from streams.decode import AnyEvent
+from streams.decode import AnyEvent, rejection
 from streams.errors import RejectedInput, RejectReason
 from streams.metrics import Metrics
 from streams.promotions import VERSION_RULES, Budget, CartTimers, Decision, Policy
@@ -146,8 +146,8 @@ class Pipeline:
         if ev is None:
             try:
                 ev = event_adapter.validate_json(msg.value)
-            except ValidationError as exc:
-                raise RejectedInput(RejectReason.SCHEMA, str(exc)) from None
+            except ValidationError as exc:  # the reason without the input's values (personal data)
+                raise rejection(exc) from None
         pending = self._dirty.get(msg.key)
         if pending is not None:
             state = pending[1]
