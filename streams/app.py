@@ -413,6 +413,17 @@ def build_app(
     async def prometheus_metrics(web: Any, request: Any) -> Any:
         return web.bytes(generate_latest(registry), content_type="text/plain; version=0.0.4")
 
+    @app.page("/debug/tasks")
+    async def debug_tasks(web: Any, request: Any) -> Any:
+        """Every asyncio task of the worker with where it waits: what to look at when it stalls."""
+        out = []
+        for task in asyncio.all_tasks():
+            frames = [
+                f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in task.get_stack(limit=12)
+            ]
+            out.append({"task": task.get_name(), "coro": repr(task.get_coro())[:200], "stack": frames})
+        return web.json(out)
+
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
         """The process is alive and its event loop answers."""
