@@ -38,7 +38,7 @@ from streams.pipeline import Message  # noqa: E402
 from streams.replay import replay  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 from streams.sources.datasets import load  # noqa: E402
-from tests.integration.harness import WorkerProcess, isolated_env, settings_of  # noqa: E402
+from tests.integration.harness import WorkerProcess, free_port, isolated_env, settings_of  # noqa: E402
 
 
 async def work_loop(settings: Settings, out_topic: str, n: int, batch: int) -> None:
@@ -82,16 +82,37 @@ def self_cpu() -> float:
 
 
 async def run_worker(
-    settings: Settings, env: dict[str, str], topic: str, n: int, log: Path
+    settings: Settings, env: dict[str, str], topic: str, n: int, log: Path, processes: int = 1
 ) -> tuple[float, float]:
-    proc = WorkerProcess(env, log).start()
-    assert proc.proc is not None
+    """``processes`` workers in one consumer group drain the backlog; CPU is summed over them."""
+    await ensure_topics(settings_of(env))
+    procs = [
+        WorkerProcess(
+            {
+                **env,
+                "SHOPSTREAM_DATA_DIR": f"{env['SHOPSTREAM_DATA_DIR']}-{i}",
+                "SHOPSTREAM_WEB_PORT": str(free_port()),
+            },
+            log.with_suffix(f".{i}.log"),
+        ).start()
+        for i in range(processes)
+    ]
     try:
         first, last, seen = await count_outputs(settings, topic, n, timeout=1800)
-        cpu, _ = proc_stats(proc.proc.pid)
+        cpu = sum(proc_stats(p.proc.pid)[0] for p in procs if p.proc is not None)
     finally:
-        proc.stop()
+        for p in procs:
+            p.stop()
     return (seen - 1) / max(last - first, 1e-9), cpu * 1e6 / max(seen, 1)
+
+
+def variant(env: dict[str, str], work: Path, name: str, **extra: str) -> dict[str, str]:
+    """The worker's env with its own group, state and output topics, on the same input topics."""
+    out = {**env, "SHOPSTREAM_APP_ID": f"{env['SHOPSTREAM_APP_ID']}-{name}", **extra}
+    out["SHOPSTREAM_DATA_DIR"] = str(work / name)
+    for t in ("RECOMMENDATIONS", "PROMOTIONS", "DEADLETTER", "EVENTS_BY_USER"):
+        out[f"SHOPSTREAM_TOPIC_{t}"] = f"{env[f'SHOPSTREAM_TOPIC_{t}']}.{name}"
+    return out
 
 
 async def main() -> None:
@@ -101,6 +122,7 @@ async def main() -> None:
     ap.add_argument("--limit", type=int, default=30000)
     ap.add_argument("--partitions", type=int, default=8)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--processes", type=int, default=2, help="workers in one group for the scaling line")
     args = ap.parse_args()
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"shopstream-ceilings-{uuid.uuid4().hex[:6]}"
@@ -145,21 +167,36 @@ async def main() -> None:
     rates["c"] = await run_typical(settings, typical_env, argv, topic, n, work / "typical.log")
 
     rates["d"] = await run_worker(settings, env, settings.topic_recommendations, n, work / "worker.log")
+    direct = variant(env, work, "direct", SHOPSTREAM_DIRECT_INPUT="true")
+    rates["e"] = await run_worker(
+        settings, direct, direct["SHOPSTREAM_TOPIC_RECOMMENDATIONS"], n, work / "direct.log"
+    )
+    group = variant(env, work, "group")
+    rates["f"] = await run_worker(
+        settings, group, group["SHOPSTREAM_TOPIC_RECOMMENDATIONS"], n, work / "group.log", args.processes
+    )
 
     names = {
         "a": "(a) transport ceiling (aiokafka, no work)",
         "b": f"(b) work ceiling (aiokafka + pipeline, batch {args.batch})",
         "c": "(c) typical faust agent (Table, ONNX batch 1)",
-        "d": f"(d) shopstream worker (batch {args.batch})",
+        "d": f"(d) shopstream worker (batch {args.batch}, default)",
+        "e": "(e) shopstream worker, SHOPSTREAM_DIRECT_INPUT=true",
+        "f": f"(f) {args.processes} shopstream workers in one group",
     }
     for k, (rate, cpu) in rates.items():
         print(
             f"{names[k]:<52}: {rate:8.0f} events/s  {cpu:6.0f} us CPU/event (incl. bench overhead for a, b)"
         )
-    d = rates["d"][0]
+    for k in ("d", "e"):
+        w = rates[k][0]
+        print(
+            f"{k}: worker / work ceiling = {w / rates['b'][0]:.2f} (target >= 0.40); "
+            f"worker / typical faust = {w / rates['c'][0]:.2f} (target >= 2)"
+        )
     print(
-        f"worker / work ceiling = {d / rates['b'][0]:.2f} (target >= 0.40); worker / typical faust = "
-        f"{d / rates['c'][0]:.2f} (target >= 2)"
+        f"f: {args.processes} workers / 1 worker = {rates['f'][0] / rates['d'][0]:.2f} "
+        f"on {os.cpu_count()} cores (the broker and this script share them)"
     )
 
 

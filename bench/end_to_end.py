@@ -1,0 +1,145 @@
+"""End to end: the real worker against the real broker, at max rate and at fixed rates.
+
+A long stream is built from real events: the data set (default the Taobao time slice) repeated
+``--repeat`` times, each copy with fresh event ids and its times shifted past the previous copy, so
+users' histories continue. One worker (fresh topics, the model from ``--model``) then sees:
+  1. max rate: the whole stream published as fast as the producer can; sustained events/s from
+     the first input to the last recommendation;
+  2. fixed rates (``--rates``, default 500, 2000, 5000 events/s), ``--fixed-events`` each, on the
+     state the max-rate phase left: achieved events/s and p50/p95/p99 latency from the input's
+     Kafka timestamp (the producer's send time; event times are rebased to it) to the
+     recommendation's, and whether the worker kept up.
+Per phase also the worker's CPU per event and peak RSS.
+
+    KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092 python bench/end_to_end.py --model artifacts/taobao-slice
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+import uuid
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from model_batching import answers, input_times, publish  # noqa: E402
+from worker_throughput import proc_stats  # noqa: E402
+
+from streams.admin import ensure_topics  # noqa: E402
+from streams.replay import rebase  # noqa: E402
+from streams.sources.datasets import load  # noqa: E402
+from tests.integration.harness import WorkerProcess, isolated_env, settings_of  # noqa: E402
+
+
+def long_stream(events: list[dict[str, Any]], repeat: int) -> list[dict[str, Any]]:
+    """``repeat`` copies of ``events`` back to back in event time, each with fresh event ids."""
+    t = [datetime.fromisoformat(e["event_time"]) for e in events]
+    span = max(t) - min(t) + timedelta(seconds=1)
+    out = []
+    for k in range(repeat):
+        for e, when in zip(events, t, strict=True):
+            out.append(dict(e, event_id=f"r{k}-{e['event_id']}", event_time=(when + k * span).isoformat()))
+    return out
+
+
+async def phase(
+    settings: Any, worker: WorkerProcess, label: str, evs: list[dict[str, Any]], rate: float | None
+) -> dict[str, Any]:
+    assert worker.proc is not None
+    cpu0, _ = proc_stats(worker.proc.pid)
+    evs = [dict(e, event_id=f"{label}-{e['event_id']}") for e in evs]
+    rebase(evs, None, time.time())
+    wanted = {e["event_id"] for e in evs}
+    listener = asyncio.create_task(answers(settings, wanted, timeout=3600))
+    await publish(settings, evs, rate)
+    got = await listener
+    sent = await input_times(settings)
+    lat = np.array([got[e][0] - sent[e] for e in wanted if e in got and e in sent])
+    first_in = min(sent[e] for e in wanted if e in sent)
+    last_in = max(sent[e] for e in wanted if e in sent)
+    last_out = max(t for t, _ in got.values())
+    cpu1, peak = proc_stats(worker.proc.pid)
+    return {
+        "phase": label,
+        "events": len(evs),
+        "answered": len(got),
+        "offered": len(evs) / max(last_in - first_in, 1e-9),
+        "achieved": len(got) / max(last_out - first_in, 1e-9),
+        "p50": float(np.percentile(lat, 50)),
+        "p95": float(np.percentile(lat, 95)),
+        "p99": float(np.percentile(lat, 99)),
+        "cpu_us": (cpu1 - cpu0) * 1e6 / max(len(got), 1),
+        "rss_mib": peak / 2**20,
+    }
+
+
+def fmt_s(x: float) -> str:
+    return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.1f} s"
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", type=Path, required=True, help="exported model folder")
+    ap.add_argument("--dataset", default="taobao")
+    ap.add_argument("--repeat", type=int, default=2, help="copies of the data set in the long stream")
+    ap.add_argument("--rates", default="500,2000,5000", help="events/s of the fixed-rate phases")
+    ap.add_argument("--fixed-events", type=int, default=10000, help="events per fixed-rate phase")
+    ap.add_argument("--partitions", type=int, default=8)
+    ap.add_argument("--direct", action="store_true", help="SHOPSTREAM_DIRECT_INPUT=true")
+    args = ap.parse_args()
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+    work = Path(os.environ.get("TMPDIR", "/tmp")) / f"shopstream-e2e-{uuid.uuid4().hex[:6]}"
+    env = isolated_env(
+        bootstrap,
+        work,
+        SHOPSTREAM_PARTITIONS=str(args.partitions),
+        SHOPSTREAM_MODEL_DIR=str(args.model),
+        SHOPSTREAM_INFERENCE_PROVIDER="cpu",
+        SHOPSTREAM_DIRECT_INPUT=str(args.direct).lower(),
+    )
+    settings = settings_of(env)
+    await ensure_topics(settings)
+    base = list(load(args.dataset, settings.datasets_dir))
+    stream = long_stream(base, args.repeat)
+    print(
+        f"stream: {len(stream)} events ({args.repeat} x {args.dataset}, {len(base)} events), "
+        f"{args.partitions} partitions, model {args.model}, direct input {args.direct}"
+    )
+    print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, broker {bootstrap}")
+    worker = WorkerProcess(env, work / "worker.log").start()
+    rows = []
+    try:
+        t0 = time.time()
+        await publish(settings, [dict(base[0], event_id="warm-up")], None)
+        await answers(settings, {"warm-up"}, timeout=300)
+        print(f"worker ready and warm after {time.time() - t0:.1f}s")
+        rows.append(await phase(settings, worker, "max", stream, None))
+        tail = stream[-args.fixed_events :]
+        for rate in (float(r) for r in args.rates.split(",")):
+            rows.append(await phase(settings, worker, f"{rate:.0f}/s", tail, rate))
+    finally:
+        worker.stop()
+    print()
+    print("| phase | events | offered ev/s | achieved ev/s | p50 | p95 | p99 | CPU us/event | peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['phase']} | {r['answered']}/{r['events']} | {r['offered']:.0f} | {r['achieved']:.0f} | "
+            f"{fmt_s(r['p50'])} | {fmt_s(r['p95'])} | {fmt_s(r['p99'])} | {r['cpu_us']:.0f} | "
+            f"{r['rss_mib']:.0f} MiB |"
+        )
+    print("latency: recommendation's Kafka timestamp minus the input's; at max rate it is time queued behind")
+    print("the backlog. A fixed rate above capacity shows as achieved < offered and growing latency.")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
