@@ -151,13 +151,7 @@ async def ensure_topics(settings: Settings, topics: list[str] | None = None) -> 
             log.info("created topics %s with %d partitions", missing, settings.partitions)
         internal = settings.topic_events_by_user
         if internal in wanted:
-            found = 0
-            for _ in range(50):  # a topic created a moment ago may not show its partitions yet
-                described = await admin.describe_topics([internal])
-                found = len(described[0]["partitions"])
-                if found:
-                    break
-                await asyncio.sleep(0.2)
+            found = (await partition_counts(admin, [internal]))[internal]
             if found != settings.partitions:
                 raise ConfigurationError(
                     f"topic {internal} has {found} partitions but SHOPSTREAM_PARTITIONS="
@@ -167,3 +161,37 @@ async def ensure_topics(settings: Settings, topics: list[str] | None = None) -> 
         return missing
     finally:
         await admin.close()
+
+
+async def partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
+    """Partitions of each topic; a topic created a moment ago may not show them yet, so wait a
+    little for every count to be known."""
+    counts: dict[str, int] = {}
+    for _ in range(50):
+        counts = {d["topic"]: len(d["partitions"]) for d in await admin.describe_topics(topics)}
+        if all(counts.get(t) for t in topics):
+            break
+        await asyncio.sleep(0.2)
+    return {t: counts.get(t, 0) for t in topics}
+
+
+async def inputs_copartitioned(settings: Settings) -> bool:
+    """Whether every input topic has ``settings.partitions`` partitions, so faust assigns a
+    worker the same partitions of the inputs, the by-user topic and the tables (direct input)."""
+    admin = await connect_admin(settings)
+    try:
+        counts = await partition_counts(admin, list(settings.input_topics))
+    finally:
+        await admin.close()
+    odd = {t: n for t, n in counts.items() if n != settings.partitions}
+    if odd:
+        log.warning(
+            "input topics %s do not have SHOPSTREAM_PARTITIONS=%d partitions: every event takes the hop "
+            "through %s (direct input off)",
+            odd,
+            settings.partitions,
+            settings.topic_events_by_user,
+        )
+    else:
+        log.info("direct input: events are scored on the partition they arrive on")
+    return not odd

@@ -34,10 +34,9 @@ from faust.streams import _current_event
 from faust.types import EventT, StreamT
 from prometheus_client import CollectorRegistry, generate_latest
 
-from streams.admin import connect_admin
 from streams.baseline import CovisitBaseline, partition_of_key
 from streams.deadletter import DeadLetters
-from streams.decode import EventDecoder
+from streams.decode import AnyEvent, EventDecoder
 from streams.errors import RejectedInput
 from streams.metrics import Metrics
 from streams.pipeline import Message, Pipeline
@@ -191,24 +190,31 @@ def build_app(
     deadletters = DeadLetters(app, settings.topic_deadletter, metrics)
 
     direct = settings.direct_input if direct is None else direct
+    by_user_name = by_user.get_topic_name()
+
+    async def validated(msg: Any) -> AnyEvent | None:
+        """The input message as a contract event, or None after dead-lettering it."""
+        try:
+            return decoder.decode(msg.value, input_types.get(msg.topic))
+        except RejectedInput as exc:
+            await deadletters.send(msg, exc)
+            return None
+
+    async def forward(msg: Any, key: bytes) -> None:
+        """Re-key a validated input message by user onto the by-user topic."""
+        await app.producer.send(by_user_name, key, msg.value, None, msg.timestamp, msg.headers or None)
+
     if not direct:
 
         @app.agent(sources, name="route_by_user")
         async def route_by_user(stream: StreamT) -> None:
             """Validate each input message and forward it keyed by user id, or dead-letter it."""
-            producer = app.producer
-            target = settings.topic_events_by_user
             async for event in stream.events():
                 msg = event.message
-                try:
-                    ev = decoder.decode(msg.value, input_types.get(msg.topic))
-                except RejectedInput as exc:
-                    await deadletters.send(msg, exc)
-                    continue
-                await producer.send(
-                    target, ev.user_id.encode(), msg.value, None, msg.timestamp, msg.headers or None
-                )
-                metrics.events.labels(msg.topic, "ok").inc()
+                ev = await validated(msg)
+                if ev is not None:
+                    await forward(msg, ev.user_id.encode())
+                    metrics.events.labels(msg.topic, "ok").inc()
 
     budget = table(ItemTable, "budget", "Discount spend per partition and event-time day.")
     models = ModelWatcher(
@@ -228,7 +234,7 @@ def build_app(
         policy,
         timers,
         metrics,
-        scope=PartitionScope(by_user.get_topic_name()),
+        scope=PartitionScope(by_user_name),
     )
     seeded: set[int] = set()  # partitions whose popularity and cart timers were rebuilt from the tables
 
@@ -249,17 +255,13 @@ def build_app(
     async def forget_revoked(sender: Any, revoked: set[Any], **kwargs: Any) -> None:
         """Drop in-memory popularity and cart timers of partitions this worker gives up; if they
         come back they are rebuilt from the tables (which another worker may have changed)."""
-        for p in {tp.partition for tp in revoked if tp.topic == by_user.get_topic_name()}:
+        for p in {tp.partition for tp in revoked if tp.topic == by_user_name}:
             timers.drop(p)
             recommender.popular.pop(p, None)
             seeded.discard(p)
 
     def assigned() -> set[int]:
-        return {
-            tp.partition for tp in app.assignor.assigned_actives() if tp.topic == by_user.get_topic_name()
-        }
-
-    by_user_name = by_user.get_topic_name()
+        return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == by_user_name}
 
     async def admit(events: list[EventT]) -> tuple[list[Message], list[EventT]]:
         """The batch's events this worker scores here, with the faust events they came from.
@@ -278,10 +280,8 @@ def build_app(
                 batch.append(Message(msg.partition, msg.key, msg.value, msg.timestamp))
                 origin.append(e)
                 continue
-            try:
-                ev = decoder.decode(msg.value, input_types.get(msg.topic))
-            except RejectedInput as exc:
-                await deadletters.send(msg, exc)
+            ev = await validated(msg)
+            if ev is None:
                 continue
             ok[msg.topic] = ok.get(msg.topic, 0) + 1
             key = ev.user_id.encode()
@@ -289,9 +289,7 @@ def build_app(
                 batch.append(Message(msg.partition, key, msg.value, msg.timestamp, ev))
                 origin.append(e)
             else:
-                await app.producer.send(
-                    by_user_name, key, msg.value, None, msg.timestamp, msg.headers or None
-                )
+                await forward(msg, key)
                 rerouted += 1
         for topic, n in ok.items():
             metrics.events.labels(topic, "ok").inc(n)
@@ -303,13 +301,14 @@ def build_app(
         batch, origin = await admit(events)
         if not batch:
             return
-        seed({m.partition for m in batch})
+        partitions = {m.partition for m in batch}
+        seed(partitions)
         result = pipeline.process(batch)
         for i, exc in result.failed:
             await deadletters.send(origin[i].message, exc)
         outputs = result.outputs
         if settings.promotions:  # carts that came due in the event time this batch moved past
-            outputs += pipeline.due_carts({m.partition for m in batch}, time.time())
+            outputs += pipeline.due_carts(partitions, time.time())
         send = app.producer.send
         for topic, key, value in outputs:
             await send(topic, key, value, None, None, None)
@@ -436,29 +435,6 @@ def build_app(
         return web.json({"ready": ok, **checks}, status=200 if ok else 503)
 
     return app
-
-
-async def inputs_copartitioned(settings: Settings) -> bool:
-    """Whether every input topic has ``settings.partitions`` partitions, so faust assigns a
-    worker the same partitions of the inputs, the by-user topic and the tables (direct mode)."""
-    admin = await connect_admin(settings)
-    try:
-        described = await admin.describe_topics(list(settings.input_topics))
-    finally:
-        await admin.close()
-    counts = {d["topic"]: len(d["partitions"]) for d in described}
-    odd = {t: n for t, n in counts.items() if n != settings.partitions}
-    if odd:
-        log.warning(
-            "input topics %s do not have SHOPSTREAM_PARTITIONS=%d partitions: every event takes the hop "
-            "through %s (direct input off)",
-            odd,
-            settings.partitions,
-            settings.topic_events_by_user,
-        )
-    else:
-        log.info("direct input: events are scored on the partition they arrive on")
-    return not odd
 
 
 def estimate_keys(table: Any) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import orjson
@@ -111,15 +111,12 @@ class CovisitBaseline:
         if self._batch is None:
             self._batch = {}
 
-    def commit(self, scope: Callable[[int], AbstractContextManager[Any]] | None = None) -> None:
-        """Write the statistics changed since ``begin`` (each inside ``scope(partition)``)."""
+    def commit(self, scope: Callable[[int], AbstractContextManager[Any]] = lambda _p: nullcontext()) -> None:
+        """Write the statistics changed since ``begin``, each inside ``scope(partition)``."""
         batch, self._batch = self._batch, None
         for key, stats in (batch or {}).items():
-            if scope is None:
+            with scope(partition_of_key(key)):
                 self.table[key] = orjson.dumps(stats)
-            else:
-                with scope(partition_of_key(key)):
-                    self.table[key] = orjson.dumps(stats)
 
     def _get(self, key: bytes) -> dict[str, Any]:
         if self._batch is not None:

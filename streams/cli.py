@@ -54,8 +54,8 @@ def cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     import faust
 
-    from streams.admin import ensure_topics
-    from streams.app import build_app, inputs_copartitioned
+    from streams.admin import ensure_topics, inputs_copartitioned
+    from streams.app import build_app
     from streams.kafka_backoff import back_off_failed_metadata_refreshes
 
     back_off_failed_metadata_refreshes()  # no busy loop while the broker is away

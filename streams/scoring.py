@@ -106,14 +106,14 @@ class Artifact:
         feeds = self._buffers(n, width)
         items, kinds, gaps = feeds["items"], feeds["kinds"], feeds["gaps"]
         feats = feeds.get("feats")
-        index = self.index
+        encode = self.encode_id
         pad = [0] * MAX_FEATURES
         for r, seq in enumerate(sequences):  # one row assignment per input, not one per token
             toks = seq[-width:]
             if not toks:
                 continue
             off = width - len(toks)
-            items[r, off:] = [index.get(t[0], UNK) if t[0] else UNK for t in toks]
+            items[r, off:] = [encode(t[0]) for t in toks]
             kinds[r, off:] = [t[1] for t in toks]
             ts = [t[2] for t in toks]
             gaps[r, off:] = [FIRST_GAP, *(gap_bucket(b - a) for a, b in pairwise(ts))]
