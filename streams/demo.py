@@ -72,7 +72,7 @@ async def _replay_and_show(settings: Settings, n: int, worker: subprocess.Popen[
     consumer = AIOKafkaConsumer(**settings.kafka_client_options(), enable_auto_commit=False)
     await consumer.start()
     answered: set[str] = set()
-    recs = dead = shown = 0
+    recs = dead = shown = earlier = 0
     users: set[str] = set()
     sources: Counter[str] = Counter()
     promotions: list[dict[str, object]] = []
@@ -100,7 +100,10 @@ async def _replay_and_show(settings: Settings, n: int, worker: subprocess.Popen[
                         continue
                     rec = orjson.loads(r.value or b"{}")
                     if tp.topic == settings.topic_promotions:
-                        promotions.append(rec)
+                        if str(rec.get("user_id", "")).endswith(f".{run}"):
+                            promotions.append(rec)
+                        else:  # a cart left by an earlier run's user, restored and now due
+                            earlier += 1
                         continue
                     if rec["event_id"] not in wanted:
                         continue  # an earlier run's output
@@ -117,7 +120,8 @@ async def _replay_and_show(settings: Settings, n: int, worker: subprocess.Popen[
     took = (done_at or time.time()) - t0
     kinds = Counter(str(p["kind"]) for p in promotions)
     by_kind = ", ".join(f"{k} {n}" for k, n in kinds.most_common()) or "none"
-    print(f"== promotions ({len(promotions)}: {by_kind})")
+    before = f"; {earlier} more for users of earlier runs whose carts came due" if earlier else ""
+    print(f"== promotions ({len(promotions)}: {by_kind}){before}")
     first_of_kind = {str(p["kind"]): i for i, p in reversed(list(enumerate(promotions)))}
     shown_first = sorted(first_of_kind.values())
     examples = [promotions[i] for i in shown_first] + [
