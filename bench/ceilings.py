@@ -167,10 +167,6 @@ async def main() -> None:
     rates["c"] = await run_typical(settings, typical_env, argv, topic, n, work / "typical.log")
 
     rates["d"] = await run_worker(settings, env, settings.topic_recommendations, n, work / "worker.log")
-    direct = variant(env, work, "direct", SHOPSTREAM_DIRECT_INPUT="true")
-    rates["e"] = await run_worker(
-        settings, direct, direct["SHOPSTREAM_TOPIC_RECOMMENDATIONS"], n, work / "direct.log"
-    )
     group = variant(env, work, "group")
     rates["f"] = await run_worker(
         settings, group, group["SHOPSTREAM_TOPIC_RECOMMENDATIONS"], n, work / "group.log", args.processes
@@ -181,14 +177,13 @@ async def main() -> None:
         "b": f"(b) work ceiling (aiokafka + pipeline, batch {args.batch})",
         "c": "(c) typical faust agent (Table, ONNX batch 1)",
         "d": f"(d) shopstream worker (batch {args.batch}, default)",
-        "e": "(e) shopstream worker, SHOPSTREAM_DIRECT_INPUT=true",
         "f": f"(f) {args.processes} shopstream workers in one group",
     }
     for k, (rate, cpu) in rates.items():
         print(
             f"{names[k]:<52}: {rate:8.0f} events/s  {cpu:6.0f} us CPU/event (incl. bench overhead for a, b)"
         )
-    for k in ("d", "e"):
+    for k in ("d",):
         w = rates[k][0]
         print(
             f"{k}: worker / work ceiling = {w / rates['b'][0]:.2f} (target >= 0.40); "

@@ -94,7 +94,6 @@ async def main() -> None:
     ap.add_argument("--rates", default="500,2000,5000", help="events/s of the fixed-rate phases")
     ap.add_argument("--fixed-events", type=int, default=10000, help="events per fixed-rate phase")
     ap.add_argument("--partitions", type=int, default=8)
-    ap.add_argument("--direct", action="store_true", help="SHOPSTREAM_DIRECT_INPUT=true")
     args = ap.parse_args()
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"shopstream-e2e-{uuid.uuid4().hex[:6]}"
@@ -104,7 +103,6 @@ async def main() -> None:
         SHOPSTREAM_PARTITIONS=str(args.partitions),
         SHOPSTREAM_MODEL_DIR=str(args.model),
         SHOPSTREAM_INFERENCE_PROVIDER="cpu",
-        SHOPSTREAM_DIRECT_INPUT=str(args.direct).lower(),
     )
     settings = settings_of(env)
     await ensure_topics(settings)
@@ -112,7 +110,7 @@ async def main() -> None:
     stream = long_stream(base, args.repeat)
     print(
         f"stream: {len(stream)} events ({args.repeat} x {args.dataset}, {len(base)} events), "
-        f"{args.partitions} partitions, model {args.model}, direct input {args.direct}"
+        f"{args.partitions} partitions, model {args.model}"
     )
     print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, broker {bootstrap}")
     worker = WorkerProcess(env, work / "worker.log").start()

@@ -173,25 +173,3 @@ async def partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> dic
             break
         await asyncio.sleep(0.2)
     return {t: counts.get(t, 0) for t in topics}
-
-
-async def inputs_copartitioned(settings: Settings) -> bool:
-    """Whether every input topic has ``settings.partitions`` partitions, so faust assigns a
-    worker the same partitions of the inputs, the by-user topic and the tables (direct input)."""
-    admin = await connect_admin(settings)
-    try:
-        counts = await partition_counts(admin, list(settings.input_topics))
-    finally:
-        await admin.close()
-    odd = {t: n for t, n in counts.items() if n != settings.partitions}
-    if odd:
-        log.warning(
-            "input topics %s do not have SHOPSTREAM_PARTITIONS=%d partitions: every event takes the hop "
-            "through %s (direct input off)",
-            odd,
-            settings.partitions,
-            settings.topic_events_by_user,
-        )
-    else:
-        log.info("direct input: events are scored on the partition they arrive on")
-    return not odd

@@ -36,29 +36,49 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from streams.baseline import CovisitBaseline, partition_of_key
 from streams.deadletter import DeadLetters
-from streams.decode import AnyEvent, EventDecoder
-from streams.errors import RejectedInput
+from streams.consumer import install as install_consumer
+from streams.decode import EventDecoder
+from streams.delivery import Deliveries, exit_fatally
+from streams.errors import DeliveryFailed, RejectedInput
+from streams.expiry import ExpiryIndex
 from streams.metrics import Metrics
 from streams.pipeline import Message, Pipeline
+from streams.progress import Progress
 from streams.promotions import Budget, CartTimers, Policy
 from streams.scoring import Artifact, ModelWatcher
 from streams.settings import Settings
-from streams.state import UserState, seen_ms_of, user_partition
+from streams.state import UserState, user_partition
 
 log = logging.getLogger(__name__)
 
 RAW = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
 TABLE_RAW = {"key_type": bytes, "value_type": bytes}  # bytes types select the raw codec in tables
+EXPIRY_SLICE = 5000  # users deleted per sweep at most (the rest follow at the next tick)
 
 
-class ItemTable(faust.Table):  # type: ignore[misc]
+class ConfirmedTable(faust.Table):  # type: ignore[misc]
+    """A table whose changelog writes are confirmed with the batch that made them.
+
+    faust sends changelog records from a buffer and reports a failed one only to a callback; the
+    worker collects their futures in ``deliveries`` and awaits them before acking the batch."""
+
+    deliveries: Deliveries | None = None
+
+    def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
+        fut = super().send_changelog(*args, **kwargs)
+        if self.deliveries is not None:
+            self.deliveries.add(fut)
+        return fut
+
+
+class ItemTable(ConfirmedTable):
     """A table whose keys name their partition (``b"<partition>/..."``)."""
 
     def partition_for_key(self, key: Any) -> int:
         return partition_of_key(key)
 
 
-class UserTable(faust.Table):  # type: ignore[misc]
+class UserTable(ConfirmedTable):
     """A table keyed by raw user-id bytes, partitioned exactly like the by-user topic.
 
     Kafka's default partitioner (murmur2 of the key bytes) picks the partition, computed here
@@ -128,14 +148,8 @@ def faust_broker_options(settings: Settings) -> dict[str, Any]:
     return opts
 
 
-def build_app(
-    settings: Settings, registry: CollectorRegistry | None = None, *, direct: bool | None = None
-) -> faust.App:
-    """The worker's faust app with its topics, tables, agents, timer and web pages.
-
-    ``direct`` (default ``settings.direct_input``): the scoring agent reads the input topics
-    itself; only the caller knows whether they have the by-user topic's partition count (see
-    ``inputs_copartitioned``), which faust needs to give a worker the same partitions of both."""
+def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> faust.App:
+    """The worker's faust app with its topics, tables, agents, timers and web pages."""
     registry = registry or CollectorRegistry()
     metrics = Metrics(registry)
     app = faust.App(
@@ -159,6 +173,7 @@ def build_app(
         producer_linger=0.002,
         logging_config=None,
     )
+    install_consumer(app, on_jump=lambda tp, _a, _b: metrics.offset_jumps.labels(tp.topic).inc())
     # faust warns and stalls when more than 100 changelog writes wait to be sent; one event
     # writes up to covisit_window + 2 of them, so give the buffer room for a poll's worth.
     app.producer.buffer.max_messages = 10_000
@@ -187,36 +202,76 @@ def build_app(
     users = table(UserTable, "users", "Per-user state.")
     items = table(ItemTable, "items", "Baseline co-visitation statistics, per partition.")
     recommender = CovisitBaseline(items, neighbors=settings.covisit_neighbors, window=settings.covisit_window)
+    deliveries = Deliveries(settings.delivery_timeout_s)
+    for tbl in (users, items):
+        tbl.deliveries = deliveries
     deadletters = DeadLetters(app, settings.topic_deadletter, metrics)
-
-    direct = settings.direct_input if direct is None else direct
     by_user_name = by_user.get_topic_name()
+    # One batch, timer or sweep at a time touches the tables and the pending deliveries: a cart
+    # timer must not store a state while a batch holds a newer copy of it, and one task's
+    # ``confirm()`` must not take another's futures.
+    work = asyncio.Lock()
 
-    async def validated(msg: Any) -> AnyEvent | None:
-        """The input message as a contract event, or None after dead-lettering it."""
+    async def publish(topic: str, key: bytes, value: bytes) -> None:
+        """Hand an output to the producer; its acknowledgement is awaited with the batch."""
+        deliveries.add(await app.producer.send(topic, key, value, None, None, None))
+
+    async def confirm() -> None:
+        metrics.delivered.inc(await deliveries.confirm())
+
+    async def run_batch(what: str, body: Any, events: list[EventT]) -> None:
+        """Run ``body(events)`` (which publishes and confirms) to its end, whatever happens to
+        the caller.
+
+        No exception leaves an agent: faust would restart it on the same stream, ack the failed
+        batch and strand the events its buffer held (faust-notes trap 7). A batch that fails
+        beyond its per-event dead letters ends the process, unacked. A cancellation (shutdown)
+        waits for the batch to finish, so a batch is never acked half done."""
+        task = asyncio.ensure_future(body(events))
         try:
-            return decoder.decode(msg.value, input_types.get(msg.topic))
-        except RejectedInput as exc:
-            await deadletters.send(msg, exc)
-            return None
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                await asyncio.wait([task])
+            exc = None if task.cancelled() else task.exception()
+            if exc is not None:
+                exit_fatally(what, exc)
+            raise
+        except Exception as exc:
+            exit_fatally(what, exc)
 
-    async def forward(msg: Any, key: bytes) -> None:
-        """Re-key a validated input message by user onto the by-user topic."""
-        await app.producer.send(by_user_name, key, msg.value, None, msg.timestamp, msg.headers or None)
+    routed = Deliveries(settings.delivery_timeout_s)  # the router's own: it runs beside the scorer
 
-    if not direct:
+    async def route(events: list[EventT]) -> None:
+        """Validate input messages and forward them keyed by user id, or dead-letter them."""
+        ok: dict[str, int] = {}
+        for e in events:
+            msg = e.message
+            try:
+                ev = decoder.decode(msg.value, input_types.get(msg.topic))
+            except RejectedInput as exc:
+                routed.add(await deadletters.send(msg, exc))
+                continue
+            key = ev.user_id.encode()
+            routed.add(
+                await app.producer.send(
+                    by_user_name, key, msg.value, None, msg.timestamp, msg.headers or None
+                )
+            )
+            ok[msg.topic] = ok.get(msg.topic, 0) + 1
+        metrics.delivered.inc(await routed.confirm())
+        for topic, n in ok.items():
+            metrics.events.labels(topic, "ok").inc(n)
 
-        @app.agent(sources, name="route_by_user")
-        async def route_by_user(stream: StreamT) -> None:
-            """Validate each input message and forward it keyed by user id, or dead-letter it."""
-            async for event in stream.events():
-                msg = event.message
-                ev = await validated(msg)
-                if ev is not None:
-                    await forward(msg, ev.user_id.encode())
-                    metrics.events.labels(msg.topic, "ok").inc()
+    @app.agent(sources, name="route_by_user")
+    async def route_by_user(stream: StreamT) -> None:
+        """Re-key input by user id in micro-batches; a batch is acked once every forward and dead
+        letter of it is confirmed by the broker."""
+        async for events in stream.take_events(settings.batch_max, within=settings.batch_wait_ms / 1000):
+            await run_batch("routing a batch", route, list(events))
 
     budget = table(ItemTable, "budget", "Discount spend per partition and event-time day.")
+    budget.deliveries = deliveries
     models = ModelWatcher(
         settings.model_dir,
         settings.inference_provider,
@@ -224,139 +279,152 @@ def build_app(
         on_change=lambda art, outcome: _model_changed(metrics, art, outcome),
     )
     models.load_initial()  # a broken artifact stops the worker here, with the reason
-    timers = CartTimers(settings.cart_abandon_after_s)
+    timers = CartTimers(settings.cart_abandon_after_s, settings.event_clock_tolerance_s)
     policy = Policy(settings, Budget(budget, settings.discount_budget_per_day / settings.partitions))
-    pipeline = Pipeline(
-        settings,
-        users,
-        recommender,
-        models,
-        policy,
-        timers,
-        metrics,
-        scope=PartitionScope(by_user_name),
-    )
-    seeded: set[int] = set()  # partitions whose popularity and cart timers were rebuilt from the tables
+    scope = PartitionScope(by_user_name)
+    pipeline = Pipeline(settings, users, recommender, models, policy, timers, metrics, scope=scope)
+    expiry = ExpiryIndex(int(settings.user_ttl_s * 1000))
+    seeded: set[int] = set()  # partitions whose popularity, timers, clocks and expiry were rebuilt
 
     def seed(partitions: set[int]) -> None:
-        """Rebuild in-memory popularity and cart timers of newly assigned partitions (one scan each)."""
+        """Rebuild the in-memory state of newly assigned partitions from the tables (one scan
+        each): popularity, cart timers, event-time clocks and the expiry index."""
         fresh = partitions - seeded
         if not fresh:
             return
         n = recommender.seed_popularity([(k, v) for k, v in items.items() if partition_of_key(k) in fresh])
-        carts = pipeline.seed_timers(
-            [(k, v) for k, v in users.items() if user_partition(k, settings.partitions) in fresh],
-            lambda k: user_partition(k, settings.partitions),
-        )
+        entries: dict[int, list[tuple[bytes, bytes]]] = {p: [] for p in fresh}
+        for k, v in users.items():
+            part = entries.get(user_partition(k, settings.partitions))
+            if part is not None:
+                part.append((k, v))
+        for p, kv in entries.items():
+            pipeline.seed_timers(kv, lambda _k, p=p: p)
+            expiry.seed(p, kv)
         seeded.update(fresh)
-        log.info("partitions %s: popularity of %d items and %d cart timers restored", sorted(fresh), n, carts)
+        log.info(
+            "partitions %s: popularity of %d items, %d cart timers and %d users' expiry restored",
+            sorted(fresh),
+            n,
+            timers.pending(),
+            expiry.pending(),
+        )
+
+    def forget(partitions: set[int]) -> None:
+        for p in partitions:
+            timers.drop(p)
+            expiry.drop(p)
+            recommender.popular.pop(p, None)
+            seeded.discard(p)
 
     @app.on_partitions_revoked.connect
     async def forget_revoked(sender: Any, revoked: set[Any], **kwargs: Any) -> None:
-        """Drop in-memory popularity and cart timers of partitions this worker gives up; if they
-        come back they are rebuilt from the tables (which another worker may have changed)."""
-        for p in {tp.partition for tp in revoked if tp.topic == by_user_name}:
-            timers.drop(p)
-            recommender.popular.pop(p, None)
-            seeded.discard(p)
+        """Drop in-memory popularity, timers, clocks and expiry of partitions this worker gives
+        up; if they come back they are rebuilt from the tables (another worker may have changed
+        them)."""
+        forget({tp.partition for tp in revoked if tp.topic == by_user_name})
 
     def assigned() -> set[int]:
         return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == by_user_name}
 
-    async def admit(events: list[EventT]) -> tuple[list[Message], list[EventT]]:
-        """The batch's events this worker scores here, with the faust events they came from.
+    def idle() -> bool:
+        """No rebalance or table recovery under way: timers may touch the tables."""
+        return not (app.rebalancing or app.tables.recovery.in_recovery)
 
-        By-user messages were validated by the router. An input message (direct mode) is
-        validated once here: dead-lettered when invalid, scored here when its user's partition is
-        the one it arrived on (producers keyed by user id with Kafka's default partitioner),
-        otherwise re-keyed through the by-user topic to the worker that owns the user."""
-        batch: list[Message] = []
-        origin: list[EventT] = []
-        ok: dict[str, int] = {}
-        rerouted = 0
-        for e in events:
-            msg = e.message
-            if msg.topic == by_user_name:
-                batch.append(Message(msg.partition, msg.key, msg.value, msg.timestamp))
-                origin.append(e)
-                continue
-            ev = await validated(msg)
-            if ev is None:
-                continue
-            ok[msg.topic] = ok.get(msg.topic, 0) + 1
-            key = ev.user_id.encode()
-            if user_partition(key, settings.partitions) == msg.partition:
-                batch.append(Message(msg.partition, key, msg.value, msg.timestamp, ev))
-                origin.append(e)
-            else:
-                await forward(msg, key)
-                rerouted += 1
-        for topic, n in ok.items():
-            metrics.events.labels(topic, "ok").inc(n)
-        if rerouted:
-            metrics.rerouted.inc(rerouted)
-        return batch, origin
+    async def fire_due(partitions: set[int]) -> None:
+        """Publish the cart promotions due on ``partitions``; store their states once confirmed."""
+        outputs, changed = pipeline.due(partitions, time.time())
+        for topic, key, value in outputs:
+            await publish(topic, key, value)
+        await confirm()
+        if changed:
+            pipeline.store_due(changed)
+            await confirm()  # their changelog writes
 
     async def handle(events: list[EventT]) -> None:
-        batch, origin = await admit(events)
-        if not batch:
-            return
-        partitions = {m.partition for m in batch}
-        seed(partitions)
-        result = pipeline.process(batch)
-        for i, exc in result.failed:
-            await deadletters.send(origin[i].message, exc)
-        outputs = result.outputs
-        if settings.promotions:  # carts that came due in the event time this batch moved past
-            outputs += pipeline.due_carts(partitions, time.time())
-        send = app.producer.send
-        for topic, key, value in outputs:
-            await send(topic, key, value, None, None, None)
+        """Score a batch of by-user events; publish and confirm every output before returning
+        (faust acks the batch's events, and so may commit their offsets, only after that)."""
+        async with work:
+            batch = [
+                Message(e.message.partition, e.message.key, e.message.value, e.message.timestamp)
+                for e in events
+            ]
+            partitions = {m.partition for m in batch}
+            seed(partitions)
+            result = pipeline.process(batch)
+            for i, exc in result.failed:
+                deliveries.add(await deadletters.send(events[i].message, exc))
+            for topic, key, value in result.outputs:
+                await publish(topic, key, value)
+            now_ms = int(time.time() * 1000)
+            for m in batch:
+                expiry.touch(m.partition, m.key, now_ms)
+            await confirm()
+            if settings.promotions:  # carts that came due in the event time this batch moved past
+                await fire_due(partitions)
 
-    scored = app.topic(*input_types, by_user_name, internal=False, **RAW) if direct else by_user
-
-    @app.agent(scored, name="score_event")
+    @app.agent(by_user, name="score_event")
     async def score_event(stream: StreamT) -> None:
         """Fold events into user state, score them with the model in micro-batches, publish
         recommendations and promotions."""
-        if settings.batch_max <= 1:
-            async for event in stream.events():
-                await handle([event])
-        else:
-            async for events in stream.take_events(settings.batch_max, within=settings.batch_wait_ms / 1000):
-                await handle(list(events))
+        async for events in stream.take_events(settings.batch_max, within=settings.batch_wait_ms / 1000):
+            await run_batch("scoring a batch", handle, list(events))
+
+    def guarded(name: str) -> Any:
+        """A periodic task whose exceptions are logged and counted: a timer that raises would
+        stop the worker (mode's supervisor, faust-notes trap 11). Delivery failures still end
+        the process, unacked, like in a batch."""
+
+        def wrap(fn: Any) -> Any:
+            async def body() -> None:
+                try:
+                    await fn()
+                except DeliveryFailed as exc:
+                    exit_fatally(f"timer {name}", exc)
+                except Exception:
+                    metrics.timer_errors.labels(name).inc()
+                    log.exception("timer %s failed; it runs again at its next tick", name)
+
+            body.__name__ = fn.__name__
+            body.__doc__ = fn.__doc__
+            return body
+
+        return wrap
 
     @app.timer(interval=settings.promotion_tick_s)
+    @guarded("cart_timers")
     async def cart_timers() -> None:
         """Fire cart-abandonment promotions whose event-time timers came due."""
-        if not settings.promotions or app.rebalancing or app.tables.recovery.in_recovery:
+        if not settings.promotions or not idle():
             return
-        mine = assigned()
-        for p in set(timers.heaps) - mine:
-            timers.drop(p)  # revoked: the new owner rebuilds them from the table
-        seed(mine)
-        send = app.producer.send
-        for topic, key, value in pipeline.due_carts(mine, time.time()):
-            await send(topic, key, value, None, None, None)
+        async with work:
+            mine = assigned()
+            forget(set(timers.heaps) - mine)  # revoked: the new owner rebuilds them from the table
+            seed(mine)
+            await fire_due(mine)
         metrics.cart_timers.set(timers.pending())
 
     @app.timer(interval=settings.model_poll_s)
+    @guarded("reload_model")
     async def reload_model() -> None:
         """Swap in a new model version exported into the model folder."""
         await models.poll()
 
     @app.timer(interval=settings.expiry_interval_s)
+    @guarded("expire_idle_users")
     async def expire_idle_users() -> None:
-        """Delete users idle longer than the TTL (worker clock) from this worker's partitions."""
-        cutoff = int((time.time() - settings.user_ttl_s) * 1000)
-        expired = [k for k, v in users.items() if seen_ms_of(v) < cutoff]
-        for i, key in enumerate(expired):
-            del users[key]
-            if i % 500 == 499:
-                await asyncio.sleep(0)
-        if expired:
-            metrics.users_expired.inc(len(expired))
-            log.info("expired %d idle users", len(expired))
+        """Delete users idle longer than the TTL (worker clock) from this worker's partitions:
+        only the users the index says are due, each re-read before it is deleted."""
+        if not idle():
+            return
+        async with work:
+            mine = assigned()
+            seed(mine)
+            n = expiry.sweep(mine, int(time.time() * 1000), users, scope, limit=EXPIRY_SLICE)
+            await confirm()  # the tombstones
+        if n:
+            metrics.users_expired.inc(n)
+            log.info("expired %d idle users", n)
 
     @app.page("/users/{user_id}/")
     @app.table_route(table=users, match_info="user_id")
@@ -365,7 +433,8 @@ def build_app(
         return web.json(UserState.loads(raw).as_json() if raw else None)
 
     # --- health, readiness and the metrics that need the app -----------------------------------
-    health = {"assigned": False, "recovery_started": 0.0}
+    health = {"assigned": False, "recovery_started": 0.0, "stalled_s": 0.0}
+    progress = Progress()
 
     @app.on_partitions_assigned.connect
     async def count_assignment(sender: Any, assigned: set[Any], **kwargs: Any) -> None:
@@ -378,14 +447,17 @@ def build_app(
             "consuming": bool(health["assigned"]) and not app.rebalancing,
             "tables_recovered": not recovering,
             "model_loaded": settings.model_dir is None or models.current is not None,
+            "progressing": float(health["stalled_s"]) < settings.wedged_after_s,
         }
         return all(checks.values()), checks
 
     consumed = {settings.topic_events_by_user, *settings.input_topics}
 
     @app.timer(interval=settings.metrics_interval_s)
+    @guarded("refresh_metrics")
     async def refresh_metrics() -> None:
-        """Gauges that are read rather than counted: lag, table sizes, readiness, recovery time."""
+        """Gauges that are read rather than counted: lag, table sizes, readiness, recovery time,
+        progress."""
         ok, _ = readiness()
         metrics.ready.set(1 if ok else 0)
         recovering = bool(app.tables.recovery.in_recovery)
@@ -407,6 +479,19 @@ def build_app(
                 metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, high - done))
         for name, tbl in (("users", users), ("items", items), ("budget", budget)):
             metrics.table_keys.labels(name).set(estimate_keys(tbl))
+        if app.rebalancing or recovering:
+            progress.reset()
+            health["stalled_s"] = 0.0
+        else:
+            health["stalled_s"] = progress.observe(
+                (
+                    (tp, consumer.highwater(tp), consumer._committed_offset.get(tp))
+                    for tp in app.assignor.assigned_actives()
+                    if tp.topic in consumed
+                ),
+                time.monotonic(),
+            )
+        metrics.progress_stalled.set(float(health["stalled_s"]))
 
     @app.page("/metrics")
     async def prometheus_metrics(web: Any, request: Any) -> Any:
@@ -425,12 +510,17 @@ def build_app(
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
-        """The process is alive and its event loop answers."""
+        """The process is alive: its event loop answers and, when it has input waiting, its
+        committed offsets moved within twice ``wedged_after_s`` (else 503: restart it)."""
+        stalled = float(health["stalled_s"])
+        if stalled >= 2 * settings.wedged_after_s:
+            return web.json({"status": "wedged", "stalled_s": round(stalled)}, status=503)
         return web.json({"status": "ok"})
 
     @app.page("/readyz")
     async def readyz(web: Any, request: Any) -> Any:
-        """200 when consuming, tables recovered and the model (if configured) loaded; else 503."""
+        """200 when consuming, tables recovered, the model (if configured) loaded and committed
+        offsets moving where there is input lag; else 503."""
         ok, checks = readiness()
         return web.json({"ready": ok, **checks}, status=200 if ok else 503)
 

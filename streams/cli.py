@@ -51,10 +51,30 @@ def cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def ensure_data_dir(path: Path) -> Path:
+    """Create the folder of the table stores, parents included (faust creates only the last level,
+    so a fresh clone failed with ``FileNotFoundError: 'var/shopstream'``), or say why not."""
+    if path.exists() and not path.is_dir():
+        raise ShopstreamError(f"SHOPSTREAM_DATA_DIR={path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ShopstreamError(
+            f"cannot create SHOPSTREAM_DATA_DIR={path}: {exc.strerror or exc}"
+            + (f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else "")
+            + "; point it at a folder this user can write"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ShopstreamError(f"SHOPSTREAM_DATA_DIR={path} is not writable by this user")
+    return path
+
+
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    ensure_data_dir(settings.data_dir)  # before anything connects: a bad folder fails fast
+
     import faust
 
-    from streams.admin import ensure_topics, inputs_copartitioned
+    from streams.admin import ensure_topics
     from streams.app import build_app
     from streams.kafka_backoff import back_off_failed_metadata_refreshes
 
@@ -63,8 +83,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     asyncio.set_event_loop(loop)
     log.info("kafka: %s", settings.kafka_summary())
     loop.run_until_complete(ensure_topics(settings))
-    direct = settings.direct_input and loop.run_until_complete(inputs_copartitioned(settings))
-    app = build_app(settings, direct=direct)
+    app = build_app(settings)
     worker = faust.Worker(app, loglevel=settings.log_level, loop=loop, quiet=True)
     worker.execute_from_commandline()  # exits the process
     return 0  # pragma: no cover
@@ -252,6 +271,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def setting_errors(exc: ValidationError) -> list[str]:
+    """One line per invalid setting, naming its variable. pydantic's echo of the input stays off
+    (it may be the password); the checks in ``Settings`` show a value only where it is no secret."""
+    lines = []
+    for err in exc.errors(include_url=False, include_input=False):
+        where = "_".join(str(x) for x in err["loc"]).upper()  # an aliased field: already SHOPSTREAM_...
+        name = where if where.startswith("SHOPSTREAM_") else f"SHOPSTREAM_{where}"
+        msg = err["msg"].removeprefix("Value error, ")  # our checks name the variable themselves
+        lines.append(f"invalid {name}: {msg}" if where and name not in msg else f"invalid setting: {msg}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -259,11 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings()
         return int(args.func(settings, args))
-    except ValidationError as exc:  # inputs are hidden: a bad setting must not echo the password
-        for err in exc.errors(include_url=False, include_input=False):
-            where = "_".join(str(x) for x in err["loc"]).upper()
-            name = f"SHOPSTREAM_{where}" if where else "settings"
-            print(f"shopstream: invalid {name}: {err['msg']}", file=sys.stderr)
+    except ValidationError as exc:
+        for line in setting_errors(exc):
+            print(f"shopstream: {line}", file=sys.stderr)
         return 2
     except ShopstreamError as exc:
         print(f"shopstream: {exc}", file=sys.stderr)

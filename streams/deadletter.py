@@ -56,7 +56,9 @@ class DeadLetters:
         else:
             self._quiet += 1
 
-    async def send(self, msg: Any, exc: RejectedInput) -> None:
+    async def send(self, msg: Any, exc: RejectedInput) -> Any:
+        """Publish the dead letter; returns the producer's future, which the caller confirms
+        before the input is acked."""
         self._log(msg, exc)
         headers = [
             (H_TOPIC, str(msg.topic).encode()),
@@ -73,5 +75,6 @@ class DeadLetters:
         if value is not None and len(value) > room:
             headers.append((H_TRUNCATED, str(len(value)).encode()))
             value = value[: max(0, room - len(H_TRUNCATED) - 20)]
-        await self.app.producer.send(self.topic, key, value, None, None, headers)
+        fut = await self.app.producer.send(self.topic, key, value, None, None, headers)
         self.metrics.events.labels(msg.topic, str(exc.reason)).inc()
+        return fut

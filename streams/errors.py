@@ -3,7 +3,8 @@
 ShopstreamError
  ├── RejectedInput        an input message that breaks the contract: dead-lettered, never fatal
  ├── ConfigurationError   settings or files that cannot work: the process exits with the message
- └── BrokerUnavailable    the Kafka cluster cannot be reached within the timeout
+ ├── BrokerUnavailable    the Kafka cluster cannot be reached within the timeout
+ └── DeliveryFailed       the broker did not acknowledge an output: the worker exits unacked
 """
 
 from __future__ import annotations
@@ -43,3 +44,8 @@ class ConfigurationError(ShopstreamError):
 
 class BrokerUnavailable(ShopstreamError):
     """The Kafka cluster did not answer in time."""
+
+
+class DeliveryFailed(ShopstreamError):
+    """The broker did not acknowledge a record (or not within the deadline): fatal for the worker,
+    which exits without acking the batch so that its input is redelivered."""

@@ -25,12 +25,6 @@ class Metrics:
             ["topic", "outcome"],
             registry=registry,
         )
-        self.rerouted = Counter(
-            "shopstream_events_rerouted_total",
-            "Input events that arrived on a partition other than their user's and took the hop "
-            "through the by-user topic (direct input mode).",
-            registry=registry,
-        )
         self.duplicates = Counter(
             "shopstream_duplicate_events_total",
             "Events whose event_id was already folded into the user's state (redeliveries).",
@@ -85,6 +79,41 @@ class Metrics:
             "shopstream_promotions_suppressed_total",
             "Triggers the policy did not publish, by reason (order, frequency_cap, quiet_hours, duplicate).",
             ["reason"],
+            registry=registry,
+        )
+        self.promotions_resent = Counter(
+            "shopstream_promotions_resent_total",
+            "Promotions sent again, with their ids, because the event that decided them was redelivered.",
+            registry=registry,
+        )
+        self.inference_failures = Counter(
+            "shopstream_inference_failures_total",
+            "Batches the model failed to score at run time (the baseline answered them), by version.",
+            ["model_version"],
+            registry=registry,
+        )
+        self.offset_jumps = Counter(
+            "shopstream_offset_jumps_total",
+            "Fetched records whose offset jumped past unread ones (a stale record after a rebalance): "
+            "never committed past; the records in between are read again.",
+            ["topic"],
+            registry=registry,
+        )
+        self.timer_errors = Counter(
+            "shopstream_timer_errors_total",
+            "Exceptions caught in a periodic task (it runs again at its next tick), by task.",
+            ["timer"],
+            registry=registry,
+        )
+        self.delivered = Counter(
+            "shopstream_records_confirmed_total",
+            "Records (outputs, dead letters, forwards, changelog writes) acknowledged by the broker "
+            "before their input was acked.",
+            registry=registry,
+        )
+        self.progress_stalled = Gauge(
+            "shopstream_progress_stalled_seconds",
+            "Longest time an assigned input partition has had lag while its committed offset did not move.",
             registry=registry,
         )
         self.cart_timers = Gauge(

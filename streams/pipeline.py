@@ -31,7 +31,7 @@ from streams.baseline import CovisitBaseline
 from streams.decode import AnyEvent, rejection
 from streams.errors import RejectedInput, RejectReason
 from streams.metrics import Metrics
-from streams.promotions import VERSION_RULES, Budget, CartTimers, Decision, Policy
+from streams.promotions import DEFERRED, VERSION_RULES, Budget, CartTimers, Decision, Policy
 from streams.records import CartEvent, OrderEvent, SearchEvent, event_adapter
 from streams.scoring import ModelWatcher, Prediction
 from streams.settings import Settings
@@ -54,6 +54,9 @@ class Output(NamedTuple):
     value: bytes
 
 
+Changed = tuple[int, bytes, UserState]  # (partition, user key, state to store)
+
+
 @dataclass
 class _Ctx:
     index: int
@@ -64,6 +67,7 @@ class _Ctx:
     folded: bool  # False for a redelivered event (state unchanged)
     exclude: set[str]
     use_model: bool
+    due: list[Decision]  # timers of this user that came due before this event (in event time)
 
 
 @dataclass
@@ -155,7 +159,8 @@ class Pipeline:
             raw = self.users.get(msg.key)
             state = UserState.loads(raw) if raw else UserState()
         recent = state.recent_items(self.s.covisit_window)
-        tokens = state.apply(ev, int(wall * 1000), self.s.sequence_length)
+        due = self._due_before(state, ev, msg) if ev.event_id not in state.recent_ids else []
+        tokens = state.apply(ev, int(wall * 1000), self.s.sequence_length, window_s=self.s.reorder_window_s)
         if tokens is None:
             self.metrics.duplicates.inc()
         else:
@@ -176,7 +181,32 @@ class Pipeline:
         )
         horizon = ev.event_time.timestamp() - self.s.exclude_bought_s
         exclude = set(state.cart) | {i for i, t in state.bought.items() if t >= horizon} | touched
-        return _Ctx(i, msg, ev, state, recent, tokens is not None, exclude, use_model)
+        return _Ctx(i, msg, ev, state, recent, tokens is not None, exclude, use_model, due)
+
+    def _due_before(self, state: UserState, ev: AnyEvent, msg: Message) -> list[Decision]:
+        """The user's cart (or deferred) timer that came due before this event's time fires
+        first, as it would have live: whether a cart was abandoned depends on the user's own
+        event times, not on how events were batched or when the timer task ran."""
+        if not self.s.promotions:
+            return []
+        t = ev.event_time.timestamp()
+        cart = state.promo.get("cart")
+        at = [d["at"] for d in state.promo.get(DEFERRED, ()) if d["at"] <= t]
+        if cart and state.promo.get("done") != cart[1] and cart[0] + self.s.cart_abandon_after_s <= t:
+            at.append(cart[0] + self.s.cart_abandon_after_s)
+        if not at:
+            return []
+        now = min(at)
+        model = self.models.current
+        version = model.version if model is not None else VERSION_RULES
+        user = ev.user_id
+        decision = self.policy.on_cart_due(state, user, now, msg.partition, version)
+        decisions = [decision] if decision is not None else []
+        decisions += self.policy.on_deferred_due(state, user, t, msg.partition, version)
+        for d in decisions:
+            if d.retry_at is not None:
+                self.timers.schedule(msg.partition, msg.key, d.retry_at)
+        return decisions
 
     def _flush(self, segment: list[_Ctx], result: Result, wall: float) -> None:
         if not segment:
@@ -186,10 +216,15 @@ class Pipeline:
         scored = [c for c in segment if c.use_model]
         if model is not None and scored:
             started = time.perf_counter()
-            for c, p in zip(scored, model.score([c.state.seq for c in scored]), strict=True):
+            predictions = self.models.score_safely(model, [c.state.seq for c in scored])
+            if predictions is None:  # a model that loads but fails on real input: baseline answers
+                self.metrics.inference_failures.labels(model.version).inc()
+                predictions, model = [], None
+            for c, p in zip(scored, predictions, strict=False):
                 preds[c.index] = p
-            self.metrics.inference_seconds.observe(time.perf_counter() - started)
-            self.metrics.batch_size.observe(len(scored))
+            if model is not None:
+                self.metrics.inference_seconds.observe(time.perf_counter() - started)
+                self.metrics.batch_size.observe(len(scored))
         now = self.clock()
         for c in segment:
             with self.scope(c.msg.partition):
@@ -224,6 +259,17 @@ class Pipeline:
         }
         result.outputs.append(Output(self.s.topic_recommendations, key, orjson.dumps(rec)))
         self.metrics.recommendations.labels(source).inc()
+        if not c.folded and self.s.promotions:
+            # A redelivered event: its promotions were decided when it was first folded, but
+            # whether they reached the broker is unknown (its offset was not committed). Send
+            # them again from the outbox, with the same ids.
+            for entry in c.state.promo.get(OUTBOX, ()):
+                if entry["by"] == c.event.event_id:
+                    result.outputs.append(Output(self.s.topic_promotions, key, orjson.dumps(entry["record"])))
+                    self.metrics.promotions_resent.inc()
+        if c.folded and c.due:
+            self.emit(c.due, key, result.outputs)
+            keep_in_outbox(c.state, c.event.event_id, c.due)
         if c.folded:
             if self.s.promotions:
                 decisions = self.policy.on_event(
@@ -235,7 +281,8 @@ class Pipeline:
                     model.version if model is not None and pred else VERSION_RULES,
                 )
                 self.emit(decisions, key, result.outputs)
-                if isinstance(c.event, CartEvent):
+                keep_in_outbox(c.state, c.event.event_id, decisions)
+                if isinstance(c.event, CartEvent) or any(d.retry_at is not None for d in decisions):
                     self.timers.track(partition, key, c.state)
             self._dirty[key] = (partition, c.state)
         if c.msg.timestamp:
@@ -250,10 +297,15 @@ class Pipeline:
             elif d.suppressed:
                 self.metrics.promotions_suppressed.labels(d.suppressed).inc()
 
-    # --- cart timers -------------------------------------------------------------------------
-    def due_carts(self, partitions: set[int], wall: float) -> list[Output]:
-        """Check the cart timers of ``partitions`` against their event-time clocks."""
+    # --- cart timers ----------------------------------------------------------------------------
+    def due(self, partitions: set[int], wall: float) -> tuple[list[Output], list[Changed]]:
+        """Check the cart timers of ``partitions`` against their event-time clocks.
+
+        Returns the promotions to publish and the states they changed. The caller stores the
+        states (``store_due``) only once the promotions are confirmed by the broker: a state that
+        says "cart promoted" before the promotion is out would lose it in a crash."""
         outputs: list[Output] = []
+        changed: list[Changed] = []
         model = self.models.current
         version = model.version if model is not None else VERSION_RULES
         for p in partitions:
@@ -266,21 +318,61 @@ class Pipeline:
                     if not raw:
                         continue  # expired meanwhile
                     state = UserState.loads(raw)
-                    decision = self.policy.on_cart_due(state, key.decode(), now, p, version)
-                    if decision is None:
+                    user = key.decode()
+                    cart = self.policy.on_cart_due(state, user, now, p, version)
+                    decisions = [cart] if cart is not None else []
+                    decisions += self.policy.on_deferred_due(state, user, now, p, version)
+                    if not decisions:
                         continue
-                    if decision.retry_at is not None:
-                        self.timers.schedule(p, key, decision.retry_at)
-                    self.emit([decision], key, outputs)
-                    self.users[key] = state.dumps()
+                    for d in decisions:
+                        if d.retry_at is not None:
+                            self.timers.schedule(p, key, d.retry_at)
+                    self.emit(decisions, key, outputs)
+                    changed.append((p, key, state))
+        return outputs, changed
+
+    def store_due(self, changed: list[Changed]) -> None:
+        for p, key, state in changed:
+            with self.scope(p):
+                self.users[key] = state.dumps()
+
+    def due_carts(self, partitions: set[int], wall: float) -> list[Output]:
+        """``due`` and ``store_due`` at once, for offline replays (nothing to confirm there)."""
+        outputs, changed = self.due(partitions, wall)
+        self.store_due(changed)
         return outputs
 
     def seed_timers(self, entries: list[tuple[bytes, bytes]], partition_of: Any) -> int:
-        """Rebuild cart timers from stored states (after an assignment); returns timers set."""
+        """Rebuild cart timers and partition clocks from stored states (after an assignment);
+        returns timers set. A state says which event time it had reached at which worker time
+        (``last_event_s`` at ``seen_ms``), so a quiet partition's clock runs on after a restart."""
         before = self.timers.pending()
         for key, raw in entries:
-            self.timers.track(partition_of(key), key, UserState.loads(raw))
+            state = UserState.loads(raw)
+            p = partition_of(key)
+            self.timers.track(p, key, state)
+            if state.last_event_s:
+                self.timers.observe(p, float(state.last_event_s), state.seen_ms / 1000)
         return self.timers.pending() - before
+
+
+OUTBOX = "outbox"
+KEEP_OUTBOX = 4  # event-driven promotion records kept per user for re-sending on redelivery
+
+
+def keep_in_outbox(state: UserState, event_id: str, decisions: list[Decision]) -> None:
+    """Remember the promotions an event decided, until that event can no longer be redelivered
+    unnoticed (it left the user's window of recent event ids)."""
+    new = [{"by": event_id, "record": d.record} for d in decisions if d.record is not None]
+    box = state.promo.get(OUTBOX, [])
+    if not new and not box:
+        return
+    recent = set(state.recent_ids)
+    box = [e for e in [*box, *new] if e["by"] in recent][-KEEP_OUTBOX:]
+    if box:
+        state.promo[OUTBOX] = box
+    else:
+        state.promo.pop(OUTBOX, None)
 
 
 def _items_of(ev: AnyEvent) -> set[str]:

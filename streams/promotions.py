@@ -16,8 +16,9 @@ Triggers:
 
 Policy, applied to every trigger in this order: suppression after an order (review recovery
 excepted), frequency cap per user per window, quiet hours in the user's time zone (the UTC offset
-of their events, else ``default_timezone``): a due cart waits for the end of the quiet hours, other
-triggers are dropped. Users in the holdout group (a hash of the id) get the same decision logged
+of their events, else ``default_timezone``): a due cart and a review recovery wait for the end of
+the quiet hours (kept in the user's state, so a restart does not lose them), other triggers are
+dropped. Users in the holdout group (a hash of the id) get the same decision logged
 with ``holdout=true``, not meant to be sent. Offers: a user likely to buy anyway
 (propensity >= ``reminder_propensity``) gets a reminder; otherwise a discount growing with price
 sensitivity, while the day's discount budget lasts. Without a model (propensity unknown) the
@@ -32,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 from collections.abc import MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -51,6 +52,9 @@ NEGATIVE_WORDS = frozenset(
     }
 )
 MARKETING = ("cart_abandonment", "browse_abandonment", "high_intent", "price_sensitivity")
+DEFERRED_KINDS = ("review_recovery",)  # event triggers that wait for the end of quiet hours
+DEFERRED = "deferred"  # promo key: triggers waiting for the end of quiet hours
+KEEP_DEFERRED = 4
 
 
 def promotion_id(user_id: str, kind: str, anchor: str) -> str:
@@ -100,7 +104,7 @@ class Decision:
 
     record: dict[str, Any] | None
     suppressed: str | None = None  # order, frequency_cap, quiet_hours, duplicate
-    retry_at: float | None = None  # cart abandonment deferred by quiet hours
+    retry_at: float | None = None  # cart abandonment or review recovery deferred by quiet hours
 
 
 @dataclass
@@ -174,9 +178,40 @@ class Policy:
                 triggers.append(Trigger("price_sensitivity", eid, t, [event.item_id], why, scores, offer))
         out = []
         for trig in triggers:
-            decision = self._decide(state, event.user_id, trig, model_version)
+            deferrable = trig.kind in DEFERRED_KINDS
+            decision = self._decide(state, event.user_id, trig, model_version, defer=deferrable)
+            if decision.retry_at is not None:
+                deferred = state.promo.setdefault(DEFERRED, [])
+                deferred.append({"at": decision.retry_at, **asdict(trig)})
+                del deferred[:-KEEP_DEFERRED]
             value = (event.unit_price or 0.0) * event.quantity if isinstance(event, CartEvent) else 0.0
             out.append(self._spend(decision, partition, t, value))
+        return out
+
+    def on_deferred_due(
+        self, state: UserState, user: str, now: float, partition: int, model_version: str
+    ) -> list[Decision]:
+        """Triggers held back by quiet hours (review recovery) whose morning came: decide them
+        now, with the same ids they would have had."""
+        waiting = state.promo.get(DEFERRED)
+        if not waiting:
+            return []
+        due = [d for d in waiting if d["at"] <= now]
+        if not due:
+            return []
+        rest = [d for d in waiting if d["at"] > now]
+        out = []
+        for d in due:
+            trig = Trigger(**{k: v for k, v in d.items() if k != "at"})
+            trig.t = now
+            decision = self._decide(state, user, trig, model_version, defer=True)
+            if decision.retry_at is not None:  # quiet again (a clock that jumped): wait again
+                rest.append({**d, "at": decision.retry_at})
+            out.append(decision)
+        if rest:
+            state.promo[DEFERRED] = rest
+        else:
+            state.promo.pop(DEFERRED, None)
         return out
 
     def on_cart_due(
@@ -309,31 +344,43 @@ class CartTimers:
 
     Each partition's clock is the newest event time seen on it, advanced by the wall-clock time
     since that event (so carts come due during quiet traffic as well as during a fast replay).
-    Timers live in memory and are rebuilt from the ``users`` table when a partition is assigned.
+    With ``tolerance_s`` set (the worker), the clock never runs ahead of the wall clock by more
+    than that: one event stamped hours ahead cannot fire every pending cart of its partition.
+    ``tolerance_s=None`` (offline replays of old logs): event time alone drives the clock.
+    Timers and clocks live in memory and are rebuilt from the ``users`` table when a partition is
+    assigned (``Pipeline.seed_timers``).
     """
 
-    def __init__(self, after_s: float) -> None:
+    def __init__(self, after_s: float, tolerance_s: float | None = None) -> None:
         self.after_s = after_s
+        self.tolerance_s = tolerance_s
         self.heaps: dict[int, list[_Due]] = {}
         self.clock: dict[int, tuple[float, float]] = {}  # partition -> (max event time, wall time then)
 
+    def _cap(self, t: float, wall: float) -> float:
+        return t if self.tolerance_s is None else min(t, wall + self.tolerance_s)
+
     def observe(self, partition: int, event_t: float, wall: float) -> None:
+        event_t = self._cap(event_t, wall)
         cur = self.clock.get(partition)
-        if cur is None or event_t > cur[0]:
+        if cur is None or event_t > cur[0] + max(0.0, wall - cur[1]):
             self.clock[partition] = (event_t, wall)
 
     def now(self, partition: int, wall: float) -> float | None:
         cur = self.clock.get(partition)
-        return None if cur is None else cur[0] + max(0.0, wall - cur[1])
+        return None if cur is None else self._cap(cur[0] + max(0.0, wall - cur[1]), wall)
 
     def schedule(self, partition: int, key: bytes, at: float) -> None:
         heapq.heappush(self.heaps.setdefault(partition, []), _Due(at, key))
 
     def track(self, partition: int, key: bytes, state: UserState) -> None:
-        """Set the timer of a user whose cart changed (or seed it from stored state)."""
+        """Set the timers of a user whose cart changed or who has a trigger waiting for the end
+        of quiet hours (or seed them from stored state)."""
         cart = state.promo.get("cart")
         if cart and state.promo.get("done") != cart[1]:
             self.schedule(partition, key, cart[0] + self.after_s)
+        for d in state.promo.get(DEFERRED, ()):
+            self.schedule(partition, key, d["at"])
 
     def due(self, partition: int, now: float) -> list[bytes]:
         heap = self.heaps.get(partition)

@@ -6,9 +6,12 @@ items (ids decoded to shop item ids) with scores, and the calibrated purchase pr
 
 Lifecycle: ``load_artifact`` verifies the manifest (format, sha256 of graph and vocabulary, token
 id conventions) and refuses anything else with a ``ModelError`` that says what is wrong; the
-session is warmed up before it is used. ``ModelWatcher`` polls the folder and, when the manifest
-changes, loads and warms the new version off the event loop and swaps it in between batches; if
-the new one fails, the old one keeps serving.
+session is warmed up and then run on a probe batch shaped like real users' sequences (lengths up
+to and past ``max_len``, unknown items, features, all token kinds) before it is used.
+``ModelWatcher`` polls the folder and, when the manifest changes, loads, warms and probes the new
+version off the event loop and swaps it in between batches; if the new one fails, the old one
+keeps serving. A served model can still fail on some input: ``ModelWatcher.score_safely`` turns
+that into ``None`` (the caller answers from the baseline), counts it and logs it once a minute.
 """
 
 from __future__ import annotations
@@ -27,7 +30,17 @@ from typing import Any
 import numpy as np
 
 from streams.errors import ShopstreamError
-from streams.state import FEATURE_BUCKETS, FIRST_GAP, MAX_FEATURES, N_GAPS, gap_bucket
+from streams.state import (
+    FEATURE_BUCKETS,
+    FIRST_GAP,
+    MAX_FEATURES,
+    N_GAPS,
+    STATIC_BUCKETS,
+    TokenKind,
+    dynamic_feature,
+    gap_bucket,
+    static_feature,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +48,7 @@ FORMAT_VERSION = 1
 UNK = 1
 REQUIRED_INPUTS = ("items", "kinds", "gaps")
 OUTPUTS = ("top_items", "top_scores", "propensity")
+FAILURE_LOG_EVERY_S = 60.0  # a model failing on every batch logs once a minute, not per batch
 
 
 class ModelError(ShopstreamError):
@@ -122,11 +136,34 @@ class Artifact:
                     [*t[3][:MAX_FEATURES], *pad][:MAX_FEATURES] if len(t) > 3 and t[3] else pad for t in toks
                 ]
         top_items, top_scores, propensity = self.session.run(list(OUTPUTS), feeds)
+        self._check_outputs(n, top_items, top_scores, propensity)
         vocab = self.vocab
         return [
             Prediction([vocab[i - 2] for i in top_items[r]], top_scores[r].tolist(), float(propensity[r]))
             for r in range(n)
         ]
+
+    def _check_outputs(self, n: int, items: np.ndarray, scores: np.ndarray, propensity: np.ndarray) -> None:
+        """Refuse outputs that would decode to wrong items or break the records (~25 us a batch):
+        ids outside the vocabulary (``vocab[i - 2]`` would wrap around for PAD and UNK), shapes that
+        disagree, scores or propensities that are not finite."""
+        if (
+            items.ndim != 2
+            or items.shape[0] != n
+            or scores.shape != items.shape
+            or propensity.shape[:1] != (n,)
+        ):
+            raise ModelError(
+                f"model {self.version}: output shapes {items.shape}, {scores.shape}, {propensity.shape} "
+                f"for a batch of {n}"
+            )
+        if items.size and (items.min() < 2 or items.max() >= len(self.vocab) + 2):
+            raise ModelError(
+                f"model {self.version}: item ids {items.min()}..{items.max()} outside the vocabulary "
+                f"(2..{len(self.vocab) + 1})"
+            )
+        if not (np.isfinite(scores).all() and ((propensity >= 0) & (propensity <= 1)).all()):
+            raise ModelError(f"model {self.version}: scores not finite or propensity outside [0, 1]")
 
     def _buffers(self, n: int, width: int) -> dict[str, np.ndarray]:
         """Zeroed input arrays (n, width[, feats]) carved from buffers kept per width."""
@@ -224,6 +261,7 @@ def load_artifact(folder: Path, provider: str = "auto", threads: int = 1) -> Art
         manifest_sha=sha256(folder / "manifest.json"),
     )
     warm_up(art)
+    probe(art)
     return art
 
 
@@ -248,9 +286,63 @@ def warm_up(art: Artifact) -> None:
     """Run the graph on a few shapes so the first real batch does not pay for allocation."""
     tok = [art.vocab[0] if art.vocab else "", 2, 0, []]
     for n, length in ((1, 1), (1, art.max_len), (8, art.max_len)):
-        preds = art.score([[tok] * length] * n)
-        if len(preds) != n or not all(0.0 <= p.propensity <= 1.0 for p in preds):
-            raise ModelError(f"{art.folder}: the graph returned malformed outputs on warm-up")
+        _run_checked(art, [[tok] * length] * n, "warm-up")
+
+
+def probe_batch(art: Artifact) -> list[list[list[Any]]]:
+    """Sequences shaped like ``UserState.seq`` of real users, for ``probe``: lengths from 1 to past
+    ``max_len`` (the scorer keeps the last ``max_len``), every token kind, known items from the
+    whole vocabulary, unknown items and searches without one, no features, too many features and
+    the extreme feature ids, time gaps from 0 to years and out of order. Each sequence ends with a
+    known item, as the sequences the pipeline sends to the model do."""
+    known = (
+        [art.vocab[i] for i in sorted({0, len(art.vocab) // 2, len(art.vocab) - 1})] if art.vocab else [""]
+    )
+    unknown = next(
+        f"probe-unknown-{i}" for i in range(len(art.vocab) + 1) if f"probe-unknown-{i}" not in art.index
+    )
+    items = [*known, unknown, ""]
+    kinds = [int(k) for k in TokenKind]
+    feats = [
+        [],
+        [static_feature("c", "probe"), static_feature("b", "probe"), dynamic_feature("p", "7")],
+        [1, STATIC_BUCKETS - 1, STATIC_BUCKETS, FEATURE_BUCKETS - 1],
+        list(range(1, MAX_FEATURES + 4)),  # more than a token carries: cut to MAX_FEATURES
+    ]
+    gaps = (0, 1, 45, 3600, -600, 86400, 40 * 86400, 10 * 365 * 86400)
+    lengths = sorted(
+        {1, 2, 5, max(1, art.max_len // 2), max(1, art.max_len - 1), art.max_len, art.max_len + 3}
+    )
+    rows = []
+    for r, length in enumerate(lengths):
+        t, seq = 1_700_000_000, []
+        for j in range(length):
+            k = r + j
+            item = known[k % len(known)] if j == length - 1 else items[k % len(items)]
+            kind = int(TokenKind.SEARCH) if item == "" else kinds[k % len(kinds)]
+            t += gaps[k % len(gaps)]
+            seq.append([item, kind, t, feats[k % len(feats)]])
+        rows.append(seq)
+    return rows
+
+
+def probe(art: Artifact) -> None:
+    """Score the probe batch as one batch and each sequence alone (other widths than warm-up's):
+    a graph that loads and warms up can still fail on real input (a shape, an index), and a
+    version that does must not replace one that works. Raises ``ModelError`` with the reason."""
+    rows = probe_batch(art)
+    _run_checked(art, rows, "the probe batch")
+    for seq in rows:
+        _run_checked(art, [seq], f"a probe sequence of {len(seq)} tokens")
+
+
+def _run_checked(art: Artifact, sequences: list[list[list[Any]]], what: str) -> None:
+    try:
+        preds = art.score(sequences)
+    except Exception as exc:  # onnxruntime raises its own types; decoding raises IndexError etc.
+        raise ModelError(f"{art.folder}: model {art.version} fails on {what}: {exc!r}"[:1000]) from None
+    if len(preds) != len(sequences) or not all(p.items and len(p.items) == len(p.scores) for p in preds):
+        raise ModelError(f"{art.folder}: model {art.version} returned malformed outputs on {what}")
 
 
 class ModelWatcher:
@@ -266,13 +358,23 @@ class ModelWatcher:
         provider: str = "auto",
         threads: int = 1,
         on_change: Callable[[Artifact | None, str], None] | None = None,
+        on_failure: Callable[[Artifact, Exception], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``on_change(model, outcome)``: a version loaded, reloaded or failed to load;
+        ``on_failure(model, exc)``: ``score_safely`` caught an inference failure of ``model``
+        (the caller's ``shopstream_inference_failures_total``)."""
         self.folder = folder
         self.provider = provider
         self.threads = threads
         self.current: Artifact | None = None
         self.failed_sha: str | None = None  # manifest digest that last failed (not retried until it changes)
         self.on_change = on_change or (lambda art, outcome: None)
+        self.on_failure = on_failure or (lambda art, exc: None)
+        self.clock = clock
+        self.failures = 0  # inference failures caught by score_safely since start
+        self._failure_logged_at: float | None = None
+        self._failures_unlogged = 0
 
     def load_initial(self) -> None:
         """At startup: a folder with a manifest must hold a valid model (else ``ModelError``);
@@ -314,7 +416,7 @@ class ModelWatcher:
         loop = asyncio.get_running_loop()
         try:
             art = await loop.run_in_executor(None, load_artifact, self.folder, self.provider, self.threads)
-        except ModelError as exc:
+        except Exception as exc:  # ModelError says why; anything else (a file gone mid-read) too
             self.failed_sha = digest
             log.error("model reload refused, still serving %s: %s", self._serving(), exc)
             self.on_change(self.current, "failed")
@@ -329,6 +431,34 @@ class ModelWatcher:
         )
         self.on_change(art, "reloaded")
         return True
+
+    def score_safely(
+        self, model: Artifact, sequences: Sequence[Sequence[Sequence[Any]]]
+    ) -> list[Prediction] | None:
+        """``model.score(sequences)``, or None when it raises (onnxruntime on some input, the
+        decoding of its outputs): the caller answers that batch from the baseline. A failure is
+        counted (``failures``, ``on_failure``) and logged at most once a minute with the model's
+        version and the exception, never the sequences (users' data)."""
+        try:
+            return model.score(sequences)
+        except Exception as exc:
+            self.failures += 1
+            self.on_failure(model, exc)
+            now = self.clock()
+            if self._failure_logged_at is not None and now - self._failure_logged_at < FAILURE_LOG_EVERY_S:
+                self._failures_unlogged += 1
+                return None
+            log.error(
+                "model %s failed on a batch of %d, the baseline answers it (%d more failures since the "
+                "last report, %d in all): %s",
+                model.version,
+                len(sequences),
+                self._failures_unlogged,
+                self.failures,
+                f"{exc!r}"[:500],
+            )
+            self._failure_logged_at, self._failures_unlogged = now, 0
+            return None
 
     def _serving(self) -> str:
         return self.current.version if self.current else "the baseline"

@@ -7,11 +7,35 @@ receive the ``Settings`` instance they need.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import ssl
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TOPIC_FIELDS = (
+    "topic_searches",
+    "topic_views",
+    "topic_carts",
+    "topic_orders",
+    "topic_reviews",
+    "topic_recommendations",
+    "topic_promotions",
+    "topic_deadletter",
+    "topic_events_by_user",
+)
+TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")  # Kafka's own rule (kafka.common.internals.Topic)
+# the longest topic faust derives from the app id: <app_id>-__assignor-__leader (changelogs are shorter)
+APP_ID_MAX = 249 - len("-__assignor-__leader")
+HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::(\d{1,5}))?")
+HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class Settings(BaseSettings):
@@ -20,7 +44,11 @@ class Settings(BaseSettings):
     # hide_input_in_errors: a validation error would otherwise echo every value read, the
     # password included
     model_config = SettingsConfigDict(
-        env_prefix="SHOPSTREAM_", frozen=True, extra="ignore", hide_input_in_errors=True
+        env_prefix="SHOPSTREAM_",
+        frozen=True,
+        extra="ignore",
+        hide_input_in_errors=True,
+        allow_inf_nan=False,  # "inf" passes a lower bound, then breaks timestamps and arithmetic
     )
 
     # --- Kafka connection -------------------------------------------------------------------
@@ -80,13 +108,21 @@ class Settings(BaseSettings):
     # --- Worker ------------------------------------------------------------------------------
     app_id: str = Field("shopstream", description="Consumer group id and prefix of changelog topics.")
     data_dir: Path = Field(Path("var/shopstream"), description="Folder of the persistent table stores.")
-    store: str = Field("rocksdb://", description="Table store URL: rocksdb:// (persistent) or memory://.")
+    store: Literal["rocksdb://", "memory://"] = Field(
+        "rocksdb://", description="Table store URL: rocksdb:// (persistent) or memory://."
+    )
     standby_replicas: int = Field(1, ge=0, description="Standby table replicas kept by other workers.")
     web_host: str = Field("127.0.0.1", description="Bind address of the worker's HTTP server.")
     web_port: int = Field(6066, ge=0, le=65535, description="Port of the worker's HTTP server.")
     log_level: str = Field("info", description="Worker log level (debug, info, warning, error).")
     metrics_interval_s: float = Field(
         5.0, gt=0, description="How often lag, table-size and readiness gauges are refreshed."
+    )
+    wedged_after_s: float = Field(
+        120.0,
+        gt=0,
+        description="The worker reports not ready when a partition has input lag and its committed "
+        "offset has not moved for this long.",
     )
     max_message_bytes: int = Field(
         65536, ge=256, description="Input messages larger than this are dead-lettered as oversized."
@@ -95,20 +131,19 @@ class Settings(BaseSettings):
         86400.0, ge=0, description="Events stamped further than this in the future are rejected."
     )
     min_event_time: str = Field(
-        "2000-01-01T00:00:00Z", description="Events stamped before this instant are rejected."
+        "2000-01-01T00:00:00Z",
+        description="Events stamped before this instant (RFC 3339, with Z or an offset) are rejected.",
     )
 
     datasets_dir: Path = Field(
         Path("../shared/data"), description="Folder of the real data sets used by replay and training."
     )
 
-    direct_input: bool = Field(
-        False,
-        description="Score input events on the partition they arrive on, without the hop through the "
-        "by-user topic, when every input topic has SHOPSTREAM_PARTITIONS partitions (checked at start); "
-        "an event on another partition than its user's is re-keyed through the by-user topic. Faster "
-        "(bench/ceilings.py), but off by default: with two workers and one killed, the survivor was seen "
-        "to take the partitions over and not fetch their input (README, Known issues).",
+    delivery_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="A batch's outputs and changelog writes must be acknowledged by the broker within "
+        "this long; otherwise the worker exits unacked and its input is redelivered after the restart.",
     )
 
     # --- Per-user state -------------------------------------------------------------------
@@ -119,6 +154,12 @@ class Settings(BaseSettings):
         30 * 86400.0, gt=0, description="Users idle this long (worker clock) are expired from state."
     )
     expiry_interval_s: float = Field(60.0, gt=0, description="How often idle users are swept.")
+    reorder_window_s: float = Field(
+        3600.0,
+        ge=0,
+        description="Cart and order events of a user arriving out of order within this much event "
+        "time fold to the same cart.",
+    )
 
     # --- Baseline recommender ----------------------------------------------------------------
     recommendations: int = Field(10, ge=1, le=200, description="Items per recommendation.")
@@ -188,8 +229,7 @@ class Settings(BaseSettings):
     frequency_window_s: float = Field(86400.0, gt=0, description="The frequency-cap window.")
     quiet_hours: str = Field(
         "22-8",
-        pattern=r"^(\d{1,2}-\d{1,2})?$",
-        description="Local hours without promotions, start-end "
+        description="Local hours without promotions, start-end, each 0-23, start != end "
         "(empty = none); cart abandonment waits for the end, other triggers are dropped.",
     )
     default_timezone: str = Field(
@@ -206,6 +246,149 @@ class Settings(BaseSettings):
     promotion_ttl_s: float = Field(
         172800.0, gt=0, description="A promotion expires this long after creation."
     )
+    event_clock_tolerance_s: float = Field(
+        300.0,
+        ge=0,
+        description="A partition's event-time clock (cart timers, budget day, quiet hours) never runs "
+        "ahead of the worker's wall clock by more than this.",
+    )
+
+    # --- Checks: a bad value stops the worker at start, naming its variable ------------------------
+    @field_validator(
+        "model_dir", "kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile", mode="before"
+    )
+    @classmethod
+    def _empty_path_is_unset(cls, value: Any) -> Any:
+        """``VAR=`` (as compose writes an unset ``${VAR:-}``) means unset, not the current folder."""
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _brokers_are_host_port(cls, value: str) -> str:
+        for entry in value.split(","):
+            m = HOST_PORT.fullmatch(entry.strip())
+            if m is None or (m[2] is not None and not 1 <= int(m[2]) <= 65535):
+                raise ValueError(
+                    f"SHOPSTREAM_KAFKA_BOOTSTRAP_SERVERS (or KAFKA_BOOTSTRAP_SERVERS): {entry.strip()!r} is "
+                    "not host:port; expected a comma-separated list such as broker1:9092,broker2:9092 "
+                    "(no scheme, IPv6 in brackets, ports 1-65535)"
+                )
+        return value
+
+    @field_validator("app_id", *TOPIC_FIELDS)
+    @classmethod
+    def _topic_name_is_legal(cls, value: str, info: ValidationInfo) -> str:
+        """Topic names as Kafka allows them; the app id prefixes the topics faust derives from it."""
+        longest = APP_ID_MAX if info.field_name == "app_id" else 249
+        if not TOPIC_NAME.fullmatch(value) or len(value) > longest or value in (".", ".."):
+            raise ValueError(
+                f"SHOPSTREAM_{str(info.field_name).upper()}={value!r} is not a valid Kafka topic name: "
+                f"1-{longest} characters of ASCII letters, digits, '.', '_' and '-' (not '.' or '..')"
+            )
+        return value
+
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir_is_literal(cls, value: Path) -> Path:
+        if "{" in str(value) or "}" in str(value):  # faust expands the path with str.format
+            raise ValueError(f"SHOPSTREAM_DATA_DIR={str(value)!r}: a folder path without '{{' or '}}'")
+        return value
+
+    @field_validator("model_dir")
+    @classmethod
+    def _model_dir_is_a_folder(cls, value: Path | None) -> Path | None:
+        if value is not None and value.exists() and not value.is_dir():
+            raise ValueError(f"SHOPSTREAM_MODEL_DIR={value}: not a folder (it holds manifest.json, ...)")
+        return value
+
+    @field_validator("web_host")
+    @classmethod
+    def _web_host_is_an_address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            if not HOST_NAME.fullmatch(value):
+                raise ValueError(
+                    f"SHOPSTREAM_WEB_HOST={value!r}: an IP address (0.0.0.0 for all) or a host name"
+                ) from None
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level_is_known(cls, value: str) -> str:
+        if value.strip().lower() not in LOG_LEVELS:
+            raise ValueError(f"SHOPSTREAM_LOG_LEVEL={value!r}: one of {', '.join(LOG_LEVELS)}")
+        return value.strip().lower()
+
+    @field_validator("min_event_time")
+    @classmethod
+    def _min_event_time_is_rfc3339(cls, value: str) -> str:
+        text = value.strip().upper()  # RFC 3339 allows t and z; the decoder's parser wants T and Z
+        try:
+            instant = datetime.fromisoformat(text.replace("Z", "+00:00")) if RFC3339.fullmatch(text) else None
+        except ValueError:  # matches the pattern but is no date (month 13, hour 25, ...)
+            instant = None
+        if instant is None:
+            raise ValueError(
+                f"SHOPSTREAM_MIN_EVENT_TIME={value!r}: an RFC 3339 date-time with Z or an offset, "
+                "e.g. 2000-01-01T00:00:00Z"
+            )
+        if instant > datetime.now(UTC):
+            raise ValueError(
+                f"SHOPSTREAM_MIN_EVENT_TIME={value!r} is in the future: it would reject every event"
+            )
+        return text
+
+    @field_validator("quiet_hours")
+    @classmethod
+    def _quiet_hours_are_two_hours(cls, value: str) -> str:
+        """Two different hours 0-23: the policy sets the clock to the end hour (24 would raise there)."""
+        if not value.strip():
+            return ""
+        m = re.fullmatch(r"(\d{1,2})-(\d{1,2})", value.strip())
+        if m is None or max(int(m[1]), int(m[2])) > 23 or int(m[1]) == int(m[2]):
+            raise ValueError(
+                f"SHOPSTREAM_QUIET_HOURS={value!r}: START-END, two different whole hours 0-23 in the "
+                "user's local time (22-8: from 22:00 to 08:00), or empty for no quiet hours"
+            )
+        return f"{int(m[1])}-{int(m[2])}"
+
+    @field_validator("default_timezone")
+    @classmethod
+    def _timezone_is_known(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"SHOPSTREAM_DEFAULT_TIMEZONE={value!r}: an IANA time zone name such as UTC or Europe/Berlin"
+            ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _values_agree(self) -> Settings:
+        """Checks across fields: topics distinct, propensity thresholds in order."""
+        seen: dict[str, str] = {}
+        for name in TOPIC_FIELDS:
+            topic = getattr(self, name)
+            # Kafka refuses topics that differ only in '.' vs '_' (their metric names collide)
+            other = seen.setdefault(topic.replace(".", "_"), name)
+            if other != name:
+                same = (
+                    f"both name {topic!r}"
+                    if topic == getattr(self, other)
+                    else f"{getattr(self, other)!r} and {topic!r} collide in Kafka ('.' and '_' are one)"
+                )
+                raise ValueError(
+                    f"SHOPSTREAM_{other.upper()} and SHOPSTREAM_{name.upper()} {same}: "
+                    "every topic must be distinct"
+                )
+        if self.reminder_propensity > self.high_intent_propensity:
+            raise ValueError(
+                f"SHOPSTREAM_REMINDER_PROPENSITY={self.reminder_propensity} is above "
+                f"SHOPSTREAM_HIGH_INTENT_PROPENSITY={self.high_intent_propensity}: a user nudged as a "
+                "likely buyer would then get a discount, not a reminder, for an abandoned cart"
+            )
+        return self
 
     @model_validator(mode="after")
     def _kafka_security_is_complete(self) -> Settings:
@@ -231,6 +414,10 @@ class Settings(BaseSettings):
             )
         if self.kafka_ssl_keyfile and not self.kafka_ssl_certfile:
             raise ValueError("SHOPSTREAM_KAFKA_SSL_KEYFILE needs SHOPSTREAM_KAFKA_SSL_CERTFILE")
+        for name in ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"SHOPSTREAM_{name.upper()}={path}: no such file")
         return self
 
     def kafka_ssl_context(self) -> ssl.SSLContext | None:

@@ -10,6 +10,21 @@ item ""). ``features`` are hashed ids of what the event says beyond the item: it
 brand (static, in the lower half of the hash space), its price bucket, rating and the word pieces
 of its query or review text (dynamic, upper half). Training tokenises with the same functions, so
 the model and the worker agree on every id.
+
+The cart does not depend on arrival order. A user's cart changes (shop.carts) and orders
+(shop.orders) reach the worker interleaved in no particular order, so ``cart`` (item ->
+``[quantity, unit_price|None]``) is a view derived per item from ``cart_base`` (its line as of
+the compacted past) and ``cart_log`` (its changes ``[event ms, event id, op, qty, price]`` within
+``REORDER_WINDOW_S`` of the user's latest event time), replayed in event-time order: add adds and
+sets the price, remove subtracts down to 0, purchase (an order line) empties the line. Ties in
+event time go add, remove, purchase (the likely causal order), then event id. Older entries are
+folded into the base, in batches once the oldest is a quarter of the window past it. A change
+that arrives after its time was folded is therefore applied as though just after the base,
+before the item's changes in the window: an approximation only for changes more than the window
+late, or for users changing more than ``MAX_CART_LOG`` times one item or ``MAX_LOGGED_ITEMS``
+items within the window (their older changes are folded early, keeping the state small).
+``promo["cart"]`` is ``[unix s, event id]`` of the latest add or remove by (event time, id), kept
+while the cart holds items, so an abandonment timer does not depend on arrival order either.
 """
 
 from __future__ import annotations
@@ -18,6 +33,7 @@ import math
 import re
 import struct
 import zlib
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -31,7 +47,10 @@ from streams.records import CartEvent, OrderEvent, ReviewEvent, SearchEvent, Vie
 _SEEN = struct.Struct(">q")
 RECENT_IDS = 32  # event ids remembered per user to drop redelivered duplicates
 MAX_BOUGHT = 100  # recent purchases remembered per user (excluded from recommendations)
-MAX_CART_LINES = 200
+MAX_CART_LINES = 200  # items tracked per user (cart lines and recently emptied ones)
+MAX_CART_LOG = 8  # changes kept per item in the reorder window; older ones join the base
+MAX_LOGGED_ITEMS = 32  # items with changes kept; beyond, the longest kept log joins its base
+REORDER_WINDOW_S = 3600  # cart changes this much older than the user's latest event are compacted
 LOW_RATING = 2  # ratings at or below this count as negative reviews
 
 FEATURE_BUCKETS = 1 << 15  # hashed feature ids: 1 .. FEATURE_BUCKETS - 1 (0 is padding)
@@ -60,6 +79,30 @@ class TokenKind(IntEnum):
 
 
 Token = tuple[str, int, int, list[int]]  # (item_id or "", TokenKind, unix seconds, feature ids)
+
+_NEVER = 1 << 62  # an event time (ms) later than any: "no cart log entry"
+_RANK = {"add": 0, "remove": 1, "purchase": 2}  # order of cart changes with equal event times
+
+
+def _event_ms(entry: list[Any]) -> int:
+    return int(entry[0])
+
+
+def _log_key(entry: list[Any]) -> tuple[int, int, str]:
+    """Replay order of a cart log entry ``[event ms, event id, op, qty, price]``."""
+    return entry[0], _RANK[entry[2]], entry[1]
+
+
+def _replay(line: list[Any], entry: list[Any]) -> None:
+    """Apply one cart log entry to an item's ``[quantity, unit_price]``."""
+    op = entry[2]
+    if op == "add":
+        line[0] += entry[3]
+        line[1] = entry[4]
+    elif op == "remove":
+        line[0] = max(0, line[0] - entry[3])
+    else:  # purchase
+        line[0] = 0
 
 
 def _hash(text: str, lo: int, hi: int) -> int:
@@ -150,16 +193,24 @@ class UserState:
 
     seq: list[list[Any]] = field(default_factory=list)  # recent tokens, oldest first
     cart: dict[str, list[Any]] = field(default_factory=dict)  # item -> [quantity, unit_price|None]
+    # the cart's sources (module docstring): cart[item] = cart_base[item] replayed through
+    # cart_log[item]; every tracked item has a base (possibly [0, None]), logs are never empty
+    cart_base: dict[str, list[Any]] = field(default_factory=dict)  # item -> [quantity, unit_price]
+    cart_log: dict[str, list[list[Any]]] = field(default_factory=dict)  # item -> sorted changes
+    cart_changed: list[Any] = field(default_factory=list)  # [event ms, id] of the latest add/remove
+    # a lower bound on the event times in cart_log (not stored): compact only when it is passed
+    cart_log_min: int = field(default=_NEVER, compare=False, repr=False)
     counts: dict[str, int] = field(default_factory=dict)  # event type -> count
     reviews: list[float] = field(default_factory=lambda: [0, 0.0, 0])  # [n, rating sum, n low]
     bought: dict[str, int] = field(default_factory=dict)  # item -> unix seconds of last purchase
     last_event_s: int = 0  # event time of the latest event
     recent_ids: list[str] = field(default_factory=list)  # idempotency window
     seen_ms: int = 0  # worker clock when last touched (drives expiry)
-    # promotion bookkeeping (streams.promotions): "cart": [unix s, event id] of the last cart change
-    # while the cart holds items; "order": unix s of the last order; "tz": UTC offset in minutes
-    # when events carry one; "fired": unix s of recent promotions; "ids": recent promotion ids;
-    # "done": cart event id already triggered; "p": last propensity; "abandoned": carts abandoned
+    # promotion bookkeeping (streams.promotions): "cart": [unix s, event id] of the latest cart add
+    # or remove by event time while the cart holds items; "order": unix s of the latest order;
+    # "tz": UTC offset in minutes when events carry one; "fired": unix s of recent promotions;
+    # "ids": recent promotion ids; "done": cart event id already triggered; "p": last propensity;
+    # "abandoned": carts abandoned
     promo: dict[str, Any] = field(default_factory=dict)
 
     # --- serialisation -----------------------------------------------------------------------
@@ -168,6 +219,9 @@ class UserState:
             {
                 "seq": self.seq,
                 "cart": self.cart,
+                "cart_base": self.cart_base,
+                "cart_log": self.cart_log,
+                "cart_changed": self.cart_changed,
                 "counts": self.counts,
                 "reviews": self.reviews,
                 "bought": self.bought,
@@ -181,16 +235,27 @@ class UserState:
     @classmethod
     def loads(cls, raw: bytes) -> UserState:
         d = orjson.loads(raw[_SEEN.size :])
+        promo = d.get("promo", {})
+        if "cart_log" in d:
+            base, log, changed = d["cart_base"], d["cart_log"], d["cart_changed"]
+        else:  # stored before the cart log: its lines are the base, its last change the anchor
+            base, log = {item: list(line) for item, line in d["cart"].items()}, {}
+            anchor = promo.get("cart")
+            changed = [anchor[0] * 1000, anchor[1]] if anchor else []
         return cls(
             seq=d["seq"],
             cart=d["cart"],
+            cart_base=base,
+            cart_log=log,
+            cart_changed=changed,
+            cart_log_min=min((entries[0][0] for entries in log.values()), default=_NEVER),
             counts=d["counts"],
             reviews=d["reviews"],
             bought=d["bought"],
             last_event_s=d["last"],
             recent_ids=d["ids"],
             seen_ms=_SEEN.unpack_from(raw)[0],
-            promo=d.get("promo", {}),
+            promo=promo,
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -200,8 +265,13 @@ class UserState:
         return d  # type: ignore[no-any-return]
 
     # --- the fold ----------------------------------------------------------------------------
-    def apply(self, event: AnyEvent, now_ms: int, max_len: int) -> list[Token] | None:
-        """Fold one event in and return its tokens; None (and no change) for an event id seen before."""
+    def apply(
+        self, event: AnyEvent, now_ms: int, max_len: int, *, window_s: float = REORDER_WINDOW_S
+    ) -> list[Token] | None:
+        """Fold one event in and return its tokens; None (and no change) for an event id seen before.
+
+        Cart changes and orders within ``window_s`` of the user's latest event time fold to the
+        same cart whatever their arrival order (module docstring)."""
         if event.event_id in self.recent_ids:
             return None
         self.recent_ids.append(event.event_id)
@@ -220,32 +290,22 @@ class UserState:
         if offset:
             self.promo["tz"] = int(offset.total_seconds() // 60)
         match event:
-            case CartEvent(action="add"):
-                line = self.cart.get(event.item_id)
-                qty = event.quantity + (line[0] if line else 0)
-                self.cart[event.item_id] = [qty, event.unit_price]
-                if len(self.cart) > MAX_CART_LINES:
-                    del self.cart[next(iter(self.cart))]
-                self.promo["cart"] = [t, event.event_id]
-            case CartEvent(action="remove"):
-                line = self.cart.get(event.item_id)
-                if line is not None:
-                    if line[0] > event.quantity:
-                        line[0] -= event.quantity
-                    else:
-                        del self.cart[event.item_id]
-                if self.cart:
-                    self.promo["cart"] = [t, event.event_id]
-                else:
-                    self.promo.pop("cart", None)
+            case CartEvent():
+                ms = t * 1000 + event.event_time.microsecond // 1000
+                price = event.unit_price if event.action == "add" else None
+                self._change(event.item_id, [ms, event.event_id, event.action, event.quantity, price])
+                if [ms, event.event_id] > self.cart_changed:
+                    self.cart_changed = [ms, event.event_id]
+                self._cart_anchor()
             case OrderEvent():
+                ms = t * 1000 + event.event_time.microsecond // 1000
                 self.promo["order"] = max(t, self.promo.get("order", 0))
                 for order_line in event.lines:
-                    self.cart.pop(order_line.item_id, None)
-                    self.bought.pop(order_line.item_id, None)
-                    self.bought[order_line.item_id] = t
-                if not self.cart:
-                    self.promo.pop("cart", None)
+                    item = order_line.item_id
+                    self._change(item, [ms, event.event_id, "purchase", order_line.quantity, None])
+                    self.bought.pop(item, None)
+                    self.bought[item] = t
+                self._cart_anchor()
                 while len(self.bought) > MAX_BOUGHT:
                     del self.bought[next(iter(self.bought))]
             case ReviewEvent():
@@ -253,7 +313,66 @@ class UserState:
                 self.reviews[1] += event.rating
                 if event.rating <= LOW_RATING:
                     self.reviews[2] += 1
+        horizon = self.last_event_s * 1000 - int(window_s * 1000)
+        if self.cart_log_min < horizon - int(window_s * 250):  # in batches: not a sweep per event
+            self._compact(horizon)
         return tokens
+
+    # --- the cart ----------------------------------------------------------------------------
+    def _change(self, item: str, entry: list[Any]) -> None:
+        """Insert one change into ``item``'s log at its event-time place and recompute the line."""
+        log = self.cart_log.setdefault(item, [])
+        key = _log_key(entry)
+        i = bisect_left(log, key, key=_log_key)
+        if i < len(log) and _log_key(log[i]) == key:
+            return  # the same change again (a redelivery past ``RECENT_IDS``, a repeated order line)
+        log.insert(i, entry)
+        if item not in self.cart_base:
+            self.cart_base[item] = [0, None]
+            while len(self.cart_base) > MAX_CART_LINES:  # forget the item tracked the longest
+                self._forget(next(iter(self.cart_base)))
+        if len(log) > MAX_CART_LOG:
+            self._fold(item, 1)
+        while len(self.cart_log) > MAX_LOGGED_ITEMS:  # fold the log kept the longest
+            oldest = next(iter(self.cart_log))
+            self._fold(oldest, len(self.cart_log[oldest]))
+        self.cart_log_min = min(self.cart_log_min, log[0][0])
+        line = list(self.cart_base[item])
+        for change in log:
+            _replay(line, change)
+        if line[0] > 0:
+            self.cart[item] = line
+        else:
+            self.cart.pop(item, None)
+
+    def _fold(self, item: str, n: int) -> None:
+        """Fold the oldest ``n`` changes of ``item`` into its base; its cart line stays the same."""
+        log, base = self.cart_log[item], self.cart_base[item]
+        for entry in log[:n]:
+            _replay(base, entry)
+        del log[:n]
+        if not log:
+            del self.cart_log[item]
+            if base[0] == 0:  # nothing left to remember
+                del self.cart_base[item]
+
+    def _forget(self, item: str) -> None:
+        self.cart.pop(item, None)
+        self.cart_base.pop(item, None)
+        self.cart_log.pop(item, None)
+
+    def _compact(self, horizon: int) -> None:
+        """Fold the changes older than ``horizon`` (event ms) into their bases."""
+        for item, log in list(self.cart_log.items()):
+            self._fold(item, bisect_left(log, horizon, key=_event_ms))
+        self.cart_log_min = min((log[0][0] for log in self.cart_log.values()), default=_NEVER)
+
+    def _cart_anchor(self) -> None:
+        """``promo["cart"]``: the latest add or remove while the cart holds items."""
+        if not self.cart:
+            self.promo.pop("cart", None)
+        elif self.cart_changed:
+            self.promo["cart"] = [self.cart_changed[0] // 1000, self.cart_changed[1]]
 
     def recent_items(self, n: int) -> list[str]:
         """The user's last ``n`` distinct items, most recent first."""

@@ -147,9 +147,8 @@ async def answer_all(
 async def recompute_users(settings: Settings) -> tuple[dict[str, UserState], Counter[str]]:
     """The users the workers' input makes, and the tokens each was given in all.
 
-    The scoring agent reads the by-user topic and (direct input) the input records that arrived
-    on their user's partition; each event is folded once, in publishing order."""
-    topics = [settings.topic_events_by_user, *(settings.input_topics if settings.direct_input else ())]
+    The scoring agent reads the by-user topic; each event is folded once, in publishing order."""
+    topics = [settings.topic_events_by_user]
     users: dict[str, UserState] = {}
     tokens: Counter[str] = Counter()
     seen: set[str] = set()

@@ -1,0 +1,78 @@
+"""Delivery confirmation: nothing a batch published is taken for granted.
+
+In: the futures of every record a batch (or a timer) handed to the producer - outputs, dead
+letters, re-keyed forwards, and the changelog writes of the tables. Out: ``confirm()`` returns
+once the broker acknowledged all of them, or raises ``DeliveryFailed`` with the first reason.
+
+Why: faust commits the offsets of acked events after ``producer.flush()``, and aiokafka's
+``flush()`` waits for pending sends without ever raising; the error of a failed send only reaches
+its future (faust-streaming 0.15.3, faust-notes trap 8). The worker therefore awaits the futures
+itself before a batch returns to faust, and faust only acks a batch's events after that. A failed
+delivery is fatal (``exit_fatally``): the process exits without acking the batch, so its events
+are redelivered after the restart and every output is produced again (at least once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Awaitable
+from typing import Any, NoReturn
+
+from streams.errors import DeliveryFailed
+
+log = logging.getLogger(__name__)
+
+EXIT_FATAL = 70  # EX_SOFTWARE: the worker stopped itself; its unacked input is redelivered
+
+
+class Deliveries:
+    """Collects the futures of records sent since the last ``confirm()``."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._pending: list[Awaitable[Any]] = []
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, fut: Awaitable[Any]) -> None:
+        self._pending.append(fut)
+
+    async def confirm(self) -> int:
+        """Wait for every pending record's acknowledgement; returns how many were confirmed."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return 0
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(*pending, return_exceptions=True), timeout=self.timeout_s
+            )
+        except TimeoutError:
+            raise DeliveryFailed(
+                f"{len(pending)} records not acknowledged by the broker within {self.timeout_s:.0f}s"
+            ) from None
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            raise DeliveryFailed(f"{len(failed)} of {len(pending)} records not delivered: {failed[0]!r}")
+        return len(pending)
+
+
+def exit_fatally(what: str, exc: BaseException) -> NoReturn:
+    """Log why and end the process at once, before faust can ack or commit anything more.
+
+    A clean shutdown would close the running batch's ``take_events`` generator, whose ``finally``
+    acks the batch (faust-streaming 0.15.3), and commit offsets of events whose outputs were not
+    delivered. Exiting here leaves them uncommitted: the restarted worker reprocesses them."""
+    log.critical(
+        "%s: %r; exiting with %d so that the unacknowledged input is redelivered", what, exc, EXIT_FATAL
+    )
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):  # a broken handler must not keep us alive
+            handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_FATAL)
