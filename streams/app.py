@@ -35,8 +35,8 @@ from faust.types import EventT, StreamT
 from prometheus_client import CollectorRegistry, generate_latest
 
 from streams.baseline import CovisitBaseline, partition_of_key
-from streams.deadletter import DeadLetters
 from streams.consumer import install as install_consumer
+from streams.deadletter import DeadLetters
 from streams.decode import EventDecoder
 from streams.delivery import Deliveries, exit_fatally
 from streams.errors import DeliveryFailed, RejectedInput

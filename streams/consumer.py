@@ -1,4 +1,4 @@
-"""The faust consumer with the two fixes that keep "at least once" true across rebalances.
+"""The faust consumer with the fix that keeps "at least once" true across restarts and rebalances.
 
 faust-streaming 0.15.3 (``faust/transport/consumer.py``) treats any jump in the offsets it fetches
 as a compaction gap: ``_drain_messages`` calls ``_add_gap(tp, last + 1, offset)`` and
@@ -9,23 +9,26 @@ past records that were never processed, and the refetched ones are then dropped 
 ("DROPPED MESSAGE ROFF"). That is how a rebalance lost contiguous runs of events with the group's
 lag at zero (issue: two workers, one killed and restarted, 661 of 3,000 events unanswered).
 
-Fixes, both in ``ShopstreamConsumer``:
-- records of a fetch that a rebalance overtook (the generation changed while ``getmany`` waited)
-  are not handed on: they are fetched again from the committed offset after the rebalance;
-- an offset jump is never committable: no topic this worker reads is compacted, so a jump is a
-  record out of place, not a gap. It is logged and counted; the commit waits at the last record
-  actually processed (a single-offset jump, a transaction marker, still commits, as before). Should
-  records really be skipped, the partition stops committing, the worker reports itself not
-  ready and then not alive (``streams.progress``), and the restarted worker reads from the last
-  commit: slower, never lossy.
+Seen here as well right after a restart: the fetcher starts before "Seek stream partitions to
+committed offsets", and the first records after the seek jump by up to a fetch's worth.
+
+The fix, in ``ShopstreamConsumer._drain_messages`` (faust's loop with this one change): an offset
+jump is never a gap. No topic this worker reads is compacted, so a record past unread offsets is
+out of place: it is not handed on, the partition is sought back to the first unread offset, and the
+records in between are fetched and processed. It is logged and counted
+(``shopstream_offset_jumps_total``). Were records really missing after the seek (transaction
+markers), the next record is taken and no gap is marked committable: the commit then waits at
+the last record processed, the worker reports itself not ready and then not alive
+(``streams.progress``), and a restart reads from the last commit: slower, never lossy.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
+from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers.aiokafka import Consumer
 
 log = logging.getLogger(__name__)
@@ -34,36 +37,117 @@ log = logging.getLogger(__name__)
 class ShopstreamConsumer(Consumer):  # type: ignore[misc]
     on_jump: Any = None  # called with (tp, expected offset, offset) for each offset jump
 
-    async def getmany(self, timeout: float) -> AsyncIterator[tuple[Any, Any]]:
-        generation = self.app.consumer_generation_id
-        records = super().getmany(timeout)
-        try:
-            async for tp, message in records:
-                if message.generation_id != generation:
-                    log.info(
-                        "a rebalance overtook a fetch (generation %s -> %s): its records are "
-                        "fetched again from the committed offsets",
-                        generation,
-                        message.generation_id,
-                    )
-                    return
-                yield tp, message
-        finally:
-            await records.aclose()
-
     async def _add_gap(self, tp: Any, offset_from: int, offset_to: int) -> None:
+        """Never called by ``_drain_messages`` below; kept inert should faust call it elsewhere."""
+
+    _expected: dict[Any, int]  # acking partition -> next offset to hand on
+    _n_acked: int  # faust's count of acks since the last commit
+
+    async def on_partitions_revoked(self, revoked: set[Any]) -> None:
+        for tp in revoked:
+            self._expected_offsets().pop(tp, None)
+        await super().on_partitions_revoked(revoked)
+
+    async def perform_seek(self) -> None:
+        await super().perform_seek()
+        self._expected_offsets().update({tp: o for tp, o in self._read_offset.items() if o is not None})
+
+    async def seek(self, partition: Any, offset: int) -> None:
+        await super().seek(partition, offset)
+        self._expected_offsets()[partition] = offset
+
+    def _expected_offsets(self) -> dict[Any, int]:
+        try:
+            return self._expected
+        except AttributeError:
+            self._expected = {}
+            return self._expected
+
+    async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - runs in the worker
+        """faust-streaming 0.15.3's fetch loop, with one change for the topics whose offsets are
+        committed: a record that jumps past the next expected offset (the committed one after a
+        seek, the one after the last record handed on otherwise) is not handed on; the partition
+        is sought back to the expected offset and the records in between are fetched again. A
+        record that is again first after such a seek is a real gap (transaction markers): it is
+        handed on, and the gap is not made committable."""
+        callback = self.callback
+        getmany = self.getmany
+        consumer_should_stop = self._stopped.is_set
+        fetcher_should_stop = fetcher._stopped.is_set
+        read_offset = self._read_offset
+        expected = self._expected_offsets()
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        commit_every = self._commit_every
+        rewound: dict[Any, int] = {}  # partition -> offset it was sought back to
+        n = 0
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                self.diag.set_flag(CONSUMER_FETCHING)
+                ait = getmany(timeout=1.0)
+                await self.sleep(0)
+                if self.should_stop:
+                    continue
+                skip: set[Any] = set()  # partitions sought back within this fetch
+                async for tp, message in ait:
+                    n += 1
+                    if n > 100:
+                        await asyncio.sleep(0)
+                        n = 0
+                    if tp in skip:
+                        continue
+                    offset = message.offset
+                    if acks_enabled_for(message.topic):
+                        want = expected.get(tp)
+                        if want is not None and offset < want:
+                            continue  # handed on before (faust: "DROPPED MESSAGE ROFF")
+                        if want is not None and offset > want and rewound.get(tp) != want:
+                            self._jumped(tp, want, offset)
+                            rewound[tp] = want
+                            skip.add(tp)
+                            await self.seek(tp, want)
+                            continue
+                        rewound.pop(tp, None)
+                        expected[tp] = offset + 1
+                    else:
+                        r_offset = read_offset[tp]
+                        if r_offset is not None and offset < r_offset:
+                            continue
+                    if commit_every is not None and self._n_acked >= commit_every:
+                        self._n_acked = 0
+                        await self.commit()
+                    await self.wait_first(callback(message), self.suspend_flow.wait())
+                    read_offset[tp] = offset
+                self.diag.unset_flag(CONSUMER_FETCHING)
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                self.log.info("Broker stopped consumer, shutting down...")
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                self.log.info("Consumer shutting down for user cancel.")
+                return
+            raise
+        except Exception as exc:
+            self.log.exception("Drain messages raised: %r", exc)
+            raise
+        finally:
+            self.diag.unset_flag(CONSUMER_FETCHING)
+
+    def _jumped(self, tp: Any, expected: int, offset: int) -> None:
         log.warning(
-            "%s[%d]: offsets jump from %d to %d; not committing past them until they are processed",
+            "%s[%d]: fetched offset %d where %d was next; seeking back so that nothing in between "
+            "is skipped or committed over",
             tp.topic,
             tp.partition,
-            offset_from,
-            offset_to,
+            offset,
+            expected,
         )
         if self.on_jump is not None:
-            self.on_jump(tp, offset_from, offset_to)
+            self.on_jump(tp, expected, offset)
 
 
 def install(app: Any, on_jump: Any = None) -> None:
     """Make ``app`` create its consumer from ``ShopstreamConsumer`` (before it is first used)."""
-    ShopstreamConsumer.on_jump = on_jump
+    ShopstreamConsumer.on_jump = staticmethod(on_jump) if on_jump is not None else None
     app.transport.Consumer = ShopstreamConsumer

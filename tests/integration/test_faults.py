@@ -24,9 +24,12 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, ConfigResource, ConfigResourceType
 from aiokafka.structs import ConsumerRecord
 
 from streams.admin import ensure_topics
+from streams.delivery import EXIT_FATAL
+from streams.pipeline import Message, local_pipeline
 from streams.records import event_adapter
 from streams.replay import rebase, replay
 from streams.settings import Settings
@@ -94,11 +97,20 @@ class NoLoss:
     users_checked: int
     promotion_conflicts: list[Any] = field(default_factory=list)  # one id, different promotions
     table_mismatches: list[str] = field(default_factory=list)
+    promotions_missing: list[str] = field(default_factory=list)  # decided by the recomputation, not sent
+    promotions_unexpected: list[str] = field(default_factory=list)  # sent, never decided by it
+    uncommitted: int = 0  # by-user records the group had not committed when the checks ran
 
     def problems(self) -> list[str]:
         out = []
         if self.answered != self.events_in:
             out.append(f"{self.events_in - self.answered} of {self.events_in} events unanswered")
+        if self.promotions_missing:
+            out.append(f"promotions lost: {self.promotions_missing[:10]}")
+        if self.promotions_unexpected:
+            out.append(f"promotions no recomputation decides: {self.promotions_unexpected[:10]}")
+        if self.uncommitted:
+            out.append(f"{self.uncommitted} by-user records never committed (a stalled partition)")
         out += [f"promotion id reused for another promotion: {c}" for c in self.promotion_conflicts]
         out += [f"user table differs from the recomputation: {u}" for u in self.table_mismatches]
         return out
@@ -108,7 +120,9 @@ class NoLoss:
             f"events in {self.events_in}, answered {self.answered}, redelivered {self.redelivered}; "
             f"{self.promotion_ids} promotion ids, {self.promotion_repeats} repeated records, "
             f"{len(self.promotion_conflicts)} reused for another promotion; "
-            f"{self.users_checked} users checked, {len(self.table_mismatches)} table mismatches"
+            f"{self.users_checked} users checked, {len(self.table_mismatches)} table mismatches; "
+            f"promotions: {len(self.promotions_missing)} lost, {len(self.promotions_unexpected)} unexpected; "
+            f"{self.uncommitted} uncommitted"
         )
 
 
@@ -166,6 +180,56 @@ async def recompute_users(settings: Settings) -> tuple[dict[str, UserState], Cou
     return users, tokens
 
 
+async def recompute_promotions(settings: Settings) -> tuple[set[str], set[str]]:
+    """The promotion ids a one-by-one run of the worker's pipeline over the by-user topic decides:
+    (certain, possible). Event-driven ones and carts due by the newest event time are certain;
+    carts that come due between then and now (the worker's clock ran on) are possible."""
+    pipeline = local_pipeline(settings, settings.discount_budget_per_day / settings.partitions)
+    ids: set[str] = set()
+    newest = 0.0
+    records = await read_to_end(settings, [settings.topic_events_by_user])
+    for r in sorted(records, key=lambda r: (r.partition, r.offset)):  # each partition in its order
+        msg = Message(r.partition, r.key or b"", r.value or b"", None)
+        for out in pipeline.process([msg]).outputs:
+            if out.topic == settings.topic_promotions:
+                ids.add(orjson.loads(out.value)["promotion_id"])
+        newest = max(newest, event_adapter.validate_json(r.value or b"").event_time.timestamp())
+    parts = set(range(settings.partitions))
+
+    def due_at(clock: float) -> set[str]:
+        for p in parts:
+            pipeline.timers.clock[p] = (clock, 0.0)
+        return {orjson.loads(o.value)["promotion_id"] for o in pipeline.due_carts(parts, 0.0)}
+
+    certain = ids | due_at(newest)
+    return certain, certain | due_at(time.time() + 120)
+
+
+async def uncommitted(settings: Settings, timeout: float = 120.0) -> int:
+    """By-user records past the group's committed offsets, once they stop moving or reach the end."""
+    admin = AIOKafkaAdminClient(**settings.kafka_client_options())
+    consumer = AIOKafkaConsumer(**settings.kafka_client_options(), enable_auto_commit=False)
+    await admin.start()
+    await consumer.start()
+    try:
+        cluster = await consumer._client.fetch_all_metadata()
+        topic = settings.topic_events_by_user
+        tps = [TopicPartition(topic, p) for p in sorted(cluster.partitions_for_topic(topic) or ())]
+        end = await consumer.end_offsets(tps)
+        deadline = time.monotonic() + timeout
+        while True:
+            done = await admin.list_consumer_group_offsets(settings.app_id, partitions=tps)
+            behind = sum(
+                end[tp] - (done[tp].offset if tp in done and done[tp].offset >= 0 else 0) for tp in tps
+            )
+            if behind == 0 or time.monotonic() > deadline:
+                return int(behind)
+            await asyncio.sleep(1.0)
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
 def differs(got: Any, want: UserState, tokens: int, max_len: int) -> list[str]:
     """The fields of a served user state that differ from the recomputation.
 
@@ -212,10 +276,12 @@ async def no_loss(
         if bad:
             mismatches.append(f"{user} ({', '.join(bad)})")
 
+    behind = await uncommitted(settings)
     promos = values(await read_to_end(settings, [settings.topic_promotions]))
     per_id: dict[str, set[tuple[str, str, str]]] = {}
     for p in promos:  # a repeated id is the same promotion re-sent: consumers deduplicate on it
         per_id.setdefault(p["promotion_id"], set()).add((p["kind"], p["user_id"], p["trigger_event_id"]))
+    certain, possible = await recompute_promotions(settings)
     return NoLoss(
         events_in=len(wanted),
         answered=len(set(ids) & wanted),
@@ -225,6 +291,9 @@ async def no_loss(
         users_checked=len(users),
         promotion_conflicts=[sorted(s) for s in per_id.values() if len(s) > 1],
         table_mismatches=mismatches,
+        promotions_missing=sorted(certain - set(per_id)),
+        promotions_unexpected=sorted(set(per_id) - possible),
+        uncommitted=behind,
     )
 
 
@@ -235,6 +304,10 @@ def demo_env(bootstrap: str, workdir: Path, **extra: str) -> dict[str, str]:
         SHOPSTREAM_MODEL_DIR=str(ROOT / "deploy" / "demo" / "model"),
         SHOPSTREAM_INFERENCE_PROVIDER="cpu",
         SHOPSTREAM_QUIET_HOURS="",
+        # no frequency cap: when the timer task fires a cart (wall clock) against when the next
+        # event of the user arrives would change which later triggers the cap lets through, and
+        # the recomputation checks every promotion by id
+        SHOPSTREAM_FREQUENCY_CAP="100000",
         **extra,
     )
 
@@ -471,3 +544,49 @@ async def test_two_workers_one_killed_and_restarted_loses_nothing(
     finally:
         codes = {w.log.name: w.stop() for w in (a, b)}  # a: the restarted one, or the killed one
         assert set(codes.values()) <= {0, -signal.SIGKILL}, (codes, a.tail(), b.tail())
+
+
+async def set_topic_config(settings: Settings, topic: str, configs: dict[str, str]) -> None:
+    admin = AIOKafkaAdminClient(**settings.kafka_client_options())
+    await admin.start()
+    try:
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs=configs)])
+    finally:
+        await admin.close()
+
+
+async def test_output_refused_by_the_broker_stops_the_worker_unacked(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The recommendations topic starts refusing records mid-stream (its max.message.bytes lowered
+    below a recommendation's size): the worker exits with code 70 instead of acking events whose
+    answers were refused; once the topic accepts records again, the restarted worker answers every
+    event and nothing is lost."""
+    settings = settings_of(env := demo_env(kafka_bootstrap, tmp_path))
+    await ensure_topics(settings)
+    events = live_events(settings)
+    wanted = {e["event_id"] for e in events}
+    first = WorkerProcess(env, tmp_path / "worker1.log").start()
+    await replay(settings, events[:1500], keep_time=True, progress=False)
+    partial = await collect(
+        settings, settings.topic_recommendations, lambda rs: len(answered(rs)) >= 500, worker=first
+    )
+    await set_topic_config(settings, settings.topic_recommendations, {"max.message.bytes": "200"})
+    await replay(settings, events[1500:], keep_time=True, progress=False)
+    proc = first.proc
+    assert proc is not None
+    code = await asyncio.get_running_loop().run_in_executor(None, lambda: proc.wait(timeout=180))
+    log = first.log.read_text(errors="replace")
+    assert code == EXIT_FATAL, (code, first.tail())
+    assert "exiting with 70" in log and "MessageSizeTooLarge" in log, first.tail()
+
+    await set_topic_config(settings, settings.topic_recommendations, {"max.message.bytes": "1048588"})
+    second = WorkerProcess(env, tmp_path / "worker2.log").start()
+    try:
+        recs = await answer_all(settings, wanted, worker=second)
+        checks = await no_loss(settings, wanted, recs, [settings.web_port])
+        assert not checks.problems(), checks.problems()
+        print(f"\nrefused after {len(answered(partial))}/{len(wanted)} answered; worker 1 exited {code}")
+        print(checks.summary())
+    finally:
+        assert second.stop() == 0, second.tail()
