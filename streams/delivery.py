@@ -53,7 +53,7 @@ class Deliveries:
             )
         except TimeoutError:
             raise DeliveryFailed(
-                f"{len(pending)} records not acknowledged by the broker within {self.timeout_s:.0f}s"
+                f"{len(pending)} records not acknowledged by the broker within {self.timeout_s:g}s"
             ) from None
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
