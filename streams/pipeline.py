@@ -194,18 +194,20 @@ class Pipeline:
         at = [d["at"] for d in state.promo.get(DEFERRED, ()) if d["at"] <= t]
         if cart and state.promo.get("done") != cart[1] and cart[0] + self.s.cart_abandon_after_s <= t:
             at.append(cart[0] + self.s.cart_abandon_after_s)
-        if not at:
-            return []
-        now = min(at)
+        return self._timers_due(state, msg.key, msg.partition, min(at), t) if at else []
+
+    def _timers_due(self, state: UserState, key: bytes, p: int, cart_at: float, now: float) -> list[Decision]:
+        """Decide the user's cart timer (as of ``cart_at``) and the triggers deferred to ``now``;
+        a decision deferred again (quiet hours) gets its timer."""
         model = self.models.current
         version = model.version if model is not None else VERSION_RULES
-        user = ev.user_id
-        decision = self.policy.on_cart_due(state, user, now, msg.partition, version)
-        decisions = [decision] if decision is not None else []
-        decisions += self.policy.on_deferred_due(state, user, t, msg.partition, version)
+        user = key.decode()
+        cart = self.policy.on_cart_due(state, user, cart_at, p, version)
+        decisions = [cart] if cart is not None else []
+        decisions += self.policy.on_deferred_due(state, user, now, p, version)
         for d in decisions:
             if d.retry_at is not None:
-                self.timers.schedule(msg.partition, msg.key, d.retry_at)
+                self.timers.schedule(p, key, d.retry_at)
         return decisions
 
     def _flush(self, segment: list[_Ctx], result: Result, wall: float) -> None:
@@ -306,8 +308,6 @@ class Pipeline:
         says "cart promoted" before the promotion is out would lose it in a crash."""
         outputs: list[Output] = []
         changed: list[Changed] = []
-        model = self.models.current
-        version = model.version if model is not None else VERSION_RULES
         for p in partitions:
             now = self.timers.now(p, wall)
             if now is None:
@@ -318,15 +318,9 @@ class Pipeline:
                     if not raw:
                         continue  # expired meanwhile
                     state = UserState.loads(raw)
-                    user = key.decode()
-                    cart = self.policy.on_cart_due(state, user, now, p, version)
-                    decisions = [cart] if cart is not None else []
-                    decisions += self.policy.on_deferred_due(state, user, now, p, version)
+                    decisions = self._timers_due(state, key, p, now, now)
                     if not decisions:
                         continue
-                    for d in decisions:
-                        if d.retry_at is not None:
-                            self.timers.schedule(p, key, d.retry_at)
                     self.emit(decisions, key, outputs)
                     changed.append((p, key, state))
         return outputs, changed

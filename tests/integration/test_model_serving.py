@@ -136,7 +136,7 @@ async def test_model_recommendations_survive_hot_reload_and_a_corrupt_version(
     recs = values(await collect(settings, settings.topic_recommendations, answered("b-", 300), worker=worker))
     got = [r for r in recs if r["event_id"].startswith("b-")]
     assert {r["event_id"] for r in got} == {f"b-{i}" for i in range(300)}
-    deadline = asyncio.get_running_loop().time() + 20
+    deadline = asyncio.get_running_loop().time() + 180  # a busy machine: poll, load, warm-up, probe
     while "v2-test" not in {r["model_version"] for r in got}:  # the poll may land after the stream
         assert asyncio.get_running_loop().time() < deadline, "the new version never served"
         await produce(settings, views("c", 5))
@@ -150,10 +150,10 @@ async def test_model_recommendations_survive_hot_reload_and_a_corrupt_version(
 
     # a corrupt version is refused; v2 keeps serving
     publish_version(model_dir, "v3-corrupt", graph_bytes=b"this is not an onnx graph")
-    for _ in range(40):
+    deadline = asyncio.get_running_loop().time() + 180
+    while "reload refused" not in worker.log.read_text(errors="replace"):
+        assert asyncio.get_running_loop().time() < deadline, f"no reload refused in 180s:\n{worker.tail()}"
         await asyncio.sleep(0.25)
-        if "reload refused" in worker.log.read_text(errors="replace"):
-            break
     assert "model reload refused, still serving v2-test" in worker.log.read_text(errors="replace")
     await produce(settings, views("d", 20))
     recs = values(await collect(settings, settings.topic_recommendations, answered("d-", 20), worker=worker))
@@ -166,7 +166,7 @@ async def test_model_recommendations_survive_hot_reload_and_a_corrupt_version(
     assert 'shopstream_model_info{provider="CPUExecutionProvider",version="v2-test"} 1.0' in metrics
 
 
-async def quiet_promotions(settings: Settings, quiet_s: float = 3.0) -> list[dict[str, Any]]:
+async def quiet_promotions(settings: Settings, quiet_s: float = 5.0) -> list[dict[str, Any]]:
     """All promotions so far, once none has arrived for ``quiet_s`` (what should not come had its chance)."""
     seen = -1
     while True:
