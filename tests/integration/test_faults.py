@@ -488,16 +488,11 @@ async def test_two_workers_one_killed_and_restarted_loses_nothing(
 ) -> None:
     """One group of two workers with standby replicas; one is killed mid-stream: the other takes
     its partitions over, it comes back, the partitions are shared again and nothing is lost."""
-    # The default path (every event through the by-user topic). With SHOPSTREAM_DIRECT_INPUT=true
-    # (SHOPSTREAM_TEST_DIRECT_INPUT=true here) the survivor was seen in 2 of 6 runs to take the
-    # killed worker's partitions over and then not answer their events within 90 s (ready, no
-    # error); that is why direct input is off by default. Open.
     env = demo_env(
         kafka_bootstrap,
         tmp_path,
         SHOPSTREAM_PARTITIONS="4",
         SHOPSTREAM_STANDBY_REPLICAS="1",
-        SHOPSTREAM_DIRECT_INPUT=os.environ.get("SHOPSTREAM_TEST_DIRECT_INPUT", "false"),
     )
     settings = settings_of(env)
     envs = [
