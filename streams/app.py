@@ -283,7 +283,8 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
     policy = Policy(settings, Budget(budget, settings.discount_budget_per_day / settings.partitions))
     scope = PartitionScope(by_user_name)
     pipeline = Pipeline(settings, users, recommender, models, policy, timers, metrics, scope=scope)
-    expiry = ExpiryIndex(int(settings.user_ttl_s * 1000))
+    # buckets as fine as the sweep runs: a user goes at most one sweep interval after the TTL
+    expiry = ExpiryIndex(int(settings.user_ttl_s * 1000), max(1, int(settings.expiry_interval_s * 1000)))
     seeded: set[int] = set()  # partitions whose popularity, timers, clocks and expiry were rebuilt
 
     def seed(partitions: set[int]) -> None:

@@ -184,6 +184,7 @@ async def test_every_panel_query_returns_data_and_every_alert_rule_evaluates(
         "consuming": True,
         "tables_recovered": True,
         "model_loaded": True,
+        "progressing": True,
     }
 
     queries = panel_queries()
