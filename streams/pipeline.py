@@ -159,7 +159,7 @@ class Pipeline:
             raw = self.users.get(msg.key)
             state = UserState.loads(raw) if raw else UserState()
         recent = state.recent_items(self.s.covisit_window)
-        due = self._due_before(state, ev, msg) if ev.event_id not in state.recent_ids else []
+        due = self._due_before(state, ev, msg, wall) if ev.event_id not in state.recent_ids else []
         tokens = state.apply(ev, int(wall * 1000), self.s.sequence_length, window_s=self.s.reorder_window_s)
         if tokens is None:
             self.metrics.duplicates.inc()
@@ -183,13 +183,13 @@ class Pipeline:
         exclude = set(state.cart) | {i for i, t in state.bought.items() if t >= horizon} | touched
         return _Ctx(i, msg, ev, state, recent, tokens is not None, exclude, use_model, due)
 
-    def _due_before(self, state: UserState, ev: AnyEvent, msg: Message) -> list[Decision]:
+    def _due_before(self, state: UserState, ev: AnyEvent, msg: Message, wall: float) -> list[Decision]:
         """The user's cart (or deferred) timer that came due before this event's time fires
         first, as it would have live: whether a cart was abandoned depends on the user's own
         event times, not on how events were batched or when the timer task ran."""
         if not self.s.promotions:
             return []
-        t = ev.event_time.timestamp()
+        t = self.timers.cap(ev.event_time.timestamp(), wall)  # a future-dated event fires nothing early
         cart = state.promo.get("cart")
         at = [d["at"] for d in state.promo.get(DEFERRED, ()) if d["at"] <= t]
         if cart and state.promo.get("done") != cart[1] and cart[0] + self.s.cart_abandon_after_s <= t:
@@ -281,6 +281,7 @@ class Pipeline:
                     pred.propensity if pred else None,
                     [i for i, _ in ranked],
                     model.version if model is not None and pred else VERSION_RULES,
+                    latest=self.timers.latest(now),
                 )
                 self.emit(decisions, key, result.outputs)
                 keep_in_outbox(c.state, c.event.event_id, decisions)

@@ -139,9 +139,14 @@ class Policy:
         propensity: float | None,
         recommended: list[str],
         model_version: str,
+        latest: float | None = None,
     ) -> list[Decision]:
-        """Event-driven triggers after ``event`` was folded into ``state``."""
+        """Event-driven triggers after ``event`` was folded into ``state``. ``latest``: the
+        latest plausible time now (the worker's wall clock plus the tolerance); a future-dated
+        event decides as of then, so it cannot move the budget day or the quiet hours."""
         s, t, eid = self.s, event.event_time.timestamp(), event.event_id
+        if latest is not None:
+            t = min(t, latest)
         scores: dict[str, float] = {"price_sensitivity": price_sensitivity(state)}
         triggers: list[Trigger] = []
         if propensity is not None:
@@ -357,18 +362,24 @@ class CartTimers:
         self.heaps: dict[int, list[_Due]] = {}
         self.clock: dict[int, tuple[float, float]] = {}  # partition -> (max event time, wall time then)
 
-    def _cap(self, t: float, wall: float) -> float:
-        return t if self.tolerance_s is None else min(t, wall + self.tolerance_s)
+    def latest(self, wall: float) -> float | None:
+        """The latest event time that is plausible at ``wall`` (None: no limit, offline)."""
+        return None if self.tolerance_s is None else wall + self.tolerance_s
+
+    def cap(self, t: float, wall: float) -> float:
+        """``t``, or the latest plausible time if that is earlier."""
+        latest = self.latest(wall)
+        return t if latest is None else min(t, latest)
 
     def observe(self, partition: int, event_t: float, wall: float) -> None:
-        event_t = self._cap(event_t, wall)
+        event_t = self.cap(event_t, wall)
         cur = self.clock.get(partition)
         if cur is None or event_t > cur[0] + max(0.0, wall - cur[1]):
             self.clock[partition] = (event_t, wall)
 
     def now(self, partition: int, wall: float) -> float | None:
         cur = self.clock.get(partition)
-        return None if cur is None else self._cap(cur[0] + max(0.0, wall - cur[1]), wall)
+        return None if cur is None else self.cap(cur[0] + max(0.0, wall - cur[1]), wall)
 
     def schedule(self, partition: int, key: bytes, at: float) -> None:
         heapq.heappush(self.heaps.setdefault(partition, []), _Due(at, key))

@@ -149,3 +149,13 @@ def test_deliveries_confirm_every_future_or_fail_with_the_reason() -> None:
             await d.confirm()
 
     asyncio.run(scenario())
+
+
+def test_a_future_dated_event_fires_no_cart_early_and_keeps_the_budget_day() -> None:
+    p = pipe()
+    p.timers = CartTimers(p.s.cart_abandon_after_s, tolerance_s=300)  # as the worker has it
+    t = T0.timestamp()
+    add = msg("cart", "c1", t - 60, action="add", item_id="a", quantity=1, unit_price=10.0)
+    ahead = msg("view", "v1", t + 6 * 3600, item_id="b")  # stamped six hours ahead of the clock
+    assert promotions(p, add, ahead) == []  # the cart is one minute old, not abandoned
+    assert p.timers.now(add.partition, t) == t + 300
