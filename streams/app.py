@@ -186,25 +186,20 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
     sources = app.topic(*input_types, internal=False, **RAW)
     by_user = app.topic(settings.topic_events_by_user, partitions=settings.partitions, internal=False, **RAW)
 
-    def table(cls: type[faust.Table], name: str, about: str) -> Any:
-        """A raw-bytes table of our own class, registered with the app like ``app.Table`` does."""
-        return app.tables.add(
-            cls(
-                app,
-                name=name,
-                partitions=settings.partitions,
-                beacon=app.tables.beacon,
-                help=about,
-                **TABLE_RAW,
-            )
+    deliveries = Deliveries(settings.delivery_timeout_s)  # the scorer's and the timers' records
+
+    def table(cls: type[ConfirmedTable], name: str, about: str) -> Any:
+        """A raw-bytes table of our own class, registered with the app like ``app.Table`` does;
+        its changelog writes are confirmed with ``deliveries``."""
+        t = cls(
+            app, name=name, partitions=settings.partitions, beacon=app.tables.beacon, help=about, **TABLE_RAW
         )
+        t.deliveries = deliveries
+        return app.tables.add(t)
 
     users = table(UserTable, "users", "Per-user state.")
     items = table(ItemTable, "items", "Baseline co-visitation statistics, per partition.")
     recommender = CovisitBaseline(items, neighbors=settings.covisit_neighbors, window=settings.covisit_window)
-    deliveries = Deliveries(settings.delivery_timeout_s)
-    for tbl in (users, items):
-        tbl.deliveries = deliveries
     deadletters = DeadLetters(app, settings.topic_deadletter, metrics)
     by_user_name = by_user.get_topic_name()
     # One batch, timer or sweep at a time touches the tables and the pending deliveries: a cart
@@ -271,7 +266,6 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
             await run_batch("routing a batch", route, list(events))
 
     budget = table(ItemTable, "budget", "Discount spend per partition and event-time day.")
-    budget.deliveries = deliveries
     models = ModelWatcher(
         settings.model_dir,
         settings.inference_provider,
@@ -300,7 +294,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
             if part is not None:
                 part.append((k, v))
         for p, kv in entries.items():
-            pipeline.seed_timers(kv, lambda _k, p=p: p)
+            pipeline.seed_timers(p, kv)
             expiry.seed(p, kv)
         seeded.update(fresh)
         log.info(

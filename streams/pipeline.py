@@ -337,17 +337,17 @@ class Pipeline:
         self.store_due(changed)
         return outputs
 
-    def seed_timers(self, entries: list[tuple[bytes, bytes]], partition_of: Any) -> int:
-        """Rebuild cart timers and partition clocks from stored states (after an assignment);
-        returns timers set. A state says which event time it had reached at which worker time
-        (``last_event_s`` at ``seen_ms``), so a quiet partition's clock runs on after a restart."""
+    def seed_timers(self, partition: int, entries: list[tuple[bytes, bytes]]) -> int:
+        """Rebuild a partition's cart timers and clock from its stored states (after an
+        assignment); returns timers set. A state says which event time it had reached at which
+        worker time (``last_event_s`` at ``seen_ms``), so a quiet partition's clock runs on after a
+        restart."""
         before = self.timers.pending()
         for key, raw in entries:
             state = UserState.loads(raw)
-            p = partition_of(key)
-            self.timers.track(p, key, state)
+            self.timers.track(partition, key, state)
             if state.last_event_s:
-                self.timers.observe(p, float(state.last_event_s), state.seen_ms / 1000)
+                self.timers.observe(partition, float(state.last_event_s), state.seen_ms / 1000)
         return self.timers.pending() - before
 
 

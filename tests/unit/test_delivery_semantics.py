@@ -123,7 +123,7 @@ def test_clocks_and_timers_are_rebuilt_from_stored_states() -> None:
     fresh = pipe()  # a restarted worker: nothing in memory, no event on this partition yet
     assert fresh.timers.now(add.partition, t + 4000) is None
     fresh.users[b"u1"] = raw  # the table, recovered from its changelog
-    fresh.seed_timers([(b"u1", raw)], lambda _k: add.partition)
+    fresh.seed_timers(add.partition, [(b"u1", raw)])
     # the state reached event time t at worker time t (the pipeline's clock): the clock runs on
     assert fresh.timers.now(add.partition, t + 4000) == t + 4000
     outputs, _ = fresh.due({add.partition}, wall=t + 4000)
