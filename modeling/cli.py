@@ -18,7 +18,6 @@ Data specs (``--data``):
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,8 @@ from modeling.sequences import (
     time_split,
 )
 from streams.sources.datasets import DATASETS, load
+from streams.splits import split_bounds
 
-BEIJING = timezone(timedelta(hours=8))
 # Purchase propensity horizon. The test period is one day, so a 24 h horizon would never be fully
 # observed there; 6 h leaves the first 18 hours of each day with known labels (the rest is censored).
 HORIZON_S = 6 * 3600.0
@@ -50,16 +49,11 @@ def build_split(spec: str, datasets_dir: Path, max_len: int) -> Split:
         return leave_one_out(read_pairs(datasets_dir / "seqrec" / folder / f"{name}.txt"), max_len, spec)
     if spec == "taobao-users":
         seqs = sequences_from_events(load("taobao-users", datasets_dir))
-
-        def day(d: int) -> float:
-            return datetime(2017, 12, d, tzinfo=BEIJING).timestamp()
-
-        return time_split(seqs, day(2), day(3), day(4), max_len, HORIZON_S, spec)
+        return time_split(seqs, *split_bounds(spec, []), max_len, HORIZON_S, spec)
     if spec in DATASETS or spec == "rees46-demo":
         seqs = sequences_from_events(load(spec, datasets_dir))
-        times = sorted(t for s in seqs for t in s.times)
-        valid_start, test_start = times[int(0.70 * len(times))], times[int(0.85 * len(times))]
-        return time_split(seqs, valid_start, test_start, times[-1] + 1, max_len, 1800.0, spec, min_count=1)
+        bounds = split_bounds(spec, [t for s in seqs for t in s.times])
+        return time_split(seqs, *bounds, max_len, 1800.0, spec, min_count=1)
     path = Path(spec)
     if path.is_file():
         return leave_one_out(read_seqrec(path), max_len, path.stem)

@@ -27,7 +27,7 @@ from modeling.metrics import (
     sampled_ranks,
 )
 from modeling.model import BehaviourModel
-from modeling.propensity import GBTPropensity
+from modeling.propensity import GBTPropensity, LogisticPropensity
 from modeling.sequences import Cases, Split
 from modeling.train import last_position, predict
 
@@ -63,6 +63,9 @@ def evaluate(
     headline = "no_exclusion" if split.train_cases is not None else "history_excluded"
     # the sampled protocol ranks a target among unseen items: it only means something for benchmark files
     sampled = sampled and headline == "history_excluded"
+    # event logs: also what serving can show (the event's own items, the cart and recent purchases
+    # are never recommended), since predicting the item being viewed right now is easy and useless
+    serving = headline == "no_exclusion" and len(cases.serving_exclude) == len(cases)
     results: dict[str, Any] = {
         "data": split.name,
         "test_cases": len(cases),
@@ -71,7 +74,7 @@ def evaluate(
         "models": {},
     }
     for name, score in scorers.items():
-        excl, full, samp, nll, top1 = [], [], [], [], []
+        excl, full, serv, samp, nll, top1 = [], [], [], [], [], []
         for sl in batches(len(cases), batch):
             s = score(sl)
             t = targets[sl]
@@ -83,13 +86,21 @@ def evaluate(
             if sampled:
                 samp.append(sampled_ranks(s.clone(), t, cases.history[sl], 99, gen).numpy())
             full.append(ranks_from_scores(s.clone(), t, None).numpy())
+            if serving:
+                serv.append(ranks_from_scores(s.clone(), t, cases.serving_exclude[sl]).numpy())
             excl.append(ranks_from_scores(s, t, cases.history[sl]).numpy())
         r_ex, r_full = np.concatenate(excl), np.concatenate(full)
         entry: dict[str, Any] = {
             "history_excluded": ranking_metrics(r_ex),
             "no_exclusion": ranking_metrics(r_full),
-            "NDCG@10_ci95": bootstrap_ci(r_ex if headline == "history_excluded" else r_full, ndcg10),
+            "NDCG@10_ci95": bootstrap_ci(
+                r_ex if headline == "history_excluded" else r_full, ndcg10, groups=cases.users
+            ),
         }
+        if serving:
+            r_serv = np.concatenate(serv)
+            entry["serving_excluded"] = ranking_metrics(r_serv)
+            entry["serving_excluded"]["NDCG@10_ci95"] = bootstrap_ci(r_serv, ndcg10, groups=cases.users)
         if sampled:
             entry["sampled_99"] = ranking_metrics(np.concatenate(samp))
         if nll:
@@ -112,26 +123,33 @@ def _auc(pairs: np.ndarray) -> float:
 
 
 def evaluate_propensity(model: BehaviourModel, split: Split, run_dir: Path) -> dict[str, Any]:
-    """Purchase within the horizon: the model's head vs gradient-boosted trees, same test cases."""
+    """Purchase within the horizon: the model against logistic regression and gradient-boosted
+    trees on the window features, all chosen on the validation period, on the same test cases."""
     assert split.train_cases is not None
     dev = next(model.parameters()).device
     _, _, p_model = predict(model, split.test, dev, exclude=False)
-    p_gbt = GBTPropensity().fit(split.train_cases).predict(split.test)
+    baselines: list[LogisticPropensity | GBTPropensity] = [
+        LogisticPropensity().fit(split.train_cases, split.valid),
+        GBTPropensity().fit(split.train_cases, split.valid),
+    ]
     known = split.test.bought >= 0  # cases whose horizon ends inside the data
-    y, p_model, p_gbt = split.test.bought[known], p_model[known], p_gbt[known]
+    y = split.test.bought[known]
+    users = split.test.users[known] if split.test.users is not None else None
+    preds = {"model": p_model[known], **{b.name: b.predict(split.test)[known] for b in baselines}}
     hours = split.horizon_s / 3600
     out: dict[str, Any] = {
         "horizon": f"{hours:g}h",
         "positives": float(y.mean()),
         "censored_cases": int((~known).sum()),
+        "chosen": {b.name: b.chosen for b in baselines},
     }
-    for name, p in (("model", p_model), ("gradient-boosted trees", p_gbt)):
+    for name, p in preds.items():
         pairs = np.stack([p, y], axis=1)
         out[name] = {
             **propensity_metrics(p, y),
-            "ROC-AUC_ci95": bootstrap_ci(pairs, _auc),
+            "ROC-AUC_ci95": bootstrap_ci(pairs, _auc, groups=users),
         }
-    plot_reliability({"model": p_model, "gradient-boosted trees": p_gbt}, y, run_dir / "reliability.png")
+    plot_reliability(preds, y, run_dir / "reliability.png")
     return out
 
 
@@ -189,7 +207,8 @@ def write_report(results: dict[str, Any], run_dir: Path) -> None:
         "",
         f"Test cases: {results['test_cases']}, items: {results['items']}. Next item ranked over the whole "
         f"catalogue; headline: {head.replace('_', ' ')} (benchmark files exclude the user's history as the "
-        "S3-Rec / ICLRec code does; event logs do not), 95% bootstrap interval of NDCG@10 in brackets.",
+        "S3-Rec / ICLRec code does; event logs do not), 95% bootstrap interval of NDCG@10 in brackets "
+        "(users resampled with all their cases). Items tied with the target count as half above it.",
         "",
         "| model | HR@5 | HR@10 | HR@20 | NDCG@5 | NDCG@10 | NDCG@20 | MRR |",
         "|---|---|---|---|---|---|---|---|",
@@ -212,6 +231,21 @@ def write_report(results: dict[str, Any], run_dir: Path) -> None:
     for n, e in models.items():
         m = e[other]
         lines.append(f"| {n} | {m['HR@10']:.4f} | {m['NDCG@10']:.4f} | {m['MRR']:.4f} |")
+    if all("serving_excluded" in e for e in models.values()):
+        lines += [
+            "",
+            "Under serving's exclusions (the event's own items, the cart, items bought in the last 30 days "
+            "are never recommended; a target among them is a miss):",
+            "",
+            "| model | HR@10 | NDCG@10 | MRR |",
+            "|---|---|---|---|",
+        ]
+        for n, e in models.items():
+            m = e["serving_excluded"]
+            ci = m["NDCG@10_ci95"]
+            lines.append(
+                f"| {n} | {m['HR@10']:.4f} | {m['NDCG@10']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}] | {m['MRR']:.4f} |"
+            )
     me = models.get("model", {})
     if "perplexity" in me:
         lines += [
@@ -239,7 +273,7 @@ def write_report(results: dict[str, Any], run_dir: Path) -> None:
             "| model | ROC-AUC | PR-AUC | log-loss | ECE |",
             "|---|---|---|---|---|",
         ]
-        for n in ("model", "gradient-boosted trees"):
+        for n in ("model", "logistic regression", "gradient-boosted trees"):
             m = prop[n]
             ci = m["ROC-AUC_ci95"]
             lines.append(

@@ -38,6 +38,8 @@ class ModelConfig:
     repeat: bool = False  # add a learned bonus for items already in the context (repeat buying/viewing)
     n_feats: int = 0  # hashed feature ids (streams.state.FEATURE_BUCKETS); 0 = no feature input
     feat_width: int = 8  # feature ids per token (streams.state.MAX_FEATURES)
+    n_context: int = 0  # window features (streams.features) for the propensity branch; 0 = no branch
+    prop_d: int = 16  # width of the propensity branch's token embeddings
 
     def to_dict(self) -> dict[str, int | float]:
         return asdict(self)
@@ -76,6 +78,43 @@ class Block(nn.Module):
         return out
 
 
+class PropensityBranch(nn.Module):
+    """Purchase within the horizon from what a user did and when, not which items.
+
+    Token kinds and time gaps (no item ids: with item embeddings a small event log lets a head
+    recognise users instead of learning behaviour) are embedded with their distance from the
+    newest token, pooled by attention over the real tokens (so padding changes nothing), and
+    read by a small MLP together with the standardised window features (``streams.features``).
+    """
+
+    ctx_mean: Tensor  # (n_context,) training-period mean of the window features
+    ctx_std: Tensor  # (n_context,)
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.prop_d
+        self.max_len = cfg.max_len
+        self.kind = nn.Embedding(cfg.n_kinds, d, padding_idx=PAD)
+        self.gap = nn.Embedding(cfg.n_gaps, d, padding_idx=PAD)
+        self.dist = nn.Embedding(cfg.max_len, d)
+        self.attn = nn.Linear(d, 1)
+        self.mlp = nn.Sequential(
+            nn.Linear(d + cfg.n_context, 32), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(32, 1)
+        )
+        self.register_buffer("ctx_mean", torch.zeros(cfg.n_context))
+        self.register_buffer("ctx_std", torch.ones(cfg.n_context))
+
+    def forward(self, kinds: Tensor, gaps: Tensor, context: Tensor) -> Tensor:
+        n = kinds.shape[1]
+        dist = (n - 1 - torch.arange(n, device=kinds.device)).clamp(max=self.max_len - 1)  # (n,)
+        r = self.kind(kinds) + self.gap(gaps) + self.dist(dist)[None]  # (b, n, d)
+        a = self.attn(torch.tanh(r))[..., 0]  # (b, n)
+        a = torch.where(kinds != PAD, a, torch.full_like(a, -1e9))
+        pooled = (torch.softmax(a, dim=1)[..., None] * r).sum(dim=1)  # (b, d)
+        x = torch.cat([pooled, (context - self.ctx_mean) / self.ctx_std], dim=1)
+        return self.mlp(x)[:, 0]  # type: ignore[no-any-return]
+
+
 class BehaviourModel(nn.Module):
     prop_calib: Tensor  # (2,) buffer: scale and bias of the propensity logit
     item_feats: Tensor  # (n_items, feat_width) buffer: static feature ids of each item (0 = none)
@@ -92,7 +131,7 @@ class BehaviourModel(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(d)
         self.kind_head = nn.Linear(d, cfg.n_kinds)  # next event kind
-        self.propensity_head = nn.Linear(d, 1)  # purchase within the horizon (logit)
+        self.propensity_head = nn.Linear(d, 1)  # purchase within the horizon (logit), without a branch
         # repeat bonus: one scalar per distance back in the context and per event kind
         self.repeat_dist = nn.Embedding(cfg.max_len, 1)
         self.repeat_kind = nn.Embedding(cfg.n_kinds, 1)
@@ -101,6 +140,9 @@ class BehaviourModel(nn.Module):
         self.feat_emb = nn.Embedding(cfg.n_feats, d, padding_idx=PAD) if cfg.n_feats else None
         width = cfg.feat_width if cfg.n_feats else 0
         self.register_buffer("item_feats", torch.zeros(cfg.n_items, width, dtype=torch.long))
+        # scale of the catalogue logits against the repeat bonus, refitted on held-out cases
+        self.logit_scale = nn.Parameter(torch.ones(()))
+        self.prop = PropensityBranch(cfg) if cfg.n_context else None
         self.apply(self._init)
         nn.init.zeros_(self.repeat_dist.weight)
         nn.init.zeros_(self.repeat_kind.weight)
@@ -167,7 +209,7 @@ class BehaviourModel(nn.Module):
         """Next-item scores (p, n_items) for hidden states ``h`` (p, d) at positions ``at`` (p,) of
         the token rows ``items`` / ``kinds`` (p, n): the catalogue logits plus, with ``repeat``, a
         learned bonus for each item that occurs at or before the position."""
-        logits = self.item_logits(h, table)
+        logits = self.item_logits(h, table) * self.logit_scale
         if not self.cfg.repeat:
             return logits
         n = items.shape[1]
@@ -178,9 +220,25 @@ class BehaviourModel(nn.Module):
         )
         return logits.scatter_add(1, items, torch.where(seen, bonus, torch.zeros_like(bonus)))
 
-    def propensity(self, h: Tensor) -> Tensor:
-        """Calibrated probability (p,) of a purchase within the horizon from hidden states (p, d)."""
-        logit = self.propensity_head(h)[:, 0]
+    def propensity(
+        self,
+        h: Tensor,
+        kinds: Tensor | None = None,
+        gaps: Tensor | None = None,
+        context: Tensor | None = None,
+        *,
+        calibrated: bool = True,
+    ) -> Tensor:
+        """Probability (b,) of a purchase within the horizon, Platt-scaled (else the raw logit):
+        from the propensity branch where the model has one (it reads the token kinds and gaps
+        (b, n) and the window features (b, n_context)), else a linear head on the hidden states."""
+        if self.prop is None:
+            logit = self.propensity_head(h)[:, 0]
+        else:
+            assert kinds is not None and gaps is not None and context is not None
+            logit = self.prop(kinds, gaps, context)
+        if not calibrated:
+            return logit  # type: ignore[no-any-return]
         return torch.sigmoid(self.prop_calib[0] * logit + self.prop_calib[1])
 
     def num_parameters(self) -> int:
@@ -190,11 +248,12 @@ class BehaviourModel(nn.Module):
 class ServingModel(nn.Module):
     """The graph that is exported: last-position hidden state -> top-K items and propensity.
 
-    Inputs: ``items``, ``kinds``, ``gaps`` (int64, (batch, length), left-padded) and, for a model
-    with features, ``feats`` (int64, (batch, length, feat_width)). Outputs: ``top_items`` (int64,
-    (batch, k)) vocabulary ids, ``top_scores`` (float32, (batch, k)) and ``propensity`` (float32,
-    (batch,)). PAD and UNK are never returned. The item table is computed once and stored in the
-    graph as a constant.
+    Inputs: ``items``, ``kinds``, ``gaps`` (int64, (batch, length), left-padded), for a model
+    with features ``feats`` (int64, (batch, length, feat_width)) and, for a model with a
+    propensity branch, ``context`` (float32, (batch, n_context): ``streams.features``).
+    Outputs: ``top_items`` (int64, (batch, k)) vocabulary ids, ``top_scores`` (float32,
+    (batch, k)) and ``propensity`` (float32, (batch,)). PAD and UNK are never returned. The item
+    table is computed once and stored in the graph as a constant.
     """
 
     table: Tensor
@@ -207,11 +266,24 @@ class ServingModel(nn.Module):
             self.register_buffer("table", model.item_table().detach().clone())
 
     def forward(
-        self, items: Tensor, kinds: Tensor, gaps: Tensor, feats: Tensor | None = None
+        self, items: Tensor, kinds: Tensor, gaps: Tensor, *extra: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
+        """``extra``: ``feats`` for a model with features, then ``context`` for one with a
+        propensity branch, in that order (the graph's input order)."""
+        rest = list(extra)
+        feats = rest.pop(0) if self.model.cfg.n_feats else None
+        context = rest.pop(0) if self.model.cfg.n_context else None
         h = self.model(items, kinds, gaps, feats, self.table)[:, -1, :]  # (b, d): the newest token
         last = torch.full_like(items[:, 0], items.shape[1] - 1)
         logits = self.model.next_item_scores(h, items, kinds, last, self.table)[:, 2:]  # no PAD/UNK
         scores, idx = torch.topk(logits, self.k, dim=1)
-        propensity = self.model.propensity(h)
+        propensity = self.model.propensity(h, kinds, gaps, context)
         return idx + 2, scores, propensity
+
+    def logits(self, items: Tensor, kinds: Tensor, gaps: Tensor, *extra: Tensor) -> Tensor:
+        """Next-item scores over the whole catalogue (b, n_items), PAD and UNK included: the
+        exporter's parity check looks up any returned id's score here."""
+        feats = extra[0] if self.model.cfg.n_feats else None
+        h = self.model(items, kinds, gaps, feats, self.table)[:, -1, :]
+        last = torch.full_like(items[:, 0], items.shape[1] - 1)
+        return self.model.next_item_scores(h, items, kinds, last, self.table)

@@ -24,6 +24,7 @@ import numpy as np
 import orjson
 
 from modeling.model import PAD, UNK
+from streams.features import N_CONTEXT, context_features
 from streams.records import event_adapter
 from streams.state import (
     FIRST_GAP,
@@ -85,6 +86,10 @@ class UserSeq:
     kinds: list[int]
     times: list[float]  # unix seconds; all 0 when the source has no times
     feats: list[list[int]] | None = None  # hashed feature ids per token (streams.state), when known
+    events: list[int] | None = None  # which event each token came from (an order has a token per line)
+
+    def event_of(self, j: int) -> int:
+        return self.events[j] if self.events is not None else j
 
 
 @dataclass
@@ -98,6 +103,10 @@ class Cases:
     bought: np.ndarray  # 1 if a purchase follows within the horizon, 0 if not, -1 if not observed
     history: list[list[int]] = field(default_factory=list)  # full history per case (for exclusion)
     feats: np.ndarray | None = None  # (n, L, MAX_FEATURES) int32 hashed feature ids, 0 = none
+    context: np.ndarray | None = None  # (n, N_CONTEXT) float32 window features (streams.features)
+    users: np.ndarray | None = None  # (n,) int64 user index of each case (user-level bootstrap)
+    times: np.ndarray | None = None  # (n,) float64 event time of each case's newest token
+    serving_exclude: list[list[int]] = field(default_factory=list)  # items serving would not recommend
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -114,6 +123,7 @@ class Split:
     train_cases: Cases | None = None  # event logs: one case per training position (propensity baseline)
     horizon_s: float = 0.0  # propensity horizon
     item_feats: np.ndarray | None = None  # (len(vocab), MAX_FEATURES) static feature ids per item
+    bounds: dict[str, float] = field(default_factory=dict)  # time split: valid_start, test_start, test_end
 
 
 def read_seqrec(path: Path, attributes: Path | None = None) -> list[UserSeq]:
@@ -154,16 +164,19 @@ def read_pairs(path: Path) -> list[UserSeq]:
 def sequences_from_events(events: Iterable[dict[str, object]]) -> list[UserSeq]:
     """Contract events (dicts) -> per-user token sequences, tokenised like the worker does."""
     users: dict[str, UserSeq] = {}
+    counts: dict[str, int] = {}
     for ev in events:
         event = event_adapter.validate_json(orjson.dumps(ev))
         seq = users.get(event.user_id)
         if seq is None:
-            seq = users[event.user_id] = UserSeq(event.user_id, [], [], [], [])
+            seq = users[event.user_id] = UserSeq(event.user_id, [], [], [], [], [])
+        n = counts[event.user_id] = counts.get(event.user_id, -1) + 1
         for item, kind, t, feats in event_tokens(event):
             seq.items.append(item)
             seq.kinds.append(int(kind))
             seq.times.append(float(t))
             seq.feats.append(feats)  # type: ignore[union-attr]
+            seq.events.append(n)  # type: ignore[union-attr]
     return list(users.values())
 
 
@@ -221,15 +234,21 @@ CENSORED = -1  # propensity label of a position whose horizon runs past the obse
 
 
 def _bought_within(seq: UserSeq, j: int, hi: int, horizon_s: float, end: float = math.inf) -> int:
-    """1 if a purchase follows position j within the horizon (looking only before index ``hi``),
-    0 if none does and the whole horizon lies before ``end``, else CENSORED (not known)."""
+    """1 if a later event (looking only before index ``hi``) is a purchase within the horizon after
+    position j, 0 if none is, and CENSORED when the horizon runs past ``end``, whatever happened in
+    it: keeping only the purchases of a cut-off horizon would make the last hours all positive.
+
+    The other lines of the order that position j belongs to are not "a later purchase"."""
     t = seq.times[j]
+    if t + horizon_s > end:
+        return CENSORED
+    own = seq.event_of(j)
     for k in range(j + 1, hi):
         if seq.times[k] - t > horizon_s:
             return 0
-        if seq.kinds[k] == TokenKind.PURCHASE:
+        if seq.kinds[k] == TokenKind.PURCHASE and seq.event_of(k) != own:
             return 1
-    return 0 if t + horizon_s <= end else CENSORED
+    return 0
 
 
 def _windows(
@@ -248,17 +267,17 @@ def _windows(
             continue
         items, kinds, gaps = _encode(seq, vocab, 0, hi)
         bought = [_bought_within(seq, j, hi, horizon_s, end) for j in range(hi)]
-        end = hi
-        while end >= 2:
-            lo = max(0, end - max_len - 1)
-            xi.append(items[lo : end - 1])
-            xk.append(kinds[lo : end - 1])
-            xg.append(gaps[lo : end - 1])
-            ys.append(items[lo + 1 : end])
-            yb.append(bought[lo : end - 1])
+        stop = hi  # one past the window's last target
+        while stop >= 2:
+            lo = max(0, stop - max_len - 1)
+            xi.append(items[lo : stop - 1])
+            xk.append(kinds[lo : stop - 1])
+            xg.append(gaps[lo : stop - 1])
+            ys.append(items[lo + 1 : stop])
+            yb.append(bought[lo : stop - 1])
             if with_feats:
-                xf.append((seq.feats or [])[lo : end - 1])
-            end -= max_len
+                xf.append((seq.feats or [])[lo : stop - 1])
+            stop -= max_len
     return Cases(
         _pad(xi, max_len),
         _pad(xk, max_len),
@@ -267,6 +286,31 @@ def _windows(
         _pad(yb, max_len),
         feats=_pad_feats(xf, max_len) if with_feats else None,
     )
+
+
+EXCLUDE_BOUGHT_S = 30 * 86400.0  # serving's default SHOPSTREAM_EXCLUDE_BOUGHT_S
+
+
+def serving_exclusions(seq: UserSeq, j: int) -> set[str]:
+    """Items the worker would not recommend after the event that ends at token ``j - 1``: that
+    event's own items, the items in the cart and those bought within ``EXCLUDE_BOUGHT_S``."""
+    own = seq.event_of(j - 1)
+    now = seq.times[j - 1]
+    cart: set[str] = set()
+    out: set[str] = set()
+    for k in range(j):
+        item, kind = seq.items[k], seq.kinds[k]
+        if not item:
+            continue
+        if kind == TokenKind.CART_ADD:
+            cart.add(item)
+        elif kind in (TokenKind.CART_REMOVE, TokenKind.PURCHASE):
+            cart.discard(item)
+            if kind == TokenKind.PURCHASE and now - seq.times[k] <= EXCLUDE_BOUGHT_S:
+                out.add(item)
+        if seq.event_of(k) == own:
+            out.add(item)
+    return out | cart
 
 
 def _cases(
@@ -278,17 +322,20 @@ def _cases(
     label_limits: list[int] | None = None,
     end: float = math.inf,
 ) -> Cases:
-    """One case per target position j in [lo, hi): history = tokens before j.
+    """One case per event that starts at a target position j in [lo, hi): history = the tokens
+    before j, that is whole events, as the worker scores a user after folding a whole event in.
 
     The propensity label looks ahead only up to ``label_limits`` (default: the whole sequence), so
     cases of one period never learn from the next period's purchases.
     """
-    xi, xk, xg, ys, yb, hist, xf = [], [], [], [], [], [], []
+    xi, xk, xg, ys, yb, hist, xf, ctx, us, ts, excl = [], [], [], [], [], [], [], [], [], [], []
     with_feats = has_features(seqs)
     limits = label_limits or [len(s.items) for s in seqs]
-    for seq, (lo, hi), limit in zip(seqs, ranges, limits, strict=True):
+    for u, (seq, (lo, hi), limit) in enumerate(zip(seqs, ranges, limits, strict=True)):
         encoded = [vocab.encode(i) for i in seq.items]
         for j in range(max(lo, 1), hi):
+            if seq.event_of(j) == seq.event_of(j - 1):
+                continue  # the second line of an order: the worker never scores half an order
             start = max(0, j - max_len)
             items, kinds, gaps = _encode(seq, vocab, start, j)
             hist.append(encoded[:j])
@@ -297,6 +344,10 @@ def _cases(
             xg.append(gaps)
             ys.append(vocab.encode(seq.items[j]))
             yb.append(_bought_within(seq, j - 1, limit, horizon_s, end))
+            ctx.append(context_features(kinds, seq.times[start:j], seq.items[start:j]))
+            us.append(u)
+            ts.append(seq.times[j - 1])
+            excl.append([i for i in (vocab.encode(x) for x in serving_exclusions(seq, j)) if i > UNK])
             if with_feats:
                 xf.append((seq.feats or [])[start:j])
     return Cases(
@@ -307,6 +358,10 @@ def _cases(
         np.array(yb, dtype=np.int64),
         hist,
         feats=_pad_feats(xf, max_len) if with_feats else None,
+        context=np.array(ctx, dtype=np.float32).reshape(len(ys), N_CONTEXT),
+        users=np.array(us, dtype=np.int64),
+        times=np.array(ts, dtype=np.float64),
+        serving_exclude=excl,
     )
 
 
@@ -378,4 +433,5 @@ def time_split(
         name=name,
         horizon_s=horizon_s,
         item_feats=item_features(seqs, train_bounds, vocab) if has_features(seqs) else None,
+        bounds={"valid_start": valid_start, "test_start": test_start, "test_end": test_end},
     )

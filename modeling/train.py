@@ -22,6 +22,7 @@ from tqdm import tqdm
 from modeling.metrics import batches, ranking_metrics, ranks_from_scores
 from modeling.model import PAD, UNK, BehaviourModel, ModelConfig
 from modeling.sequences import Cases, Split
+from streams.features import N_CONTEXT
 from streams.state import FEATURE_BUCKETS, MAX_FEATURES, N_GAPS
 
 
@@ -33,8 +34,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
     patience: int = 10  # epochs without validation NDCG@10 improvement before stopping
-    propensity_weight: float = 0.0  # weight of the purchase-propensity loss (event logs)
-    propensity_probe: bool = False  # the propensity loss trains its head only, not the transformer
+    propensity_epochs: int = 40  # upper bound for the propensity branch (event logs)
+    propensity_patience: int = 5  # its epochs without validation ROC-AUC improvement before stopping
+    refit_repeat: bool = True  # event logs: refit the repeat bonus and logit scale on validation cases
     kind_weight: float = 0.0  # weight of the next-event-kind loss (event logs)
     eval_exclude_history: bool = True  # validation protocol (benchmark files: exclude history)
     seed: int = 42
@@ -69,7 +71,6 @@ PRESETS: dict[str, Preset] = {
             "batch_size": 64,
             "lr": 2e-3,
             "patience": 8,
-            "propensity_weight": 1.0,
             "kind_weight": 0.2,
             "eval_exclude_history": False,
         },
@@ -122,6 +123,40 @@ def last_position(
 
 
 @torch.no_grad()
+def propensity_scores(
+    model: BehaviourModel, cases: Cases, device: torch.device, batch: int = 1024
+) -> np.ndarray:
+    """Calibrated purchase probability of every case, (n,)."""
+    model.eval()
+    out = []
+    table = model.item_table()
+    for sl in batches(len(cases), batch):
+        out.append(_propensity(model, cases, sl, device, table, calibrated=True).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def _propensity(
+    model: BehaviourModel,
+    cases: Cases,
+    rows: slice | np.ndarray,
+    device: torch.device,
+    table: torch.Tensor | None = None,
+    *,
+    calibrated: bool,
+) -> torch.Tensor:
+    w = used_width(cases.items[rows])
+    items, kinds, gaps, feats = token_tensors(model, cases, rows, w, device)
+    context = None
+    h = kinds.new_zeros(())  # the branch does not read the hidden state
+    if model.prop is not None:
+        assert cases.context is not None
+        context = as_tensor(cases.context[rows], device)
+    else:
+        h = model(items, kinds, gaps, feats, table)[:, -1]
+    return model.propensity(h, kinds, gaps, context, calibrated=calibrated)
+
+
+@torch.no_grad()
 def predict(
     model: BehaviourModel, cases: Cases, device: torch.device, exclude: bool, batch: int = 512
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -130,12 +165,12 @@ def predict(
     ranks, loglik, prop = [], [], []
     table = model.item_table()
     for sl in batches(len(cases), batch):
-        h, logits = last_position(model, cases, sl, device, table)
+        _, logits = last_position(model, cases, sl, device, table)
         targets = as_tensor(cases.targets[sl], device)
         logp = torch.log_softmax(logits[:, 2:], dim=1)  # over real items only
         tl = logp.gather(1, (targets - 2).clamp(min=0)[:, None])[:, 0]
         loglik.append(torch.where(targets >= 2, tl, torch.full_like(tl, float("nan"))).cpu().numpy())
-        prop.append(model.propensity(h).cpu().numpy())
+        prop.append(_propensity(model, cases, sl, device, table, calibrated=True).cpu().numpy())
         hist = cases.history[sl] if exclude else None
         ranks.append(ranks_from_scores(logits.float().cpu(), targets.cpu(), hist).numpy())
     return np.concatenate(ranks), np.concatenate(loglik), np.concatenate(prop)
@@ -159,11 +194,13 @@ def train(
         **{**p.train, **{k: v for k, v in overrides.items() if k in TrainConfig.__annotations__}},
     )
     with_feats = tcfg.features and split.item_feats is not None and split.train.feats is not None
+    event_log = split.train_cases is not None and split.train_cases.context is not None
     mcfg = ModelConfig(
         n_items=len(split.vocab),
         n_gaps=N_GAPS,
         n_feats=FEATURE_BUCKETS if with_feats else 0,
         feat_width=MAX_FEATURES,
+        n_context=N_CONTEXT if event_log else 0,
         **{**p.model, **{k: v for k, v in overrides.items() if k in ModelConfig.__annotations__}},
     )
     if split.train.items.shape[1] != mcfg.max_len:
@@ -198,7 +235,7 @@ def train(
         for idx in bar:
             w = used_width(tr.items[idx])
             items, kinds, gaps, feats = token_tensors(model, tr, idx, w, device)
-            targets, bought = as_tensor(tr.targets[idx, -w:], device), as_tensor(tr.bought[idx, -w:], device)
+            targets = as_tensor(tr.targets[idx, -w:], device)
             table = model.item_table()
             h = model(items, kinds, gaps, feats, table)  # (b, L, d)
             valid = (targets != PAD) & (items != PAD)
@@ -213,13 +250,6 @@ def train(
             if bool(known.any()):
                 loss = F.cross_entropy(
                     scores[known], targets[valid][known], label_smoothing=tcfg.label_smoothing
-                )
-            labelled = bought[valid] >= 0  # censored positions (horizon past the period) carry no label
-            if tcfg.propensity_weight and bool(labelled.any()):
-                hp = hv[labelled].detach() if tcfg.propensity_probe else hv[labelled]
-                logit = model.propensity_head(hp)[:, 0]
-                loss = loss + tcfg.propensity_weight * F.binary_cross_entropy_with_logits(
-                    logit, bought[valid][labelled].float()
                 )
             inside = at < w - 1  # the next token's kind is known inside the window only
             if tcfg.kind_weight and bool(inside.any()):
@@ -262,8 +292,15 @@ def train(
             break
     metrics_file.close()
     model.load_state_dict(torch.load(out_dir / "model.pt", weights_only=True, map_location=device))
-    if tcfg.propensity_weight:
+    if event_log:
+        from modeling.heads import fit_propensity, fit_repeat, write_calibration
+
+        calibration: dict[str, Any] = {}
+        if tcfg.refit_repeat and mcfg.repeat:
+            calibration["next_item"] = fit_repeat(model, split.valid, device, progress)
+        calibration["propensity"] = fit_propensity(model, split, device, tcfg, progress)
         calibrate_propensity(model, split.valid, device)
+        write_calibration(model, split, device, calibration, out_dir)
         torch.save(model.state_dict(), out_dir / "model.pt")
     plot_learning_curve(history, out_dir / "learning_curve.png")
     return model, history
@@ -275,11 +312,11 @@ def calibrate_propensity(model: BehaviourModel, cases: Cases, device: torch.devi
     from sklearn.linear_model import LogisticRegression
 
     model.eval()
-    logits = []
     table = model.item_table()
-    for sl in batches(len(cases), 512):
-        h, _ = last_position(model, cases, sl, device, table)
-        logits.append(model.propensity_head(h)[:, 0].cpu().numpy())
+    logits = [
+        _propensity(model, cases, sl, device, table, calibrated=False).cpu().numpy()
+        for sl in batches(len(cases), 1024)
+    ]
     x, y = np.concatenate(logits)[:, None], cases.bought
     x, y = x[y >= 0], y[y >= 0]
     if len(np.unique(y)) < 2:
@@ -313,7 +350,8 @@ def load_model(run_dir: Path, device: str = "cpu") -> BehaviourModel:
     state = torch.load(run_dir / "model.pt", weights_only=True, map_location=device)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # runs saved before calibration and the repeat bonus existed keep their neutral initial values
-    if unexpected or set(missing) - {"prop_calib", "repeat_dist.weight", "repeat_kind.weight", "item_feats"}:
+    older = {"prop_calib", "repeat_dist.weight", "repeat_kind.weight", "item_feats", "logit_scale"}
+    if unexpected or set(missing) - older:
         raise RuntimeError(
             f"{run_dir / 'model.pt'} does not match its config: missing {missing}, unexpected {unexpected}"
         )

@@ -132,10 +132,26 @@ def cmd_evaluate_promotions(settings: Settings, args: argparse.Namespace) -> int
     from streams.policy_eval import evaluate_promotions, report
     from streams.sources.datasets import load
 
-    events = list(load(args.dataset, settings.datasets_dir))[: args.limit]
-    since = datetime.fromisoformat(args.since).timestamp() if args.since else 0.0
+    if args.since in (None, "test"):
+        since = None  # the test period: the model manifest's split, else the data set's
+    elif args.since == "all":
+        since = 0.0
+    else:
+        try:
+            since = datetime.fromisoformat(args.since).timestamp()
+        except ValueError:
+            raise ShopstreamError(f"--since {args.since!r}: an ISO 8601 instant, 'test' or 'all'") from None
     model = Path(args.model) if args.model else settings.model_dir
-    results = evaluate_promotions(events, settings, model, window=args.window_h * 3600, since=since)
+    events = list(load(args.dataset, settings.datasets_dir))[: args.limit]
+    results = evaluate_promotions(
+        events,
+        settings,
+        model,
+        window=args.window_h * 3600,
+        since=since,
+        dataset=args.dataset,
+        horizon=args.horizon_h * 3600,
+    )
     text = report(results, args.dataset)
     print(text)
     if args.out:
@@ -235,7 +251,14 @@ def parser() -> argparse.ArgumentParser:
     pe.add_argument("dataset", help="taobao-users, taobao, rees46, rees46-demo, instacart, ...")
     pe.add_argument("--model", help="exported model folder (default: SHOPSTREAM_MODEL_DIR; none: rules only)")
     pe.add_argument("--window-h", type=float, default=24.0, help="outcome window after a trigger, hours")
-    pe.add_argument("--since", help="count triggers from this instant (ISO 8601), e.g. the test period")
+    pe.add_argument(
+        "--since",
+        help="count from this instant (ISO 8601), or 'all' (the whole log); default 'test': the test "
+        "period of the model's manifest split, else of the data set (with --limit: of the events read)",
+    )
+    pe.add_argument(
+        "--horizon-h", type=float, default=6.0, help="purchase horizon of the propensity ranking, hours"
+    )
     pe.add_argument("--limit", type=int, default=None, help="first N events only")
     pe.add_argument("--out", help="folder for promotions.md and promotions.json")
     pe.set_defaults(func=cmd_evaluate_promotions)

@@ -74,6 +74,9 @@ class _Ctx:
 class Result:
     outputs: list[Output] = field(default_factory=list)
     failed: list[tuple[int, RejectedInput]] = field(default_factory=list)  # (batch index, why)
+    # batch index -> the propensity the model returned for that event (the events it scored), for
+    # offline evaluation; the published records do not carry it
+    propensity: dict[int, float] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -245,6 +248,7 @@ class Pipeline:
                 extra = self.recommender.recommend(partition, c.recent, have, n - len(ranked))
                 ranked += [(i, floor - 1.0 - k) for k, (i, _) in enumerate(extra)]
             source, version = "model", model.version
+            result.propensity[c.index] = pred.propensity
         else:
             ranked = self.recommender.recommend(partition, c.recent, c.exclude, n)
             source, version = "baseline", baseline.VERSION
@@ -282,6 +286,7 @@ class Pipeline:
                     [i for i, _ in ranked],
                     model.version if model is not None and pred else VERSION_RULES,
                     latest=self.timers.latest(now),
+                    thresholds=model.thresholds if model is not None and pred else None,
                 )
                 self.emit(decisions, key, result.outputs)
                 keep_in_outbox(c.state, c.event.event_id, decisions)

@@ -8,6 +8,17 @@ The events run through the worker's own ``Pipeline`` (state fold, baseline, mode
 timers) with dict tables and an event-time clock, so the figures describe the service's code.
 Holdout is off here (every user is evaluated); the other policy settings apply as configured.
 
+Scored period: the whole log runs through the pipeline (the state warms up on the events before
+the period), but only triggers, suppressions and model-scored events from ``since`` on are counted.
+The command line defaults to the test period (the model manifest's ``split``, else the data set's,
+``streams.splits``): counting from the start of the log would score the model on the events it
+learned from.
+
+Propensity ranking (model policy): the events of the period the model scored, ranked by the
+propensity it returned; the purchase rate within ``horizon`` (an order by the user later in the
+log) of the top decile against all of them. Events whose horizon runs past the end of the log are
+censored (left out and counted).
+
 Ground truth comes from the log itself, where no promotion was ever sent:
 - a cart instance is the cart from one change (anchor event) to the next change or order; it is
   *abandoned* when it stayed idle for ``cart_abandon_after_s`` and no order followed within
@@ -22,11 +33,12 @@ Only cases whose window ends inside the log count (the rest is censored and repo
 from __future__ import annotations
 
 import bisect
+import math
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +47,14 @@ import orjson
 from streams.metrics import Metrics
 from streams.pipeline import Message, local_pipeline
 from streams.records import event_adapter
+from streams.scoring import read_manifest
 from streams.settings import Settings
-from streams.state import UserState, user_partition
+from streams.splits import split_bounds
+from streams.state import UserState, event_tokens, user_partition
 
 BATCH = 256
+HORIZON_S = 6 * 3600.0  # purchase horizon of the propensity ranking (the Taobao model's label)
+TOP = 0.1  # the top decile
 
 
 @dataclass
@@ -56,6 +72,8 @@ class Truth:
     end: float = 0.0
     users: int = 0
     event_time: dict[str, float] = field(default_factory=dict)  # event id -> unix s
+    order_pos: dict[str, list[int]] = field(default_factory=dict)  # user -> log positions of orders
+    token_times: list[float] = field(default_factory=list)  # every token's time (streams.splits)
 
     def trigger_time(self, promo: dict[str, Any]) -> float:
         """When a promotion was decided, in event time: cart timers fire at anchor + idle time."""
@@ -67,23 +85,36 @@ class Truth:
         i = bisect.bisect_left(times, start)
         return i < len(times) and times[i] <= start + window
 
+    def ordered_after(self, user: str, pos: int, t: float, horizon: float) -> bool:
+        """An order by ``user`` after the event at log position ``pos`` (time ``t``), within
+        ``horizon``: the propensity's label (the event's own order is not "after")."""
+        times, positions = self.orders.get(user, []), self.order_pos.get(user, [])
+        i = bisect.bisect_left(times, t)
+        while i < len(times) and times[i] <= t + horizon:
+            if positions[i] > pos:
+                return True
+            i += 1
+        return False
+
 
 def ground_truth(events: Iterable[dict[str, Any]]) -> Truth:
     """Order times and cart instances per user, folded with the worker's own state logic."""
     truth = Truth()
     states: dict[str, UserState] = {}
     open_cart: dict[str, CartInstance] = {}
-    for raw in events:
+    for pos, raw in enumerate(events):
         ev = event_adapter.validate_json(orjson.dumps(raw))
         t = ev.event_time.timestamp()
         truth.end = max(truth.end, t)
         truth.event_time[ev.event_id] = t
+        truth.token_times += [float(tok[2]) for tok in event_tokens(ev)]
         state = states.setdefault(ev.user_id, UserState())
         before = state.promo.get("cart")
         state.apply(ev, 0, 1)
         after = state.promo.get("cart")
         if ev.type == "order":
             truth.orders.setdefault(ev.user_id, []).append(t)
+            truth.order_pos.setdefault(ev.user_id, []).append(pos)
         if before != after:
             prev = open_cart.pop(ev.user_id, None)
             if prev is not None:
@@ -98,22 +129,42 @@ def ground_truth(events: Iterable[dict[str, Any]]) -> Truth:
     return truth
 
 
+@dataclass
+class Replay:
+    """What one policy did over the log; counts are of the scored period only."""
+
+    promos: list[dict[str, Any]]  # every promotion record (the caller filters by trigger time)
+    suppressed: Counter[str]
+    scored: int  # events the model scored
+    propensity: list[tuple[int, float]]  # (log position, propensity) of the events the model scored
+
+
 def replay_policy(
-    events: list[dict[str, Any]], settings: Settings, model_dir: Path | None, partitions: int
-) -> tuple[list[dict[str, Any]], Counter[str], int]:
-    """Run the pipeline over the events; returns the promotion records, suppressions and the
-    number of events the model scored."""
+    events: list[dict[str, Any]],
+    settings: Settings,
+    model_dir: Path | None,
+    partitions: int,
+    since: float = 0.0,
+) -> Replay:
+    """Run the pipeline over all the events; suppressions and scored events count from the first
+    event at or after ``since`` on (the counters are read when the replay gets there)."""
     settings = settings.model_copy(update={"model_dir": model_dir})
     pipeline = local_pipeline(settings, settings.discount_budget_per_day / partitions, clock=lambda: 0.0)
     timers, metrics = pipeline.timers, pipeline.metrics  # the clock: timers follow event time only
     promos: list[dict[str, Any]] = []
+    propensity: list[tuple[int, float]] = []
     all_parts = set(range(partitions))
     buffer: list[Message] = []
+    positions: list[int] = []  # log position of each buffered message
 
     def flush(clock: float | None) -> None:
         """Process the buffered events, then let every cart timer due by ``clock`` fire."""
-        outputs = pipeline.process(buffer).outputs if buffer else []
+        result = pipeline.process(buffer) if buffer else None
+        outputs = result.outputs if result else []
+        if result:
+            propensity.extend((positions[i], p) for i, p in sorted(result.propensity.items()))
         buffer.clear()
+        positions.clear()
         if clock is not None:
             for p in all_parts:  # the log is in time order: one clock for every partition
                 timers.observe(p, clock, 0.0)
@@ -123,25 +174,38 @@ def replay_policy(
     def next_due() -> float:
         return min((h[0].at for h in timers.heaps.values() if h), default=float("inf"))
 
+    def counters() -> tuple[Counter[str], int]:
+        suppressed = Counter(
+            {labels["reason"]: int(v) for labels, v in _samples(metrics, "promotions_suppressed")}
+        )
+        scored = sum(
+            v for labels, v in _samples(metrics, "recommendations") if labels.get("source") == "model"
+        )
+        return suppressed, int(scored)
+
+    before: tuple[Counter[str], int] | None = None  # the counters when the period began
     due = next_due()
-    for e in events:
+    for pos, e in enumerate(events):
         t = datetime.fromisoformat(e["event_time"]).timestamp()
+        if before is None and t >= since:
+            flush(None)  # what came before the period (timers due by now fire with this event)
+            before = counters()
         if t >= due:  # a cart timer fires before this event is seen, as it would live
             flush(t)
             due = next_due()
         key = e["user_id"].encode()
         buffer.append(Message(user_partition(key, partitions), key, orjson.dumps(e), None))
+        positions.append(pos)
         if len(buffer) >= BATCH or e["type"] == "cart":  # a cart change sets a timer: know it now
             flush(None)
             due = next_due()
     flush(max((datetime.fromisoformat(e["event_time"]).timestamp() for e in events[-1:]), default=None))
-    suppressed = Counter(
-        {labels["reason"]: int(v) for labels, v in _samples(metrics, "promotions_suppressed")}
-    )
-    scored = int(
-        sum(v for labels, v in _samples(metrics, "recommendations") if labels.get("source") == "model")
-    )
-    return promos, suppressed, scored
+    suppressed, scored = counters()
+    if before is not None:
+        suppressed, scored = suppressed - before[0], scored - before[1]
+    else:  # the period starts after the log
+        suppressed, scored = Counter(), 0
+    return Replay(promos, suppressed, scored, propensity)
 
 
 def _samples(metrics: Metrics, name: str) -> list[tuple[dict[str, str], float]]:
@@ -205,49 +269,153 @@ def cart_report(
     }
 
 
+def period_start(truth: Truth, dataset: str, model_dir: Path | None) -> tuple[float, str]:
+    """Start of the test period and where it comes from: the model manifest's ``split`` (when the
+    model was trained on this data set), else the data set's own (``streams.splits``)."""
+    note = ""
+    if model_dir is not None and (model_dir / "manifest.json").is_file():
+        manifest = read_manifest(model_dir)
+        split, trained_on = manifest.get("split"), (manifest.get("config") or {}).get("data")
+        start = split.get("test_start") if isinstance(split, dict) else None
+        if isinstance(start, int | float) and trained_on in (None, dataset):
+            return float(
+                start
+            ), f"the test period of model {manifest.get('model_version')} (its manifest's split)"
+        if isinstance(start, int | float):
+            note = f"; model {manifest.get('model_version')} was trained on {trained_on}, not {dataset}"
+    _valid, start, _end = split_bounds(dataset, truth.token_times)
+    return start, f"the test period of {dataset} (streams.splits){note}"
+
+
+def lift(rows: Sequence[tuple[float, bool]], top: float = TOP) -> dict[str, Any]:
+    """Purchase rate of the ``top`` share of ``rows`` (propensity, bought) ranked by propensity,
+    against all rows. Ties at the cut count at their expected share, as if broken at random
+    (a model that scores many events alike is not flattered by the log's order)."""
+    n = len(rows)
+    bought = sum(b for _, b in rows)
+    if n == 0:
+        return {
+            "events": 0,
+            "purchases": 0,
+            "rate": None,
+            "top_events": 0,
+            "top_purchases": 0.0,
+            "top_rate": None,
+            "cutoff": None,
+            "lift": None,
+        }
+    k = math.ceil(top * n)
+    cutoff = sorted((p for p, _ in rows), reverse=True)[k - 1]
+    above = [b for p, b in rows if p > cutoff]
+    tied = [b for p, b in rows if p == cutoff]
+    top_bought = sum(above) + (k - len(above)) * sum(tied) / len(tied)
+    rate, top_rate = bought / n, top_bought / k
+    return {
+        "events": n,
+        "purchases": bought,
+        "rate": rate,
+        "top_events": k,
+        "top_purchases": round(top_bought, 3),
+        "top_rate": top_rate,
+        "cutoff": cutoff,
+        "lift": top_rate / rate if rate else None,
+    }
+
+
+def propensity_ranking(
+    events: Sequence[dict[str, Any]],
+    scored: Iterable[tuple[int, float]],
+    truth: Truth,
+    horizon: float,
+    since: float,
+    top: float = TOP,
+) -> dict[str, Any]:
+    """``lift`` over the events of the period the model scored (log position, propensity), each
+    labelled by an order of its user later in the log within ``horizon``; censored: the horizon
+    runs past the end of the log."""
+    rows: list[tuple[float, bool]] = []
+    censored = 0
+    for pos, p in scored:
+        e = events[pos]
+        t = truth.event_time[e["event_id"]]
+        if t < since:
+            continue
+        if t + horizon > truth.end:
+            censored += 1
+            continue
+        rows.append((p, truth.ordered_after(e["user_id"], pos, t, horizon)))
+    return {"horizon_s": horizon, "top": top, "censored": censored, **lift(rows, top)}
+
+
 def evaluate_promotions(
     events: list[dict[str, Any]],
     settings: Settings,
     model_dir: Path | None,
     *,
     window: float,
-    since: float = 0.0,
+    since: float | None = 0.0,
+    dataset: str = "",
+    horizon: float = HORIZON_S,
     partitions: int = 8,
 ) -> dict[str, Any]:
+    """The report's figures. ``since``: count from this instant (0: the whole log; None: the test
+    period of the model or of ``dataset``, see ``period_start``)."""
     settings = settings.model_copy(update={"holdout_percent": 0.0})
     truth = ground_truth(events)
+    if since is None:
+        since, period = period_start(truth, dataset, model_dir)
+    else:
+        period = "the whole log" if since <= 0 else "given (--since)"
+    first = datetime.fromisoformat(events[0]["event_time"]).timestamp() if events else 0.0
     out: dict[str, Any] = {
         "events": len(events),
         "users": truth.users,
         "window_s": window,
         "cart_abandon_after_s": settings.cart_abandon_after_s,
         "since": since,
+        "period": {
+            "since": since,
+            "from": datetime.fromtimestamp(max(since, first), UTC).isoformat(),
+            "source": period,
+            "warm_up_events": sum(1 for t in truth.event_time.values() if t < since),
+        },
         "policies": {},
     }
     runs = [("rule-only", None)] + ([("model", model_dir)] if model_dir else [])
     for name, folder in runs:
         started = time.perf_counter()
-        promos, suppressed, scored = replay_policy(events, settings, folder, partitions)
-        counted = [p for p in promos if truth.trigger_time(p) >= since]
+        replay = replay_policy(events, settings, folder, partitions, since)
+        counted = [p for p in replay.promos if truth.trigger_time(p) >= since]
         kinds = Counter(p["kind"] for p in counted)
         out["policies"][name] = {
             "promotions": len(counted),
             "per_kind": dict(kinds),
             "per_1k_users": {k: round(1000 * n / max(truth.users, 1), 2) for k, n in kinds.items()},
-            "suppressed": dict(suppressed),
-            "model_scored_events": scored,
-            "cart_abandonment": cart_report(promos, truth, window, settings.cart_abandon_after_s, since),
+            "suppressed": dict(replay.suppressed),
+            "model_scored_events": replay.scored,
+            "cart_abandonment": cart_report(
+                replay.promos, truth, window, settings.cart_abandon_after_s, since
+            ),
             "seconds": round(time.perf_counter() - started, 1),
         }
+        if folder is not None:
+            out["policies"][name]["propensity_ranking"] = propensity_ranking(
+                events, replay.propensity, truth, horizon, since
+            )
     return out
 
 
 def report(results: dict[str, Any], name: str) -> str:
+    period = results["period"]
     lines = [
         f"# Promotion policy, offline: {name}",
         "",
         f"{results['events']} events, {results['users']} users; cart idle threshold "
         f"{results['cart_abandon_after_s'] / 60:.0f} min, outcome window {results['window_s'] / 3600:g} h.",
+        "",
+        f"Scored period: from {period['from']} ({period['source']}) to the end of the log. Every event "
+        f"runs through the pipeline; the {period['warm_up_events']} before the period only warm up the "
+        "state and are not counted.",
         "",
         "| policy | promotions | per kind (per 1k users) | suppressed |",
         "|---|---|---|---|",
@@ -283,4 +451,28 @@ def report(results: dict[str, Any], name: str) -> str:
             - pols["model"]["cart_abandonment"]["discount_spend_on_buyers"]
         )
         lines += ["", f"Discount spend on users who bought anyway, avoided by the model: {saved:.2f}."]
+        r = pols["model"].get("propensity_ranking")
+        if r is not None and not r["events"]:
+            lines += [
+                "",
+                f"Propensity ranking: no event of the period the model scored has its "
+                f"{r['horizon_s'] / 3600:g} h horizon inside the log ({r['censored']} censored).",
+            ]
+        elif r is not None:
+            lines += [
+                "",
+                f"Propensity ranking (events of the period the model scored; purchase = an order by the "
+                f"user within {r['horizon_s'] / 3600:g} h after the event; {r['censored']} censored "
+                "events left out):",
+                "",
+                "| events | purchase rate | top decile | its purchase rate | lift |",
+                "|---|---|---|---|---|",
+                f"| {r['events']} ({r['purchases']} bought) | {pct(r['rate'])} "
+                f"| {r['top_events']} (propensity >= {_num(r['cutoff'])}; {r['top_purchases']:g} bought) "
+                f"| {pct(r['top_rate'])} | {_num(r['lift'], 'x')} |",
+            ]
     return "\n".join(lines) + "\n"
+
+
+def _num(x: float | None, unit: str = "") -> str:
+    return "-" if x is None else f"{x:.3g}{unit}"

@@ -11,7 +11,7 @@ Triggers:
 - browse abandonment: ``browse_views`` views of one item within ``browse_window_s`` without adding
   it to the cart or buying it;
 - review recovery: a rating at or below 2, or a 3 with negative words in the text;
-- high intent: the model's purchase propensity crosses ``high_intent_propensity`` upwards;
+- high intent: the model's purchase propensity crosses the high-intent threshold upwards;
 - price sensitivity: a cart removal by a user whose price-sensitivity score is high.
 
 Policy, applied to every trigger in this order: suppression after an order (review recovery
@@ -20,9 +20,15 @@ of their events, else ``default_timezone``): a due cart and a review recovery wa
 the quiet hours (kept in the user's state, so a restart does not lose them), other triggers are
 dropped. Users in the holdout group (a hash of the id) get the same decision logged
 with ``holdout=true``, not meant to be sent. Offers: a user likely to buy anyway
-(propensity >= ``reminder_propensity``) gets a reminder; otherwise a discount growing with price
+(propensity >= the reminder threshold) gets a reminder; otherwise a discount growing with price
 sensitivity, while the day's discount budget lasts. Without a model (propensity unknown) the
 policy is the rule-only baseline: every abandoned cart is offered a discount.
+
+Thresholds: ``high_intent_propensity`` and ``reminder_propensity`` when set; unset, those of the
+model version that produced the propensity (its manifest's ``propensity_thresholds``: versions
+calibrate differently, and a hot reload can swap them between two events of a user), else 0.7 and
+0.5. The reminder threshold is kept in the user's state beside the propensity (``promo["pr"]``)
+for the cart timer that reads them later. Records carry the thresholds used in ``scores``.
 
 Promotion ids are a hash of (user, kind, anchor event id): the same input never yields two ids,
 and recent ids are remembered per user so a redelivered event does not publish one twice.
@@ -35,12 +41,15 @@ import heapq
 from collections.abc import MutableMapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from streams.records import CartEvent, ReviewEvent, ViewEvent
 from streams.settings import Settings
 from streams.state import TokenKind, UserState, word_pieces
+
+if TYPE_CHECKING:
+    from streams.scoring import PropensityThresholds
 
 VERSION_RULES = "rules-1"
 KEEP_IDS = 20  # promotion ids remembered per user
@@ -55,6 +64,9 @@ MARKETING = ("cart_abandonment", "browse_abandonment", "high_intent", "price_sen
 DEFERRED_KINDS = ("review_recovery",)  # event triggers that wait for the end of quiet hours
 DEFERRED = "deferred"  # promo key: triggers waiting for the end of quiet hours
 KEEP_DEFERRED = 4
+DEFAULT_HIGH_INTENT = 0.7  # thresholds for a propensity of a model whose manifest has none
+DEFAULT_REMINDER = 0.5
+MODEL_REMINDER = "pr"  # promo key: the reminder threshold of the model that produced promo["p"]
 
 
 def promotion_id(user_id: str, kind: str, anchor: str) -> str:
@@ -140,22 +152,30 @@ class Policy:
         recommended: list[str],
         model_version: str,
         latest: float | None = None,
+        thresholds: PropensityThresholds | None = None,
     ) -> list[Decision]:
         """Event-driven triggers after ``event`` was folded into ``state``. ``latest``: the
         latest plausible time now (the worker's wall clock plus the tolerance); a future-dated
-        event decides as of then, so it cannot move the budget day or the quiet hours."""
+        event decides as of then, so it cannot move the budget day or the quiet hours.
+        ``thresholds``: those of the model version that returned ``propensity`` (None: it has none)."""
         s, t, eid = self.s, event.event_time.timestamp(), event.event_id
         if latest is not None:
             t = min(t, latest)
         scores: dict[str, float] = {"price_sensitivity": price_sensitivity(state)}
         triggers: list[Trigger] = []
         if propensity is not None:
+            high = self.high_intent_threshold(thresholds)
             prev = state.promo.get("p")
             state.promo["p"] = scores["propensity"] = round(propensity, 4)
-            if propensity >= s.high_intent_propensity and (prev is None or prev < s.high_intent_propensity):
-                why = f"purchase propensity {propensity:.2f} crossed {s.high_intent_propensity:.2f}"
+            if thresholds is not None:
+                state.promo[MODEL_REMINDER] = thresholds.reminder
+            else:
+                state.promo.pop(MODEL_REMINDER, None)
+            if propensity >= high and (prev is None or prev < high):
+                why = f"purchase propensity {propensity:.2f} crossed {high:.2f}"
+                sc = {**scores, "high_intent_threshold": high}
                 triggers.append(
-                    Trigger("high_intent", eid, t, recommended[:5], why, scores, {"kind": "reminder"})
+                    Trigger("high_intent", eid, t, recommended[:5], why, sc, {"kind": "reminder"})
                 )
         match event:
             case ViewEvent():
@@ -238,9 +258,11 @@ class Policy:
             "cart_value": value,
             "idle_s": round(now - since),
         }
+        likely_buyer = False
         if p is not None:
-            scores["propensity"] = p
-        likely_buyer = p is not None and p >= self.s.reminder_propensity
+            reminder = self.reminder_threshold(state.promo.get(MODEL_REMINDER))
+            scores["propensity"], scores["reminder_threshold"] = p, reminder
+            likely_buyer = p >= reminder
         offer = {"kind": "reminder"} if likely_buyer else self._discount(scores["price_sensitivity"])
         why = f"cart of {len(state.cart)} item(s) idle for {(now - since) / 60:.0f} min without an order"
         trig = Trigger("cart_abandonment", anchor, now, list(state.cart)[:10], why, scores, offer)
@@ -249,6 +271,20 @@ class Policy:
             state.promo["done"] = anchor
             state.promo["abandoned"] = state.promo.get("abandoned", 0) + 1
         return self._spend(decision, partition, now, value)
+
+    # --- thresholds --------------------------------------------------------------------------
+    def high_intent_threshold(self, model: PropensityThresholds | None) -> float:
+        """The setting when set, else the model's threshold, else the default."""
+        if self.s.high_intent_propensity is not None:
+            return self.s.high_intent_propensity
+        return model.high_intent if model is not None else DEFAULT_HIGH_INTENT
+
+    def reminder_threshold(self, model_reminder: float | None) -> float:
+        """The setting when set, else the threshold of the model that produced the propensity,
+        else the default."""
+        if self.s.reminder_propensity is not None:
+            return self.s.reminder_propensity
+        return float(model_reminder) if model_reminder is not None else DEFAULT_REMINDER
 
     # --- policy ------------------------------------------------------------------------------
     def _decide(

@@ -2,7 +2,13 @@
 
 In: a model folder written by ``shopstream export`` (``manifest.json``, ``model.onnx``,
 ``vocab.json``) and users' token sequences (``UserState.seq``). Out: per user, the graph's top-K
-items (ids decoded to shop item ids) with scores, and the calibrated purchase propensity.
+items (ids decoded to shop item ids) with scores, and the calibrated purchase propensity; per
+model, the propensity thresholds its exporter chose (``Artifact.thresholds``, when the manifest
+has them).
+
+Graph inputs: ``items``, ``kinds``, ``gaps`` (batch x length), optionally ``feats`` (hashed
+features per token) and ``context`` (batch x ``N_CONTEXT`` float32: ``streams.features`` of the
+window the graph reads, the same function training used).
 
 Lifecycle: ``load_artifact`` verifies the manifest (format, sha256 of graph and vocabulary, token
 id conventions) and refuses anything else with a ``ModelError`` that says what is wrong; the
@@ -30,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from streams.errors import ShopstreamError
+from streams.features import CONTEXT_NAMES, N_CONTEXT, context_features
 from streams.state import (
     FEATURE_BUCKETS,
     FIRST_GAP,
@@ -88,6 +95,18 @@ class Prediction:
     propensity: float
 
 
+@dataclass(frozen=True)
+class PropensityThresholds:
+    """The manifest's ``propensity_thresholds``: score values at quantiles of the model's calibrated
+    propensity on its validation period, chosen by the exporter. A propensity is only comparable
+    with the thresholds of the model version that produced it."""
+
+    high_intent: float  # a propensity crossing this upwards triggers a high-intent nudge
+    reminder: float  # an abandoned cart of a user at least this likely to buy gets a reminder
+    high_intent_quantile: float | None = None  # the quantiles they were taken at (informational)
+    reminder_quantile: float | None = None
+
+
 @dataclass
 class Artifact:
     """A loaded, verified, warmed-up model."""
@@ -103,6 +122,8 @@ class Artifact:
     with_feats: bool
     manifest_sha: str
     category: dict[str, int] = field(default_factory=dict)  # item -> hashed category id, where known
+    with_context: bool = False  # the graph reads the window's context features (``context`` input)
+    thresholds: PropensityThresholds | None = None  # None: the manifest has none (settings' fallback)
     buffers: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def encode_id(self, item: str) -> int:
@@ -119,18 +140,21 @@ class Artifact:
         width = min(self.max_len, max(len(s) for s in sequences)) or 1
         feeds = self._buffers(n, width)
         items, kinds, gaps = feeds["items"], feeds["kinds"], feeds["gaps"]
-        feats = feeds.get("feats")
+        feats, context = feeds.get("feats"), feeds.get("context")
         encode = self.encode_id
         pad = [0] * MAX_FEATURES
         for r, seq in enumerate(sequences):  # one row assignment per input, not one per token
-            toks = seq[-width:]
+            toks = seq[-width:]  # = seq[-max_len:]: width is max_len whenever a row is longer
             if not toks:
                 continue
             off = width - len(toks)
             items[r, off:] = [encode(t[0]) for t in toks]
-            kinds[r, off:] = [t[1] for t in toks]
+            ks = [t[1] for t in toks]
+            kinds[r, off:] = ks
             ts = [t[2] for t in toks]
             gaps[r, off:] = [FIRST_GAP, *(gap_bucket(b - a) for a, b in pairwise(ts))]
+            if context is not None:
+                context[r] = context_features(ks, ts, [t[0] for t in toks])
             if feats is not None:
                 feats[r, off:] = [
                     [*t[3][:MAX_FEATURES], *pad][:MAX_FEATURES] if len(t) > 3 and t[3] else pad for t in toks
@@ -166,13 +190,16 @@ class Artifact:
             raise ModelError(f"model {self.version}: scores not finite or propensity outside [0, 1]")
 
     def _buffers(self, n: int, width: int) -> dict[str, np.ndarray]:
-        """Zeroed input arrays (n, width[, feats]) carved from buffers kept per width."""
+        """Zeroed input arrays (n, width[, feats]) and (n, N_CONTEXT) carved from buffers kept per
+        width (the context rows do not depend on the width; kept beside the others all the same)."""
         per_width = self.buffers.get(width)
         if per_width is None or len(per_width["items"]) < n:
             rows = max(n, len(per_width["items"]) if per_width else 0)
             per_width = {name: np.zeros((rows, width), dtype=np.int64) for name in REQUIRED_INPUTS}
             if self.with_feats:
                 per_width["feats"] = np.zeros((rows, width, MAX_FEATURES), dtype=np.int64)
+            if self.with_context:
+                per_width["context"] = np.zeros((rows, N_CONTEXT), dtype=np.float32)
             self.buffers[width] = per_width
         out = {}
         for name, buf in per_width.items():
@@ -220,6 +247,10 @@ def load_artifact(folder: Path, provider: str = "auto", threads: int = 1) -> Art
             f"{where}: model hashes features into {ids.get('feature_buckets')} x {ids.get('feat_width')}, "
             f"this service into {FEATURE_BUCKETS} x {MAX_FEATURES}"
         )
+    with_context = "context" in inputs
+    if with_context:
+        check_context(manifest, where)
+    thresholds = read_thresholds(manifest, where)
     try:
         vocab_doc = json.loads(vocab_path.read_text())
         vocab = vocab_doc["items"]
@@ -244,6 +275,12 @@ def load_artifact(folder: Path, provider: str = "auto", threads: int = 1) -> Art
         raise ModelError(
             f"{graph}: graph inputs/outputs {got} do not match the manifest {inputs} / {OUTPUTS}"
         )
+    if with_context:
+        shape = next(i.shape for i in session.get_inputs() if i.name == "context")
+        if len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != N_CONTEXT):
+            raise ModelError(
+                f"{graph}: the graph's context input has shape {shape}, not [batch, {N_CONTEXT}]"
+            )
     actual = session.get_providers()[0]
     if providers[0] != actual:
         log.warning("model %s: asked for %s, onnxruntime runs it on %s", version, providers[0], actual)
@@ -258,11 +295,74 @@ def load_artifact(folder: Path, provider: str = "auto", threads: int = 1) -> Art
         max_len=max_len,
         top_k=top_k,
         with_feats=with_feats,
+        with_context=with_context,
+        thresholds=thresholds,
         manifest_sha=sha256(folder / "manifest.json"),
     )
     warm_up(art)
     probe(art)
     return art
+
+
+def check_context(manifest: dict[str, Any], where: Path) -> None:
+    """A ``context`` input must be the features this service computes: the same names in the same
+    order (``streams.features.CONTEXT_NAMES``) and the same width. Feature definitions of another
+    version would feed the propensity head numbers it was not trained on, silently."""
+    inputs = manifest["inputs"]
+    spec = inputs.get("context") if isinstance(inputs, dict) else None
+    shape = spec.get("shape") if isinstance(spec, dict) else None
+    if not isinstance(spec, dict) or spec.get("dtype") != "float32" or not isinstance(shape, list):
+        raise ModelError(
+            f"{where}: inputs.context must be {{'dtype': 'float32', 'shape': ['batch', N]}}, not {spec!r}"
+        )
+    if len(shape) != 2 or shape[1] != N_CONTEXT:
+        raise ModelError(
+            f"{where}: the context input has shape {shape}; this service computes {N_CONTEXT} context "
+            "features per row (streams.features.N_CONTEXT)"
+        )
+    names = manifest.get("context_features")
+    if not isinstance(names, list):
+        raise ModelError(f"{where}: a context input without the context_features list it was trained on")
+    if names != list(CONTEXT_NAMES):
+        diff = next(
+            (
+                f"feature {j}: {a!r} there, {b!r} here"
+                for j, (a, b) in enumerate(zip(names, CONTEXT_NAMES, strict=False))
+                if a != b
+            ),
+            f"{len(names)} features there, {N_CONTEXT} here",
+        )
+        raise ModelError(
+            f"{where}: the model's context features are not this service's ({diff}): it was trained "
+            "with another version of streams.features; serve it with that version or re-export it"
+        )
+
+
+def read_thresholds(manifest: dict[str, Any], where: Path) -> PropensityThresholds | None:
+    """The manifest's ``propensity_thresholds`` (None without them), checked like the settings
+    they stand in for: high intent in (0, 1], reminder in [0, 1] and not above high intent."""
+    doc = manifest.get("propensity_thresholds")
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
+        raise ModelError(f"{where}: propensity_thresholds must be an object, not {doc!r}")
+    values: dict[str, float | None] = {}
+    for key in ("high_intent", "reminder", "high_intent_quantile", "reminder_quantile"):
+        value = doc.get(key)
+        if value is None and key.endswith("_quantile"):
+            values[key] = None
+        elif isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1:
+            values[key] = float(value)
+        else:
+            raise ModelError(f"{where}: propensity_thresholds.{key} = {value!r}, expected a number in [0, 1]")
+    high, reminder = values["high_intent"] or 0.0, values["reminder"] or 0.0
+    out = PropensityThresholds(high, reminder, values["high_intent_quantile"], values["reminder_quantile"])
+    if out.high_intent <= 0 or out.reminder > out.high_intent:
+        raise ModelError(
+            f"{where}: propensity_thresholds high_intent {out.high_intent}, reminder {out.reminder}: "
+            "expected 0 < high_intent and reminder <= high_intent (a likely buyer gets a reminder)"
+        )
+    return out
 
 
 def select_providers(setting: str, available: Sequence[str]) -> list[str]:
@@ -294,7 +394,9 @@ def probe_batch(art: Artifact) -> list[list[list[Any]]]:
     ``max_len`` (the scorer keeps the last ``max_len``), every token kind, known items from the
     whole vocabulary, unknown items and searches without one, no features, too many features and
     the extreme feature ids, time gaps from 0 to years and out of order. Each sequence ends with a
-    known item, as the sequences the pipeline sends to the model do."""
+    known item, as the sequences the pipeline sends to the model do. For a graph with a ``context``
+    input the same rows give windows with and without purchases, one-token and multi-token
+    sessions and negative gaps (``Artifact.score`` computes their context features)."""
     known = (
         [art.vocab[i] for i in sorted({0, len(art.vocab) // 2, len(art.vocab) - 1})] if art.vocab else [""]
     )

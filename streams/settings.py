@@ -206,14 +206,20 @@ class Settings(BaseSettings):
         3, ge=2, le=100, description="Views of one item, without a cart add, that trigger browse abandonment."
     )
     browse_window_s: float = Field(1800.0, gt=0, description="Window for counting those views.")
-    high_intent_propensity: float = Field(
-        0.7, gt=0, le=1, description="Purchase propensity whose crossing triggers a high-intent nudge."
+    high_intent_propensity: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Purchase propensity whose crossing triggers a high-intent nudge; unset (or auto): the "
+        "threshold of the model version that scored the event, 0.7 for a model without one.",
     )
-    reminder_propensity: float = Field(
-        0.5,
+    reminder_propensity: float | None = Field(
+        None,
         ge=0,
         le=1,
-        description="Abandoned carts of users at least this likely to buy get a reminder, not a discount.",
+        description="Abandoned carts of users at least this likely to buy get a reminder, not a discount; "
+        "unset (or auto): the threshold of the model version that scored the propensity, 0.5 for a "
+        "model without one.",
     )
     price_sensitive: float = Field(
         0.5, ge=0, le=1, description="Price-sensitivity score from which a cart removal triggers an offer."
@@ -261,6 +267,12 @@ class Settings(BaseSettings):
     def _empty_path_is_unset(cls, value: Any) -> Any:
         """``VAR=`` (as compose writes an unset ``${VAR:-}``) means unset, not the current folder."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("high_intent_propensity", "reminder_propensity", mode="before")
+    @classmethod
+    def _auto_threshold_is_unset(cls, value: Any) -> Any:
+        """``auto`` or empty (``settings`` prints an unset one so) mean "the model's threshold"."""
+        return None if isinstance(value, str) and value.strip().lower() in ("", "auto") else value
 
     @field_validator("kafka_bootstrap_servers")
     @classmethod
@@ -366,7 +378,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _values_agree(self) -> Settings:
-        """Checks across fields: topics distinct, propensity thresholds in order."""
+        """Checks across fields: topics distinct, propensity thresholds in order (when both are set;
+        a model's own thresholds are checked when it loads)."""
         seen: dict[str, str] = {}
         for name in TOPIC_FIELDS:
             topic = getattr(self, name)
@@ -382,7 +395,8 @@ class Settings(BaseSettings):
                     f"SHOPSTREAM_{other.upper()} and SHOPSTREAM_{name.upper()} {same}: "
                     "every topic must be distinct"
                 )
-        if self.reminder_propensity > self.high_intent_propensity:
+        high, reminder = self.high_intent_propensity, self.reminder_propensity
+        if high is not None and reminder is not None and reminder > high:
             raise ValueError(
                 f"SHOPSTREAM_REMINDER_PROPENSITY={self.reminder_propensity} is above "
                 f"SHOPSTREAM_HIGH_INTENT_PROPENSITY={self.high_intent_propensity}: a user nudged as a "

@@ -1,12 +1,26 @@
-"""Offline promotion evaluation: ground truth and the cart-abandonment report on known cases."""
+"""Offline promotion evaluation: ground truth, the cart-abandonment report, the scored period and the
+propensity ranking on known cases."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-from streams.policy_eval import evaluate_promotions, ground_truth, report
+import pytest
+
+from streams.cli import main
+from streams.policy_eval import (
+    evaluate_promotions,
+    ground_truth,
+    lift,
+    period_start,
+    propensity_ranking,
+    report,
+)
 from streams.settings import Settings
+from streams.splits import split_bounds
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 
@@ -61,3 +75,94 @@ def test_cart_report_counts_precision_recall_and_spend_on_buyers() -> None:
     assert cart_stats["discount_spend_on_buyers"] > 0
     text = report(results, "synthetic")
     assert "| rule-only | 3 | 66.7% | 2 | 100.0% |" in text
+
+
+def test_lift_of_the_top_decile_on_a_known_ranking() -> None:
+    # 20 events, propensity 0.05 .. 1.0; the top two and two at the bottom bought
+    rows = [(i / 20, i in (20, 19, 1, 2)) for i in range(1, 21)]
+    r = lift(rows)
+    assert (r["events"], r["purchases"], r["top_events"], r["top_purchases"]) == (20, 4, 2, 2)
+    assert r["rate"] == 0.2 and r["top_rate"] == 1.0 and r["lift"] == pytest.approx(5.0)
+    assert r["cutoff"] == 0.95
+    # ties at the cut count at their expected share: 1 of 2 tied events bought, 1 place in the top
+    tied = lift([(0.9, True), (0.9, False), *[(0.1, False)] * 8])
+    assert tied["top_events"] == 1 and tied["top_purchases"] == 0.5 and tied["lift"] == pytest.approx(5.0)
+    flat = lift([(0.5, i % 4 == 0) for i in range(40)])  # a constant score ranks nothing: lift 1
+    assert flat["lift"] == pytest.approx(1.0)
+    assert lift([])["lift"] is None and lift([(0.3, False)] * 5)["lift"] is None  # no purchase: none
+
+
+def test_the_ranking_labels_scored_events_by_later_orders_and_leaves_out_censored_ones() -> None:
+    events = sorted(
+        [
+            ev("view", "u1", "e0", 0, item_id="x"),  # before the period
+            ev("view", "u1", "e1", 120, item_id="x"),  # u1 orders 2 h later: bought
+            order("u1", "e2", 240),  # its own order is not "after": not bought
+            ev("view", "u2", "e3", 130, item_id="x"),  # u2 orders 7 h later: not within 6 h
+            order("u2", "e4", 130 + 7 * 60),
+            ev("view", "u3", "e5", 900, item_id="x"),  # 6 h after 15:00 is past the log's end
+            ev("view", "u4", "e6", 16 * 60, item_id="x"),
+        ],
+        key=lambda e: e["event_time"],
+    )
+    pos = {e["event_id"]: i for i, e in enumerate(events)}
+    truth = ground_truth(events)
+    scored = [(pos["e0"], 0.9), (pos["e1"], 0.8), (pos["e2"], 0.7), (pos["e3"], 0.1), (pos["e5"], 0.5)]
+    r = propensity_ranking(events, scored, truth, 6 * 3600, since=T0.timestamp() + 60 * 60)
+    assert (r["events"], r["purchases"], r["censored"]) == (3, 1, 1)
+    assert r["top_events"] == 1 and r["top_rate"] == 1.0 and r["lift"] == pytest.approx(3.0)
+
+
+def test_the_test_period_comes_from_the_manifest_else_the_data_set(tmp_path: Path) -> None:
+    truth = ground_truth(EVENTS)
+    assert len(truth.token_times) == 8  # the test period starts at the 7th token (int(0.85 * 8) = 6)
+    start = sorted(truth.token_times)[6]
+    two_lines = ev("order", "u", "o", 0, order_id="o", lines=[{"item_id": i, "quantity": 1} for i in "ab"])
+    assert ground_truth([two_lines]).token_times == [T0.timestamp()] * 2  # a token per line, as training
+    assert period_start(truth, "synthetic", None) == (start, "the test period of synthetic (streams.splits)")
+    model = tmp_path / "model"
+    model.mkdir()
+    manifest = {"model_version": "m1", "config": {"data": "synthetic"}, "split": {"test_start": 123.0}}
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    since, source = period_start(truth, "synthetic", model)
+    assert since == 123.0 and "model m1" in source and "manifest" in source
+    since, source = period_start(truth, "other-log", model)  # trained on another log: not its split
+    assert since == split_bounds("other-log", truth.token_times)[1] and "trained on synthetic" in source
+    (model / "manifest.json").write_text(json.dumps({"model_version": "old"}))  # no split: the data set's
+    assert period_start(truth, "synthetic", model)[0] == start
+
+
+def test_only_the_period_is_counted_and_the_report_says_which(tmp_path: Path) -> None:
+    events = sorted(
+        [
+            order("buyer", "o1", 0),
+            cart("buyer", "b1", 1),  # idle at 61 min, an order a minute before: suppressed
+            ev("view", "other", "v1", 120, item_id="x"),  # the timer fires when the clock passes it
+            cart("abandoner", "a1", 600),  # idle at 11 h: a trigger inside the period
+            ev("view", "ticker", "t1", 16 * 60, item_id="x"),
+        ],
+        key=lambda e: e["event_time"],
+    )
+    settings = Settings(quiet_hours="", cart_abandon_after_s=3600.0)
+    whole = evaluate_promotions(events, settings, None, window=3600)["policies"]["rule-only"]
+    assert whole["suppressed"] == {"order": 1} and whole["per_kind"] == {"cart_abandonment": 1}
+    since = T0.timestamp() + 5 * 3600
+    results = evaluate_promotions(events, settings, None, window=3600, since=since)
+    late = results["policies"]["rule-only"]
+    assert late["suppressed"] == {} and late["per_kind"] == {"cart_abandonment": 1}
+    assert results["period"]["warm_up_events"] == 3
+    text = report(results, "synthetic")
+    assert "Scored period: from 2026-03-02T14:00:00+00:00 (given (--since))" in text
+    assert "the 3 before the period only warm up the state" in text
+
+
+def test_the_command_scores_the_test_period_by_default(capsys: pytest.CaptureFixture[str]) -> None:
+    demo_model = Path(__file__).resolve().parents[2] / "deploy" / "demo" / "model"
+    assert main(["evaluate-promotions", "rees46-demo", "--limit", "400", "--model", str(demo_model)]) == 0
+    text = capsys.readouterr().out
+    assert "(the test period of rees46-demo (streams.splits))" in text  # the demo manifest has no split
+    assert "Propensity ranking" in text
+    assert main(["evaluate-promotions", "rees46-demo", "--limit", "400", "--since", "all"]) == 0
+    text = capsys.readouterr().out
+    assert "(the whole log)" in text and "the 0 before the period" in text
+    assert main(["evaluate-promotions", "rees46-demo", "--since", "last week"]) == 1

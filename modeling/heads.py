@@ -1,0 +1,196 @@
+"""Second-stage fits on an event log, after the sequence model has been chosen on validation.
+
+In: a trained ``BehaviourModel`` and its ``Split``. Out: the model with refitted parameters and a
+``calibration.json`` in the run folder (what was fitted, on which cases, with which result, the
+propensity thresholds for the promotion policy and the split's time bounds).
+
+- ``fit_repeat``: the repeat bonus (per distance back and per event kind) and the scale of the
+  catalogue logits, refitted by next-item cross-entropy on the validation cases with everything
+  else frozen. On the training windows the catalogue logits have memorised the next item, so the
+  bonus learned there is too small to matter; refitted out of sample, the few dozen parameters
+  learn how much a user's own recent items are worth against the catalogue, and the fit is the
+  temperature calibration of the next-item distribution at the same time (the perplexity that is
+  reported is that of a calibrated model).
+- ``fit_propensity``: the propensity branch (``modeling.model.PropensityBranch``) trained on the
+  training period's cases, the epoch chosen by validation ROC-AUC; Platt scaling follows
+  (``modeling.train.calibrate_propensity``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from modeling.metrics import batches, ranking_metrics, ranks_from_scores
+from modeling.model import UNK, BehaviourModel
+from modeling.sequences import Cases, Split
+from modeling.train import TrainConfig, as_tensor, propensity_scores, token_tensors, used_width
+
+HIGH_INTENT_QUANTILE = 0.90  # high-intent nudges go to the top decile of validation scores
+REMINDER_QUANTILE = 0.75  # abandoned carts of the top quarter get a reminder, not a discount
+
+
+def _auc(y: np.ndarray, p: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+
+
+@torch.no_grad()
+def _last_hidden(
+    model: BehaviourModel, cases: Cases, device: torch.device
+) -> list[tuple[slice, torch.Tensor]]:
+    model.eval()
+    table = model.item_table()
+    out = []
+    for sl in batches(len(cases), 512):
+        w = used_width(cases.items[sl])
+        items, kinds, gaps, feats = token_tensors(model, cases, sl, w, device)
+        out.append((sl, model(items, kinds, gaps, feats, table)[:, -1]))
+    return out
+
+
+def _scores(
+    model: BehaviourModel, cases: Cases, sl: slice, h: torch.Tensor, table: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    w = used_width(cases.items[sl])
+    items, kinds = (as_tensor(a[sl, -w:], device) for a in (cases.items, cases.kinds))
+    return model.next_item_scores(h, items, kinds, torch.full_like(items[:, 0], w - 1), table)
+
+
+def _next_item_fit(
+    model: BehaviourModel, cases: Cases, hidden: list[tuple[slice, torch.Tensor]], device: torch.device
+) -> dict[str, float]:
+    """Validation NLL (over known targets) and NDCG@10 (no exclusion) of the current parameters."""
+    table = model.item_table().detach()
+    nll, n, ranks = 0.0, 0, []
+    with torch.no_grad():
+        for sl, h in hidden:
+            s = _scores(model, cases, sl, h, table, device)
+            t = as_tensor(cases.targets[sl], device)
+            known = t > UNK
+            if bool(known.any()):
+                logp = torch.log_softmax(s[known][:, 2:], dim=1)
+                nll -= float(logp.gather(1, (t[known] - 2)[:, None]).sum())
+                n += int(known.sum())
+            ranks.append(ranks_from_scores(s.float().cpu(), t.cpu(), None).numpy())
+    return {"nll": nll / max(n, 1), "NDCG@10": ranking_metrics(np.concatenate(ranks))["NDCG@10"]}
+
+
+def fit_repeat(model: BehaviourModel, valid: Cases, device: torch.device, progress: bool) -> dict[str, Any]:
+    """Refit the repeat bonus and the logit scale on the validation cases (module docstring)."""
+    hidden = _last_hidden(model, valid, device)
+    before = _next_item_fit(model, valid, hidden, device)
+    params: list[torch.Tensor] = [model.logit_scale, model.repeat_dist.weight, model.repeat_kind.weight]
+    saved = [p.detach().clone() for p in params]
+    for frozen in model.parameters():
+        frozen.requires_grad_(False)
+    for tensor in params:
+        tensor.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=0.05)
+    table = model.item_table().detach()
+    for _ in range(30):
+        for sl, h in hidden:
+            t = as_tensor(valid.targets[sl], device)
+            known = t > UNK
+            if not bool(known.any()):
+                continue
+            s = _scores(model, valid, sl, h, table, device)
+            loss = F.cross_entropy(s[known][:, 2:], t[known] - 2)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+    for frozen in model.parameters():
+        frozen.requires_grad_(True)
+    after = _next_item_fit(model, valid, hidden, device)
+    if after["nll"] > before["nll"]:  # never worse than what training left
+        with torch.no_grad():
+            for tensor, old in zip(params, saved, strict=True):
+                tensor.copy_(old)
+        after = before
+    if progress:
+        print(
+            f"repeat bonus refitted on validation: NLL {before['nll']:.3f} -> {after['nll']:.3f}, "
+            f"NDCG@10 {before['NDCG@10']:.4f} -> {after['NDCG@10']:.4f}, logit scale "
+            f"{float(model.logit_scale.detach()):.3f}",
+            flush=True,
+        )
+    return {
+        "fitted_on": "validation",
+        "before": before,
+        "after": after,
+        "logit_scale": float(model.logit_scale.detach()),
+    }
+
+
+def fit_propensity(
+    model: BehaviourModel, split: Split, device: torch.device, tcfg: TrainConfig, progress: bool
+) -> dict[str, Any]:
+    """Train the propensity branch on the training period; the epoch with the best validation
+    ROC-AUC is kept (module docstring)."""
+    assert model.prop is not None and split.train_cases is not None
+    train, valid = split.train_cases, split.valid
+    assert train.context is not None and valid.context is not None
+    branch = model.prop
+    known = np.flatnonzero(train.bought >= 0)
+    ctx = train.context[known]
+    with torch.no_grad():
+        branch.ctx_mean.copy_(torch.from_numpy(ctx.mean(axis=0)))
+        branch.ctx_std.copy_(torch.from_numpy(ctx.std(axis=0) + 1e-3))
+    vy = valid.bought
+    opt = torch.optim.AdamW(branch.parameters(), lr=3e-3, weight_decay=1e-2)
+    best, best_epoch, best_state = -1.0, 0, copy.deepcopy(branch.state_dict())
+    rng = np.random.default_rng(tcfg.seed)
+    labels = as_tensor(train.bought.astype(np.float32), device)
+    for epoch in range(1, tcfg.propensity_epochs + 1):
+        branch.train()
+        order = known[rng.permutation(len(known))]
+        for start in range(0, len(order), 512):
+            rows = order[start : start + 512]
+            w = used_width(train.items[rows])
+            kinds = as_tensor(train.kinds[rows, -w:], device)
+            gaps = as_tensor(train.gaps[rows, -w:], device)
+            logit = branch(kinds, gaps, as_tensor(train.context[rows], device))
+            loss = F.binary_cross_entropy_with_logits(logit, labels[rows])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+        p = propensity_scores(model, valid, device)
+        auc = _auc(vy[vy >= 0], p[vy >= 0])
+        if progress:
+            print(f"propensity epoch {epoch:2d} valid ROC-AUC {auc:.4f}", flush=True)
+        if auc > best:
+            best, best_epoch, best_state = auc, epoch, copy.deepcopy(branch.state_dict())
+        elif epoch - best_epoch >= tcfg.propensity_patience:
+            break
+    branch.load_state_dict(best_state)
+    branch.eval()
+    return {
+        "fitted_on": "training period",
+        "chosen_on": "validation ROC-AUC",
+        "epoch": best_epoch,
+        "valid_ROC-AUC": best,
+    }
+
+
+def write_calibration(
+    model: BehaviourModel, split: Split, device: torch.device, calibration: dict[str, Any], out_dir: Path
+) -> dict[str, Any]:
+    """Propensity thresholds as quantiles of the calibrated validation scores, with the split's
+    bounds and what the fits did, to ``calibration.json`` (the exporter puts them in the manifest)."""
+    p = propensity_scores(model, split.valid, device)
+    calibration["propensity_thresholds"] = {
+        "high_intent": float(np.quantile(p, HIGH_INTENT_QUANTILE)) if len(p) else 0.7,
+        "reminder": float(np.quantile(p, REMINDER_QUANTILE)) if len(p) else 0.5,
+        "high_intent_quantile": HIGH_INTENT_QUANTILE,
+        "reminder_quantile": REMINDER_QUANTILE,
+    }
+    calibration["split"] = split.bounds
+    (out_dir / "calibration.json").write_text(json.dumps(calibration, indent=2))
+    return calibration
