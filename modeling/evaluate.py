@@ -126,17 +126,26 @@ def evaluate_propensity(model: BehaviourModel, split: Split, run_dir: Path) -> d
     """Purchase within the horizon: the model against logistic regression and gradient-boosted
     trees on the window features, all chosen on the validation period, on the same test cases."""
     assert split.train_cases is not None
+    known = split.test.bought >= 0  # cases whose horizon ends inside the data
+    y = split.test.bought[known]
+    hours = split.horizon_s / 3600
+    trained = split.train_cases.bought[split.train_cases.bought >= 0]
+    if len(np.unique(y)) < 2 or len(np.unique(trained)) < 2:
+        # a log shorter than the horizon: nothing to score (the report says so)
+        return {
+            "horizon": f"{hours:g}h",
+            "positives": float(y.mean()) if len(y) else float("nan"),
+            "censored_cases": int((~known).sum()),
+            "note": "no test or training labels of both kinds",
+        }
     dev = next(model.parameters()).device
     _, _, p_model = predict(model, split.test, dev, exclude=False)
     baselines: list[LogisticPropensity | GBTPropensity] = [
         LogisticPropensity().fit(split.train_cases, split.valid),
         GBTPropensity().fit(split.train_cases, split.valid),
     ]
-    known = split.test.bought >= 0  # cases whose horizon ends inside the data
-    y = split.test.bought[known]
     users = split.test.users[known] if split.test.users is not None else None
     preds = {"model": p_model[known], **{b.name: b.predict(split.test)[known] for b in baselines}}
-    hours = split.horizon_s / 3600
     out: dict[str, Any] = {
         "horizon": f"{hours:g}h",
         "positives": float(y.mean()),
@@ -265,7 +274,9 @@ def write_report(results: dict[str, Any], run_dir: Path) -> None:
             + ".",
         ]
     prop = results.get("propensity")
-    if prop:
+    if prop and "note" in prop:
+        lines += ["", f"Purchase within {prop['horizon']}: {prop['note']}."]
+    elif prop:
         lines += [
             "",
             f"Purchase within {prop['horizon']} (positives {prop['positives']:.3f}), same test cases:",

@@ -108,6 +108,7 @@ def fit_repeat(model: BehaviourModel, valid: Cases, device: torch.device, progre
             opt.step()
     for frozen in model.parameters():
         frozen.requires_grad_(True)
+    model.logit_scale.requires_grad_(False)
     after = _next_item_fit(model, valid, hidden, device)
     if after["nll"] > before["nll"]:  # never worse than what training left
         with torch.no_grad():
@@ -165,18 +166,20 @@ def fit_propensity(
         auc = _auc(vy[vy >= 0], p[vy >= 0])
         if progress:
             print(f"propensity epoch {epoch:2d} valid ROC-AUC {auc:.4f}", flush=True)
+        if np.isnan(auc):  # no validation labels of both kinds (a log shorter than the horizon)
+            best_state = copy.deepcopy(branch.state_dict())
+            if epoch >= tcfg.propensity_patience:
+                best_epoch = epoch
+                break
+            continue
         if auc > best:
             best, best_epoch, best_state = auc, epoch, copy.deepcopy(branch.state_dict())
         elif epoch - best_epoch >= tcfg.propensity_patience:
             break
     branch.load_state_dict(best_state)
     branch.eval()
-    return {
-        "fitted_on": "training period",
-        "chosen_on": "validation ROC-AUC",
-        "epoch": best_epoch,
-        "valid_ROC-AUC": best,
-    }
+    chosen = "validation ROC-AUC" if best >= 0 else "fixed epochs (no validation labels of both kinds)"
+    return {"fitted_on": "training period", "chosen_on": chosen, "epoch": best_epoch, "valid_ROC-AUC": best}
 
 
 def write_calibration(

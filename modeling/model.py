@@ -101,6 +101,7 @@ class PropensityBranch(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(d + cfg.n_context, 32), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(32, 1)
         )
+        self.linear = nn.Linear(cfg.n_context, 1)  # a logistic regression on the features, beside the MLP
         self.register_buffer("ctx_mean", torch.zeros(cfg.n_context))
         self.register_buffer("ctx_std", torch.ones(cfg.n_context))
 
@@ -111,8 +112,9 @@ class PropensityBranch(nn.Module):
         a = self.attn(torch.tanh(r))[..., 0]  # (b, n)
         a = torch.where(kinds != PAD, a, torch.full_like(a, -1e9))
         pooled = (torch.softmax(a, dim=1)[..., None] * r).sum(dim=1)  # (b, d)
-        x = torch.cat([pooled, (context - self.ctx_mean) / self.ctx_std], dim=1)
-        return self.mlp(x)[:, 0]  # type: ignore[no-any-return]
+        ctx = (context - self.ctx_mean) / self.ctx_std
+        logit = self.mlp(torch.cat([pooled, ctx], dim=1)) + self.linear(ctx)
+        return logit[:, 0]  # type: ignore[no-any-return]
 
 
 class BehaviourModel(nn.Module):
@@ -140,8 +142,9 @@ class BehaviourModel(nn.Module):
         self.feat_emb = nn.Embedding(cfg.n_feats, d, padding_idx=PAD) if cfg.n_feats else None
         width = cfg.feat_width if cfg.n_feats else 0
         self.register_buffer("item_feats", torch.zeros(cfg.n_items, width, dtype=torch.long))
-        # scale of the catalogue logits against the repeat bonus, refitted on held-out cases
-        self.logit_scale = nn.Parameter(torch.ones(()))
+        # scale of the catalogue logits against the repeat bonus: fixed at 1 in training (which
+        # leaves the benchmark models as they were), refitted on held-out cases (modeling.heads)
+        self.logit_scale = nn.Parameter(torch.ones(()), requires_grad=False)
         self.prop = PropensityBranch(cfg) if cfg.n_context else None
         self.apply(self._init)
         nn.init.zeros_(self.repeat_dist.weight)

@@ -51,8 +51,10 @@ class LogisticPropensity:
         best = -1.0
         for c in self.GRID:
             m = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000)).fit(x, y)
-            auc = _auc(yv, m.predict_proba(xv)[:, 1])
-            if auc > best:
+            auc = _auc(yv, m.predict_proba(xv)[:, 1]) if len(yv) else float("nan")
+            if np.isnan(auc) and c == 1.0:  # nothing to choose on: the default strength
+                self.model, self.chosen = m, {"C": c, "valid_ROC-AUC": auc}
+            elif auc > best:
                 best, self.model, self.chosen = auc, m, {"C": c, "valid_ROC-AUC": auc}
         return self
 
@@ -92,6 +94,9 @@ class GBTPropensity:
         for rounds in range(self.STEP, self.MAX_ROUNDS + 1, self.STEP):
             clf.set_params(max_iter=rounds)
             clf.fit(x, y)
+            if len(yv) == 0 or yv.min() == yv.max():  # nothing to stop on: a fixed, modest number
+                best, best_rounds = float("nan"), 100
+                break
             auc = _auc(yv, clf.predict_proba(xv)[:, 1])
             if auc > best:
                 best, best_rounds, stale = auc, rounds, 0

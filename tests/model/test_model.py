@@ -241,6 +241,8 @@ def test_event_log_run_reports_propensity_against_both_baselines(tmp_path: Path,
     thresholds = calibration["propensity_thresholds"]
     assert 0 < thresholds["reminder"] <= thresholds["high_intent"] < 1
     assert calibration["split"]["test_start"] == split.bounds["test_start"]
+    refit = calibration["next_item"]  # refitted on validation, never worse than training left it
+    assert refit["after"]["nll"] <= refit["before"]["nll"]
     results = evaluate(model, split, tmp_path, sampled=False)
     assert results["headline"] == "no_exclusion"
     serving = results["models"]["model"]["serving_excluded"]
