@@ -126,7 +126,17 @@ def print_results(results: dict[str, Any]) -> None:
     )
     for name, e in results["models"].items():
         m, ci = e[results["headline"]], e["NDCG@10_ci95"]
+        serving = e.get("serving_excluded")
         print(
             f"  {name:13s} NDCG@10 {m['NDCG@10']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]  HR@10 {m['HR@10']:.4f}"
             f"  MRR {m['MRR']:.4f}"
+            + (f"  (serving's exclusions: NDCG@10 {serving['NDCG@10']:.4f})" if serving else "")
         )
+    for key, title in (("propensity", "purchase within the horizon"), ("daily", "buys during the test day")):
+        prop = results.get(key)
+        if not prop or "note" in prop:
+            continue
+        print(f"{title} (ROC-AUC [users resampled], ECE):")
+        for name in ("model", "logistic regression", "gradient-boosted trees"):
+            m, ci = prop[name], prop[name]["ROC-AUC_ci95"]
+            print(f"  {name:23s} {m['ROC-AUC']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]  ECE {m['ECE']:.4f}")

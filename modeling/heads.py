@@ -140,6 +140,8 @@ def fit_propensity(
     assert train.context is not None and valid.context is not None
     branch = model.prop
     known = np.flatnonzero(train.bought >= 0)
+    if len(np.unique(train.bought[known])) < 2:  # nothing to learn: the branch stays as initialised
+        return {"fitted_on": "nothing", "note": "no training cases of both kinds", "epoch": 0}
     ctx = train.context[known]
     with torch.no_grad():
         branch.ctx_mean.copy_(torch.from_numpy(ctx.mean(axis=0)))

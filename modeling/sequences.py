@@ -124,6 +124,7 @@ class Split:
     horizon_s: float = 0.0  # propensity horizon
     item_feats: np.ndarray | None = None  # (len(vocab), MAX_FEATURES) static feature ids per item
     bounds: dict[str, float] = field(default_factory=dict)  # time split: valid_start, test_start, test_end
+    daily: dict[str, Cases] = field(default_factory=dict)  # "buys within the day" cases per period
 
 
 def read_seqrec(path: Path, attributes: Path | None = None) -> list[UserSeq]:
@@ -365,6 +366,62 @@ def _cases(
     )
 
 
+DAY_S = 86400.0
+
+
+def daily_cases(seqs: list[UserSeq], starts: list[float], vocab: Vocab, max_len: int) -> Cases:
+    """One case per user and day start D (for daily targeting): the history is every token before
+    D, the label whether the user buys during [D, D + 1 day); window features as of D."""
+    xi, xk, xg, yb, ctx, us, ts = [], [], [], [], [], [], []
+    for u, seq in enumerate(seqs):
+        for day in starts:
+            j = next((k for k, t in enumerate(seq.times) if t >= day), len(seq.times))
+            if j == 0:
+                continue  # no history yet: nothing to score
+            start = max(0, j - max_len)
+            items, kinds, gaps = _encode(seq, vocab, start, j)
+            xi.append(items)
+            xk.append(kinds)
+            xg.append(gaps)
+            buys = any(
+                day <= t < day + DAY_S and k == TokenKind.PURCHASE
+                for t, k in zip(seq.times[j:], seq.kinds[j:], strict=True)
+            )
+            yb.append(int(buys))
+            ctx.append(context_features(kinds, seq.times[start:j], seq.items[start:j], now=day))
+            us.append(u)
+            ts.append(day)
+    return Cases(
+        _pad(xi, max_len),
+        _pad(xk, max_len),
+        _pad(xg, max_len),
+        np.zeros(len(yb), dtype=np.int64),
+        np.array(yb, dtype=np.int64),
+        context=np.array(ctx, dtype=np.float32).reshape(len(yb), N_CONTEXT),
+        users=np.array(us, dtype=np.int64),
+        times=np.array(ts, dtype=np.float64),
+    )
+
+
+def _daily(seqs: list[UserSeq], vocab: Vocab, max_len: int, bounds: dict[str, float]) -> dict[str, Cases]:
+    """Daily cases for logs whose validation and test periods are whole days: every full day of
+    the training period after the first, the validation day(s) and the test day(s)."""
+    valid_start, test_start, test_end = bounds["valid_start"], bounds["test_start"], bounds["test_end"]
+    if test_end - test_start < DAY_S or test_start - valid_start < DAY_S:
+        return {}
+    first = min((s.times[0] for s in seqs if s.times), default=valid_start)
+
+    def days(lo: float, hi: float) -> list[float]:
+        n = int((hi - lo) // DAY_S)
+        return [hi - (k + 1) * DAY_S for k in reversed(range(n))]
+
+    return {
+        "train": daily_cases(seqs, days(first + DAY_S, valid_start), vocab, max_len),
+        "valid": daily_cases(seqs, days(valid_start, test_start), vocab, max_len),
+        "test": daily_cases(seqs, days(test_start, test_end), vocab, max_len),
+    }
+
+
 def leave_one_out(seqs: list[UserSeq], max_len: int, name: str = "") -> Split:
     """Benchmark protocol: last item test, second-to-last validation, the rest train."""
     seqs = [s for s in seqs if len(s.items) >= 3]
@@ -405,6 +462,7 @@ def time_split(
     # event logs have long tails of items seen once: they share UNK, which keeps the softmax affordable
     vocab = Vocab.build((s.items[:b] for s, b in zip(seqs, train_bounds, strict=True)), min_count)
     histories = [[vocab.encode(i) for i in s.items[:b]] for s, b in zip(seqs, train_bounds, strict=True)]
+    bounds = {"valid_start": valid_start, "test_start": test_start, "test_end": test_end}
     return Split(
         vocab=vocab,
         train=_windows(seqs, train_bounds, vocab, max_len, horizon_s, valid_start),
@@ -433,5 +491,6 @@ def time_split(
         name=name,
         horizon_s=horizon_s,
         item_feats=item_features(seqs, train_bounds, vocab) if has_features(seqs) else None,
-        bounds={"valid_start": valid_start, "test_start": test_start, "test_end": test_end},
+        bounds=bounds,
+        daily=_daily(seqs, vocab, max_len, bounds),
     )

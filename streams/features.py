@@ -52,13 +52,15 @@ def _log(x: float) -> float:
 
 
 def context_features(
-    kinds: Sequence[int], times: Sequence[float], items: Sequence[str] | None = None
+    kinds: Sequence[int], times: Sequence[float], items: Sequence[str] | None = None, now: float | None = None
 ) -> list[float]:
-    """The ``N_CONTEXT`` features of one window (kinds and times oldest first; may be empty)."""
+    """The ``N_CONTEXT`` features of one window (kinds and times oldest first; may be empty), as
+    of ``now`` (default: the newest token's time, as the worker answers an event; a daily batch
+    scores users as of the day's start)."""
     n = len(kinds)
     if n == 0:
         return [0.0] * N_CONTEXT
-    now = float(times[-1])
+    now = float(times[-1]) if now is None else now
     counts = dict.fromkeys(_KINDS, 0)
     last_purchase = -1
     for j, k in enumerate(kinds):
@@ -69,7 +71,7 @@ def context_features(
     span = now - float(times[0])
     since_purchase = now - float(times[last_purchase]) if last_purchase >= 0 else span + 24 * 3600.0
     adds_after = sum(1 for k in kinds[last_purchase + 1 :] if k == TokenKind.CART_ADD)
-    previous = now - float(times[-2]) if n > 1 else 0.0
+    previous = float(times[-1]) - float(times[-2]) if n > 1 else 0.0
     in_1h = sum(1 for t in times if now - t <= 3600)
     in_24h = sum(1 for t in times if now - t <= 86400)
     start = n - 1

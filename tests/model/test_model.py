@@ -75,7 +75,11 @@ def test_event_sequences_use_the_worker_tokens_and_split_by_time() -> None:
     assert set(split.vocab.items) == {"100", "101"}  # user 2's only view is in the test period
     assert list(split.valid.targets) == [split.vocab.encode("101")]
     assert list(split.valid.bought) == [CENSORED]  # the hour after it runs into the test period
-    assert len(split.test) == 1 and list(split.test.bought) == [1]  # the next token is the purchase
+    # the next token is the purchase, but the hour after the case runs past the end of the log:
+    # censored, as a case without a purchase would be (never a positive kept for being one)
+    assert len(split.test) == 1 and list(split.test.bought) == [CENSORED]
+    longer = time_split(seqs, 1511658002, 1511658003, 1511668000, max_len=8, horizon_s=3600, min_count=1)
+    assert list(longer.test.bought) == [1]
     assert split.train_cases is not None and len(split.train_cases) == 1  # 100 -> 101
     assert list(split.train_cases.bought) == [CENSORED]  # the purchase is after the training period
     assert len(time_split(seqs, 1511658002, 1511658003, 1511658200, 8, 3600).vocab) == 2  # min_count 2
@@ -254,6 +258,9 @@ def test_event_log_run_reports_propensity_against_both_baselines(tmp_path: Path,
         assert lo <= prop[name]["ROC-AUC"] <= hi
     # recency / frequency features carry signal (0.66 at full size); chance is 0.5
     assert prop["logistic regression"]["ROC-AUC"] > 0.55
+    daily = results["daily"]  # one case per user on the test day, scored at its start
+    assert daily["cases"]["test"] <= 814 and 0 < daily["positives"] < 1
+    assert {"model", "logistic regression", "gradient-boosted trees"} <= set(daily)
     assert (tmp_path / "reliability.png").exists()
     art = tmp_path / "artifact"
     manifest = export(tmp_path, art, split.test, k=10)
