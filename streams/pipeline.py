@@ -66,7 +66,8 @@ class _Ctx:
     recent: list[str]  # the user's recent distinct items after this event, newest first
     folded: bool  # False for a redelivered event (state unchanged)
     exclude: set[str]
-    use_model: bool
+    use_model: bool  # the model recommends for this event (it knows the items involved)
+    score: bool  # the model scores this user: where it recommends, and for the propensity alone
     due: list[Decision]  # timers of this user that came due before this event (in event time)
 
 
@@ -182,9 +183,12 @@ class Pipeline:
                 else any(model.knows(tok[0]) for tok in state.seq[-model.max_len :])
             )
         )
+        # a propensity branch reads kinds, times and window features, not items: it scores every
+        # user with a history, also where the baseline recommends (unknown items)
+        score = use_model or (model is not None and model.with_context and bool(state.seq))
         horizon = ev.event_time.timestamp() - self.s.exclude_bought_s
         exclude = set(state.cart) | {i for i, t in state.bought.items() if t >= horizon} | touched
-        return _Ctx(i, msg, ev, state, recent, tokens is not None, exclude, use_model, due)
+        return _Ctx(i, msg, ev, state, recent, tokens is not None, exclude, use_model, score, due)
 
     def _due_before(self, state: UserState, ev: AnyEvent, msg: Message, wall: float) -> list[Decision]:
         """The user's cart (or deferred) timer that came due before this event's time fires
@@ -218,7 +222,7 @@ class Pipeline:
             return
         model = self.models.current  # one version for the whole segment
         preds: dict[int, Prediction] = {}
-        scored = [c for c in segment if c.use_model]
+        scored = [c for c in segment if c.score]
         if model is not None and scored:
             started = time.perf_counter()
             predictions = self.models.score_safely(model, [c.state.seq for c in scored])
@@ -240,6 +244,8 @@ class Pipeline:
         n = self.s.recommendations
         key, partition = c.msg.key, c.msg.partition
         if pred is not None and model is not None:
+            result.propensity[c.index] = pred.propensity
+        if pred is not None and model is not None and c.use_model:
             ranked = [(i, s) for i, s in zip(pred.items, pred.scores, strict=True) if i not in c.exclude]
             ranked = _diverse(ranked, model.category, self.s.max_per_category, n)
             if len(ranked) < n:  # a long exclusion list: top up from the baseline
@@ -248,7 +254,6 @@ class Pipeline:
                 extra = self.recommender.recommend(partition, c.recent, have, n - len(ranked))
                 ranked += [(i, floor - 1.0 - k) for k, (i, _) in enumerate(extra)]
             source, version = "model", model.version
-            result.propensity[c.index] = pred.propensity
         else:
             ranked = self.recommender.recommend(partition, c.recent, c.exclude, n)
             source, version = "baseline", baseline.VERSION

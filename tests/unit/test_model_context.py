@@ -182,3 +182,42 @@ def test_thresholds_that_make_no_sense_are_refused(tmp_path: Path, thresholds: A
     edit_manifest(tmp_path / "model", propensity_thresholds=thresholds)
     with pytest.raises(ModelError, match="propensity_thresholds"):
         load_artifact(tmp_path / "model", "cpu")
+
+
+def test_a_context_model_scores_the_propensity_where_the_baseline_recommends(tmp_path: Path) -> None:
+    """The propensity branch reads kinds, times and window features, not items: an event of an
+    item the model does not know gets the baseline's recommendations and the model's propensity;
+    a model without the branch leaves such events unscored, as before."""
+    import orjson
+
+    from streams.pipeline import Message, local_pipeline
+    from streams.settings import Settings
+    from streams.state import user_partition
+
+    def view(eid: str, item: str, minute: int) -> Message:
+        e = {
+            "schema_version": 1,
+            "event_id": eid,
+            "type": "view",
+            "user_id": "u1",
+            "event_time": f"2026-11-30T10:{minute:02d}:00+00:00",
+            "item_id": item,
+        }
+        return Message(user_partition(b"u1", 8), b"u1", orjson.dumps(e), None)
+
+    for folder, scored in ((with_context(tmp_path / "ctx"), True), (DEMO_MODEL, False)):
+        settings = Settings(model_dir=folder, promotions=False, inference_provider="cpu")
+        pipe = local_pipeline(settings, budget_per_partition=1e9, clock=lambda: 0.0)
+        assert pipe.models.current is not None
+        pipe.process([view("e1", "never-seen-1", 0)])
+        result = pipe.process([view("e2", "never-seen-2", 5)])
+        rec = orjson.loads(result.outputs[0].value)
+        assert rec["source"] == "baseline"  # unknown items: the model does not recommend
+        assert (0 in result.propensity) is scored
+        if scored:
+            from datetime import UTC, datetime
+
+            t0 = datetime(2026, 11, 30, 10, 0, tzinfo=UTC).timestamp()
+            kinds = [int(TokenKind.VIEW)] * 2
+            mean = float(np.mean(context_features(kinds, [t0, t0 + 300], ["never-seen-1", "never-seen-2"])))
+            assert result.propensity[0] == pytest.approx(1 / (1 + np.exp(-mean)), abs=1e-5)
