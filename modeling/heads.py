@@ -83,7 +83,9 @@ def _next_item_fit(
     return {"nll": nll / max(n, 1), "NDCG@10": ranking_metrics(np.concatenate(ranks))["NDCG@10"]}
 
 
-def fit_repeat(model: BehaviourModel, valid: Cases, device: torch.device, progress: bool) -> dict[str, Any]:
+def fit_repeat(
+    model: BehaviourModel, valid: Cases, device: torch.device, progress: bool, epochs: int = 30
+) -> dict[str, Any]:
     """Refit the repeat bonus and the logit scale on the validation cases (module docstring)."""
     hidden = _last_hidden(model, valid, device)
     before = _next_item_fit(model, valid, hidden, device)
@@ -95,7 +97,7 @@ def fit_repeat(model: BehaviourModel, valid: Cases, device: torch.device, progre
         tensor.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=0.05)
     table = model.item_table().detach()
-    for _ in range(30):
+    for _ in range(epochs):
         for sl, h in hidden:
             t = as_tensor(valid.targets[sl], device)
             known = t > UNK

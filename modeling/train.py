@@ -37,6 +37,7 @@ class TrainConfig:
     propensity_epochs: int = 40  # upper bound for the propensity branch (event logs)
     propensity_patience: int = 5  # its epochs without validation ROC-AUC improvement before stopping
     refit_repeat: bool = True  # event logs: refit the repeat bonus and logit scale on validation cases
+    repeat_epochs: int = 30  # passes over the validation cases for that refit
     kind_weight: float = 0.0  # weight of the next-event-kind loss (event logs)
     eval_exclude_history: bool = True  # validation protocol (benchmark files: exclude history)
     seed: int = 42
@@ -297,7 +298,7 @@ def train(
 
         calibration: dict[str, Any] = {}
         if tcfg.refit_repeat and mcfg.repeat:
-            calibration["next_item"] = fit_repeat(model, split.valid, device, progress)
+            calibration["next_item"] = fit_repeat(model, split.valid, device, progress, tcfg.repeat_epochs)
         calibration["propensity"] = fit_propensity(model, split, device, tcfg, progress)
         calibrate_propensity(model, split.valid, device)
         write_calibration(model, split, device, calibration, out_dir)

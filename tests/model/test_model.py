@@ -237,7 +237,13 @@ def test_event_log_run_reports_propensity_against_both_baselines(tmp_path: Path,
         split,
         "tiny",
         tmp_path,
-        {"epochs": 1, "repeat": True, "propensity_epochs": 2, "eval_exclude_history": False},
+        {
+            "epochs": 1,
+            "repeat": True,
+            "propensity_epochs": 2,
+            "repeat_epochs": 3,
+            "eval_exclude_history": False,
+        },
         progress=False,
     )
     assert model.prop is not None  # event logs get the propensity branch
