@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import sys
+from collections import Counter
 from collections.abc import Awaitable
 from typing import Any, NoReturn
 
@@ -52,13 +53,31 @@ class Deliveries:
                 asyncio.gather(*pending, return_exceptions=True), timeout=self.timeout_s
             )
         except TimeoutError:
+            waiting = Counter(_topic_of(f) for f in pending if not _acknowledged(f))
             raise DeliveryFailed(
-                f"{len(pending)} records not acknowledged by the broker within {self.timeout_s:g}s"
+                f"{len(pending)} records not acknowledged by the broker within {self.timeout_s:g}s "
+                f"(still waiting, by topic: {dict(waiting)})"
             ) from None
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             raise DeliveryFailed(f"{len(failed)} of {len(pending)} records not delivered: {failed[0]!r}")
         return len(pending)
+
+
+def _acknowledged(fut: Awaitable[Any]) -> bool:
+    """Done and not cancelled (the timeout cancels the ones still waiting)."""
+    done, cancelled = getattr(fut, "done", None), getattr(fut, "cancelled", None)
+    return bool(callable(done) and done() and not (callable(cancelled) and cancelled()))
+
+
+def _topic_of(fut: Awaitable[Any]) -> str:
+    """The topic a faust ``FutureMessage`` was sent to, for the error message ("?" if unknown)."""
+    channel = getattr(getattr(fut, "message", None), "channel", None)
+    name = getattr(channel, "get_topic_name", None)
+    try:
+        return str(name()) if callable(name) else "?"
+    except Exception:  # a channel without one topic name
+        return "?"
 
 
 def exit_fatally(what: str, exc: BaseException) -> NoReturn:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -143,9 +144,15 @@ def test_deliveries_confirm_every_future_or_fail_with_the_reason() -> None:
         d.add(bad)
         with pytest.raises(DeliveryFailed, match="1 of 1 records not delivered: RuntimeError"):
             await d.confirm()
-        d.add(loop.create_future())  # never acknowledged
+        stuck = loop.create_future()  # never acknowledged, like a faust FutureMessage of a topic
+        stuck.message = SimpleNamespace(channel=SimpleNamespace(get_topic_name=lambda: "shop.promotions"))  # type: ignore[attr-defined]
+        d.add(stuck)
         d.timeout_s = 0.05
-        with pytest.raises(DeliveryFailed, match=r"1 records not acknowledged by the broker within 0\.05s"):
+        with pytest.raises(
+            DeliveryFailed,
+            match=r"1 records not acknowledged by the broker within 0\.05s \(still waiting, by topic: "
+            r"\{'shop.promotions': 1\}\)",
+        ):
             await d.confirm()
 
     asyncio.run(scenario())
