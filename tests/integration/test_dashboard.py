@@ -203,13 +203,22 @@ async def test_every_panel_query_returns_data_and_every_alert_rule_evaluates(
         assert worker.alive(), worker.tail()
         await asyncio.sleep(2)
 
-    rules = get(f"{prom}/api/v1/rules")["data"]["groups"]
-    evaluated = [r for g in rules for r in g["rules"]]
-    assert len(evaluated) == 7
-    assert all(r["health"] == "ok" for r in evaluated), [(r["name"], r.get("lastError")) for r in evaluated]
-    # the worker under test serves a model and publishes: these alerts must not be pending
-    firing = {r["name"] for r in evaluated if r["state"] != "inactive"}
-    assert not firing & {"ShopstreamModelNotLoaded", "ShopstreamNoOutput"}, firing
+    # the worker under test serves a model and publishes: these alerts must not stay pending. A
+    # rule evaluated before the first recommendations were scraped is pending until Prometheus
+    # evaluates it again, so wait for an evaluation that has seen the output (not one snapshot).
+    deadline = time.monotonic() + 60
+    while True:
+        rules = get(f"{prom}/api/v1/rules")["data"]["groups"]
+        evaluated = [r for g in rules for r in g["rules"]]
+        assert len(evaluated) == 7
+        assert all(r["health"] == "ok" for r in evaluated), [
+            (r["name"], r.get("lastError")) for r in evaluated
+        ]
+        firing = {r["name"] for r in evaluated if r["state"] != "inactive"}
+        if not firing & {"ShopstreamModelNotLoaded", "ShopstreamNoOutput"}:
+            break
+        assert time.monotonic() < deadline, firing
+        await asyncio.sleep(2)
 
 
 def test_prometheus_config_and_alert_rules_pass_promtool() -> None:
