@@ -29,17 +29,12 @@ from torch.nn import functional as F
 
 from modeling.metrics import batches, ranking_metrics, ranks_from_scores
 from modeling.model import UNK, BehaviourModel
+from modeling.propensity import roc_auc
 from modeling.sequences import Cases, Split
 from modeling.train import TrainConfig, as_tensor, propensity_scores, token_tensors, used_width
 
 HIGH_INTENT_QUANTILE = 0.90  # high-intent nudges go to the top decile of validation scores
 REMINDER_QUANTILE = 0.75  # abandoned carts of the top quarter get a reminder, not a discount
-
-
-def _auc(y: np.ndarray, p: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
 
 
 @torch.no_grad()
@@ -167,7 +162,7 @@ def fit_propensity(
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
         p = propensity_scores(model, valid, device)
-        auc = _auc(vy[vy >= 0], p[vy >= 0])
+        auc = roc_auc(vy[vy >= 0], p[vy >= 0])
         if progress:
             print(f"propensity epoch {epoch:2d} valid ROC-AUC {auc:.4f}", flush=True)
         if np.isnan(auc):  # no validation labels of both kinds (a log shorter than the horizon)

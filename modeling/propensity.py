@@ -25,7 +25,8 @@ def labelled(cases: Cases) -> tuple[np.ndarray, np.ndarray]:
     return cases.context[known].astype(np.float64), cases.bought[known]
 
 
-def _auc(y: np.ndarray, p: np.ndarray) -> float:
+def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC-AUC; NaN where the labels hold one class only."""
     from sklearn.metrics import roc_auc_score
 
     return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
@@ -51,7 +52,7 @@ class LogisticPropensity:
         best = -1.0
         for c in self.GRID:
             m = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000)).fit(x, y)
-            auc = _auc(yv, m.predict_proba(xv)[:, 1]) if len(yv) else float("nan")
+            auc = roc_auc(yv, m.predict_proba(xv)[:, 1]) if len(yv) else float("nan")
             if np.isnan(auc) and c == 1.0:  # nothing to choose on: the default strength
                 self.model, self.chosen = m, {"C": c, "valid_ROC-AUC": auc}
             elif auc > best:
@@ -97,7 +98,7 @@ class GBTPropensity:
             if len(yv) == 0 or yv.min() == yv.max():  # nothing to stop on: a fixed, modest number
                 best, best_rounds = float("nan"), 100
                 break
-            auc = _auc(yv, clf.predict_proba(xv)[:, 1])
+            auc = roc_auc(yv, clf.predict_proba(xv)[:, 1])
             if auc > best:
                 best, best_rounds, stale = auc, rounds, 0
             else:
