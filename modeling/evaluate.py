@@ -35,8 +35,10 @@ from modeling.train import last_position, predict
 
 
 @torch.no_grad()
-def model_scores(model: BehaviourModel, cases: Cases, sl: slice) -> torch.Tensor:
-    return last_position(model, cases, sl, next(model.parameters()).device)[1].float().cpu()
+def model_scores(model: BehaviourModel, cases: Cases, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranking scores (what top-K serves) and calibrated scores (perplexity) of the cases."""
+    _, calibrated, ranking = last_position(model, cases, sl, next(model.parameters()).device)
+    return ranking.float().cpu(), calibrated.float().cpu()
 
 
 def evaluate(
@@ -51,8 +53,14 @@ def evaluate(
     def hist(sl: slice) -> list[list[int]]:
         return cases.history[sl]
 
+    calibrated: dict[int, torch.Tensor] = {}
+
+    def ranked_by_model(sl: slice) -> torch.Tensor:
+        ranking, calibrated[sl.start] = model_scores(model, cases, sl)
+        return ranking
+
     scorers: dict[str, Callable[[slice], torch.Tensor]] = {
-        "model": lambda sl: model_scores(model, cases, sl),
+        "model": ranked_by_model,
         "most-popular": lambda sl: popular.score(hist(sl)),
         "item-kNN": lambda sl: knn.score(hist(sl)),
     }
@@ -80,8 +88,8 @@ def evaluate(
         for sl in batches(len(cases), batch):
             s = score(sl)
             t = targets[sl]
-            if name == "model":
-                logp = torch.log_softmax(s[:, 2:], dim=1)
+            if name == "model":  # likelihood of the calibrated distribution, top-1 of the ranking
+                logp = torch.log_softmax(calibrated.pop(sl.start)[:, 2:], dim=1)
                 known = t >= 2
                 nll.append(-logp[known].gather(1, (t[known] - 2)[:, None])[:, 0].numpy())
                 top1.append((s[:, 2:].argmax(dim=1) + 2 == t).numpy())
@@ -176,7 +184,7 @@ def evaluate_daily(model: BehaviourModel, split: Split) -> dict[str, Any]:
     the served graph keeps the per-event branch."""
     from modeling.heads import fit_propensity
     from modeling.model import PropensityBranch
-    from modeling.train import TrainConfig, calibrate_propensity, propensity_scores
+    from modeling.train import TrainConfig, calibrate_propensity, labelled_rate, propensity_scores
 
     d = split.daily
     if any(len(np.unique(d[k].bought)) < 2 for k in ("train", "valid", "test")):
@@ -188,7 +196,9 @@ def evaluate_daily(model: BehaviourModel, split: Split) -> dict[str, Any]:
     daily_model.prop.apply(BehaviourModel._init)
     sub = replace(split, train_cases=d["train"], valid=d["valid"])
     fitted = fit_propensity(daily_model, sub, dev, TrainConfig(), progress=False)
-    calibrate_propensity(daily_model, d["valid"], dev)
+    fitted["calibration"] = calibrate_propensity(
+        daily_model, d["valid"], dev, prior=labelled_rate(d["train"], d["valid"])
+    )
     baselines: list[LogisticPropensity | GBTPropensity] = [
         LogisticPropensity().fit(d["train"], d["valid"]),
         GBTPropensity().fit(d["train"], d["valid"]),

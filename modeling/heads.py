@@ -10,7 +10,11 @@ propensity thresholds for the promotion policy and the split's time bounds).
   bonus learned there is too small to matter; refitted out of sample, the few dozen parameters
   learn how much a user's own recent items are worth against the catalogue, and the fit is the
   temperature calibration of the next-item distribution at the same time (the perplexity that is
-  reported is that of a calibrated model).
+  reported is that of a calibrated model). Then the weight of the bonus in the ranking
+  (``repeat_rank``, what top-K serves) is chosen on the same cases by NDCG@10 under serving's
+  exclusions: the likelihood spreads probability over the whole catalogue, while the top ten are
+  mostly a question of own items against the catalogue's best, where a larger weight wins (Taobao
+  validation: NDCG@10 0.0462 at weight 1, 0.0502 at 4).
 - ``fit_propensity``: the propensity branch (``modeling.model.PropensityBranch``) trained on the
   training period's cases, the epoch chosen by validation ROC-AUC; Platt scaling follows
   (``modeling.train.calibrate_propensity``).
@@ -33,6 +37,7 @@ from modeling.propensity import roc_auc
 from modeling.sequences import Cases, Split
 from modeling.train import TrainConfig, as_tensor, propensity_scores, token_tensors, used_width
 
+REPEAT_RANK_GRID = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 10.0)  # weights of the repeat bonus when ranking
 HIGH_INTENT_QUANTILE = 0.90  # high-intent nudges go to the top decile of validation scores
 REMINDER_QUANTILE = 0.75  # abandoned carts of the top quarter get a reminder, not a discount
 
@@ -112,11 +117,13 @@ def fit_repeat(
             for tensor, old in zip(params, saved, strict=True):
                 tensor.copy_(old)
         after = before
+    ranking = choose_repeat_rank(model, valid, hidden, device)
     if progress:
         print(
             f"repeat bonus refitted on validation: NLL {before['nll']:.3f} -> {after['nll']:.3f}, "
             f"NDCG@10 {before['NDCG@10']:.4f} -> {after['NDCG@10']:.4f}, logit scale "
-            f"{float(model.logit_scale.detach()):.3f}",
+            f"{float(model.logit_scale.detach()):.3f}; ranking weight {ranking['repeat_rank']:g} "
+            f"(NDCG@10 {ranking['criterion']} {ranking['by_weight'][str(ranking['repeat_rank'])]:.4f})",
             flush=True,
         )
     return {
@@ -124,6 +131,41 @@ def fit_repeat(
         "before": before,
         "after": after,
         "logit_scale": float(model.logit_scale.detach()),
+        "ranking": ranking,
+    }
+
+
+def choose_repeat_rank(
+    model: BehaviourModel,
+    valid: Cases,
+    hidden: list[tuple[slice, torch.Tensor]],
+    device: torch.device,
+    grid: tuple[float, ...] = REPEAT_RANK_GRID,
+) -> dict[str, Any]:
+    """Set ``model.repeat_rank`` to the weight of ``grid`` with the best validation NDCG@10 (under
+    serving's exclusions where the cases carry them, else none; the smaller weight on a tie)."""
+    serving = len(valid.serving_exclude) == len(valid)
+    table = model.item_table().detach()
+    ranks: dict[float, list[np.ndarray]] = {a: [] for a in grid}
+    with torch.no_grad():
+        for sl, h in hidden:
+            catalogue = model.item_logits(h, table) * model.logit_scale
+            bonus = _scores(model, valid, sl, h, table, device) - catalogue
+            t = as_tensor(valid.targets[sl], device).cpu()
+            exclude = valid.serving_exclude[sl] if serving else None
+            for a in grid:
+                s = (catalogue + a * bonus).float().cpu()
+                ranks[a].append(ranks_from_scores(s, t, exclude).numpy())
+    by_weight = {a: ranking_metrics(np.concatenate(r))["NDCG@10"] for a, r in ranks.items()}
+    best = grid[0]
+    for a in grid[1:]:
+        if by_weight[a] > by_weight[best]:
+            best = a
+    model.repeat_rank.fill_(best)
+    return {
+        "repeat_rank": best,
+        "criterion": "serving's exclusions" if serving else "no exclusion",
+        "by_weight": {str(a): v for a, v in by_weight.items()},
     }
 
 

@@ -120,6 +120,7 @@ class PropensityBranch(nn.Module):
 class BehaviourModel(nn.Module):
     prop_calib: Tensor  # (2,) buffer: scale and bias of the propensity logit
     item_feats: Tensor  # (n_items, feat_width) buffer: static feature ids of each item (0 = none)
+    repeat_rank: Tensor  # () buffer: weight of the repeat bonus when ranking (1 in training)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -145,6 +146,9 @@ class BehaviourModel(nn.Module):
         # scale of the catalogue logits against the repeat bonus: fixed at 1 in training (which
         # leaves the benchmark models as they were), refitted on held-out cases (modeling.heads)
         self.logit_scale = nn.Parameter(torch.ones(()), requires_grad=False)
+        # weight of the repeat bonus when ranking (top-K), chosen on held-out NDCG (modeling.heads):
+        # the calibrated distribution (perplexity, likelihood) keeps weight 1
+        self.register_buffer("repeat_rank", torch.ones(()))
         self.prop = PropensityBranch(cfg) if cfg.n_context else None
         self.apply(self._init)
         nn.init.zeros_(self.repeat_dist.weight)
@@ -207,11 +211,19 @@ class BehaviourModel(nn.Module):
         return h @ (self.item_table() if table is None else table).T
 
     def next_item_scores(
-        self, h: Tensor, items: Tensor, kinds: Tensor, at: Tensor, table: Tensor | None = None
+        self,
+        h: Tensor,
+        items: Tensor,
+        kinds: Tensor,
+        at: Tensor,
+        table: Tensor | None = None,
+        *,
+        ranking: bool = False,
     ) -> Tensor:
         """Next-item scores (p, n_items) for hidden states ``h`` (p, d) at positions ``at`` (p,) of
         the token rows ``items`` / ``kinds`` (p, n): the catalogue logits plus, with ``repeat``, a
-        learned bonus for each item that occurs at or before the position."""
+        learned bonus for each item that occurs at or before the position. ``ranking``: the bonus
+        weighted by ``repeat_rank`` (what top-K ranks by); else the calibrated logits."""
         logits = self.item_logits(h, table) * self.logit_scale
         if not self.cfg.repeat:
             return logits
@@ -221,6 +233,8 @@ class BehaviourModel(nn.Module):
         bonus = (
             self.repeat_dist(dist.clamp(0, self.cfg.max_len - 1))[..., 0] + self.repeat_kind(kinds)[..., 0]
         )
+        if ranking:
+            bonus = bonus * self.repeat_rank
         return logits.scatter_add(1, items, torch.where(seen, bonus, torch.zeros_like(bonus)))
 
     def propensity(
@@ -278,7 +292,7 @@ class ServingModel(nn.Module):
         context = rest.pop(0) if self.model.cfg.n_context else None
         h = self.model(items, kinds, gaps, feats, self.table)[:, -1, :]  # (b, d): the newest token
         last = torch.full_like(items[:, 0], items.shape[1] - 1)
-        logits = self.model.next_item_scores(h, items, kinds, last, self.table)[:, 2:]  # no PAD/UNK
+        logits = self.model.next_item_scores(h, items, kinds, last, self.table, ranking=True)[:, 2:]
         scores, idx = torch.topk(logits, self.k, dim=1)
         propensity = self.model.propensity(h, kinds, gaps, context)
         return idx + 2, scores, propensity
@@ -289,4 +303,4 @@ class ServingModel(nn.Module):
         feats = extra[0] if self.model.cfg.n_feats else None
         h = self.model(items, kinds, gaps, feats, self.table)[:, -1, :]
         last = torch.full_like(items[:, 0], items.shape[1] - 1)
-        return self.model.next_item_scores(h, items, kinds, last, self.table)
+        return self.model.next_item_scores(h, items, kinds, last, self.table, ranking=True)
