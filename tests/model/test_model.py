@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from exporters.onnx_export import export
-from modeling.cli import build_split
+from modeling.cli import HORIZON_S, build_split
 from modeling.evaluate import evaluate
 from modeling.model import PAD, UNK, BehaviourModel, ModelConfig
 from modeling.sequences import (
@@ -31,6 +31,7 @@ from modeling.sequences import (
 from modeling.train import load_model, train
 from streams.scoring import sha256
 from streams.sources import datasets
+from streams.splits import split_bounds
 from streams.state import FEATURE_BUCKETS, MAX_FEATURES, STATIC_BUCKETS, TokenKind
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -232,7 +233,10 @@ def test_evaluation_reports_model_and_baselines(tiny_run: TinyRun) -> None:
 
 
 def test_event_log_run_reports_propensity_against_both_baselines(tmp_path: Path, data_dir: Path) -> None:
-    split = build_split("taobao-users", data_dir, max_len=20)
+    # the first 300 of Taobao's 814 users, split like `--data taobao-users` (the full set took 418 s
+    # of a busy CI run); the training pipeline and every report section run as on the full set
+    seqs = sequences_from_events(datasets.load("taobao-users", data_dir))[:300]
+    split = time_split(seqs, *split_bounds("taobao-users", []), 20, HORIZON_S, "taobao-users")
     model, _ = train(
         split,
         "tiny",
@@ -262,10 +266,10 @@ def test_event_log_run_reports_propensity_against_both_baselines(tmp_path: Path,
         assert 0 <= prop[name]["ECE"] <= 1
         lo, hi = prop[name]["ROC-AUC_ci95"]
         assert lo <= prop[name]["ROC-AUC"] <= hi
-    # recency / frequency features carry signal (0.66 at full size); chance is 0.5
+    # recency / frequency features carry signal (0.66 with all users); chance is 0.5
     assert prop["logistic regression"]["ROC-AUC"] > 0.55
     daily = results["daily"]  # one case per user on the test day, scored at its start
-    assert daily["cases"]["test"] <= 814 and 0 < daily["positives"] < 1
+    assert daily["cases"]["test"] <= 300 and 0 < daily["positives"] < 1
     assert {"model", "logistic regression", "gradient-boosted trees"} <= set(daily)
     assert (tmp_path / "reliability.png").exists()
     art = tmp_path / "artifact"
