@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,6 +125,10 @@ class Split:
     item_feats: np.ndarray | None = None  # (len(vocab), MAX_FEATURES) static feature ids per item
     bounds: dict[str, float] = field(default_factory=dict)  # time split: valid_start, test_start, test_end
     daily: dict[str, Cases] = field(default_factory=dict)  # "buys within the day" cases per period
+    # the test cases again with another vocabulary and window length: a model trained elsewhere
+    # (the champion of ``shopstream retrain``) reads them with its own ids and its own max_len
+    test_with: Callable[[Vocab, int], Cases] | None = field(default=None, repr=False)
+    all_items: Callable[[], Vocab] | None = field(default=None, repr=False)  # every item of the data
 
 
 def read_seqrec(path: Path, attributes: Path | None = None) -> list[UserSeq]:
@@ -433,6 +437,8 @@ def leave_one_out(seqs: list[UserSeq], max_len: int, name: str = "") -> Split:
         train=_windows(seqs, train_bounds, vocab, max_len, 0.0),
         valid=_cases(seqs, [(m - 2, m - 1) for m in n], vocab, max_len, 0.0),
         test=_cases(seqs, [(m - 1, m) for m in n], vocab, max_len, 0.0),
+        test_with=lambda v, length: _cases(seqs, [(m - 1, m) for m in n], v, length, 0.0),
+        all_items=lambda: Vocab.build(s.items for s in seqs),
         train_histories=[
             [vocab.encode(i) for i in s.items[:b]] for s, b in zip(seqs, train_bounds, strict=True)
         ],
@@ -463,6 +469,11 @@ def time_split(
     vocab = Vocab.build((s.items[:b] for s, b in zip(seqs, train_bounds, strict=True)), min_count)
     histories = [[vocab.encode(i) for i in s.items[:b]] for s, b in zip(seqs, train_bounds, strict=True)]
     bounds = {"valid_start": valid_start, "test_start": test_start, "test_end": test_end}
+    test_ranges = [(b, first_at(s, test_end)) for s, b in zip(seqs, test_bounds, strict=True)]
+
+    def test_with(v: Vocab, length: int) -> Cases:
+        return _cases(seqs, test_ranges, v, length, horizon_s, None, test_end)
+
     return Split(
         vocab=vocab,
         train=_windows(seqs, train_bounds, vocab, max_len, horizon_s, valid_start),
@@ -478,19 +489,13 @@ def time_split(
             test_bounds,
             test_start,
         ),
-        test=_cases(
-            seqs,
-            [(b, first_at(s, test_end)) for s, b in zip(seqs, test_bounds, strict=True)],
-            vocab,
-            max_len,
-            horizon_s,
-            None,
-            test_end,
-        ),
+        test=test_with(vocab, max_len),
         train_histories=histories,
         name=name,
         horizon_s=horizon_s,
         item_feats=item_features(seqs, train_bounds, vocab) if has_features(seqs) else None,
         bounds=bounds,
         daily=_daily(seqs, vocab, max_len, bounds),
+        test_with=test_with,
+        all_items=lambda: Vocab.build(s.items for s in seqs),
     )
