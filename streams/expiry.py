@@ -1,9 +1,11 @@
 """Idle-user expiry: an in-memory index of when each user of the ``users`` table goes idle.
 
 In: ``touch(partition, key, seen_ms)`` after each write of a user's state (O(1)), ``seed`` with a
-partition's stored ``(key, raw state)`` pairs when it is assigned, ``drop`` when it is revoked.
+partition's stored ``(key, raw state)`` pairs when it is assigned, ``drop`` when it is revoked,
+``forget`` when a user's state was deleted otherwise (an erasure).
 Out: ``sweep`` deletes from the table the users whose worker-clock last-seen time is older than
-the TTL and returns how many; ``pending`` counts indexed users (a gauge).
+the TTL (or replaces a state with what must outlive it, ``keep``) and returns how many it deleted;
+``pending`` counts indexed users (a gauge).
 
 Why this shape rather than a full table scan per tick:
 - Bounded work per tick: users sit in coarse buckets of their expiry time (``bucket_ms``), so a
@@ -112,6 +114,12 @@ class ExpiryIndex:
         """Forget a revoked partition (its new owner seeds its own index from the table)."""
         self._parts.pop(partition, None)
 
+    def forget(self, partition: int, key: bytes) -> None:
+        """Take one user out of the index (their state was deleted)."""
+        part = self._parts.get(partition)
+        if part is not None:
+            part.forget(key)
+
     @property
     def partitions(self) -> set[int]:
         """The partitions with an index (seeded or touched, not dropped)."""
@@ -155,9 +163,14 @@ class ExpiryIndex:
         table: MutableMapping[bytes, bytes],
         scope: Callable[[int], AbstractContextManager[Any]],
         limit: int,
+        keep: Callable[[bytes, int], bytes | None] | None = None,
     ) -> int:
         """Delete up to ``limit`` due users that the table still shows idle (as of the last bucket
         boundary, so the same rule as ``due``'s, and idle now); returns how many.
+
+        ``keep(raw, now_ms)``: what of an idle state must outlive the expiry (a marketing
+        opt-out), stored instead of deleting it and indexed at its own last-seen time (stamp it
+        ``now_ms``); None: delete.
 
         Synchronous on purpose: nothing may change the table between the re-read and the delete.
         ``scope(p)`` wraps the table accesses of partition ``p`` (see ``app.PartitionScope``)."""
@@ -171,8 +184,13 @@ class ExpiryIndex:
                         continue  # deleted meanwhile: already out of the index
                     seen = seen_ms_of(raw)
                     if seen < cutoff:
-                        del table[key]
-                        deleted += 1
+                        rest = keep(raw, now_ms) if keep is not None else None
+                        if rest is None:
+                            del table[key]
+                            deleted += 1
+                        else:
+                            table[key] = rest
+                            self.touch(p, key, seen_ms_of(rest))
                     else:  # came back after it was indexed
                         self.touch(p, key, seen)
         return deleted

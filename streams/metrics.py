@@ -6,7 +6,15 @@ Names are in base units with Prometheus suffixes; every label has a bounded set 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from streams.scoring import ModelWatcher
 
 INFERENCE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -38,6 +46,18 @@ class Metrics:
         )
         self.users_expired = Counter(
             "shopstream_users_expired_total", "Idle users removed from state.", registry=registry
+        )
+        self.erasures = Counter(
+            "shopstream_erasures_total",
+            "Erasure requests applied: the user's state deleted (with a changelog tombstone), their "
+            "timers cancelled.",
+            registry=registry,
+        )
+        self.consents = Counter(
+            "shopstream_consents_total",
+            "Marketing consent changes applied, by the new value (false: opted out of promotions).",
+            ["marketing"],
+            registry=registry,
         )
         self.end_to_end = Histogram(
             "shopstream_event_to_output_seconds",
@@ -77,7 +97,8 @@ class Metrics:
         )
         self.promotions_suppressed = Counter(
             "shopstream_promotions_suppressed_total",
-            "Triggers the policy did not publish, by reason (order, frequency_cap, quiet_hours, duplicate).",
+            "Triggers the policy did not publish, by reason (opt_out, order, frequency_cap, quiet_hours, "
+            "duplicate).",
             ["reason"],
             registry=registry,
         )
@@ -159,3 +180,47 @@ class Metrics:
             registry=registry,
         )
         self.start_time.set_to_current_time()
+
+    def watch_models(self, models: ModelWatcher, clock: Callable[[], float] = time.time) -> None:
+        """Export the served model's age and the model folder's last retrain decisions, from what
+        ``models`` read when it last polled the folder (``ModelFolderCollector``)."""
+        self.registry.register(ModelFolderCollector(models, clock))
+
+
+class ModelFolderCollector:
+    """``shopstream_model_age_seconds`` and ``shopstream_retrain_last_decision_timestamp_seconds``,
+    made when Prometheus scrapes from the watcher's attributes: no file is read here (the watcher
+    reads the manifest and ``registry.jsonl`` when it polls) and nothing runs per event."""
+
+    def __init__(self, models: ModelWatcher, clock: Callable[[], float] = time.time) -> None:
+        self.models, self.clock = models, clock
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [self._age(), self._decisions()]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        age, decisions = self._age(), self._decisions()
+        model = self.models.current
+        if model is not None and model.created_at is not None:
+            age.add_metric([], self.clock() - model.created_at)
+        for decision, at in sorted(self.models.decisions.items()):
+            decisions.add_metric([decision], at)
+        yield age
+        yield decisions
+
+    @staticmethod
+    def _age() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "shopstream_model_age_seconds",
+            "Seconds since the served model version was exported (its manifest's created_at); absent "
+            "without a model or a created_at.",
+        )
+
+    @staticmethod
+    def _decisions() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "shopstream_retrain_last_decision_timestamp_seconds",
+            "Unix time of the model folder's latest retrain decision of each kind (published, "
+            "refused), from its registry.jsonl as read at the last poll.",
+            labels=["decision"],
+        )

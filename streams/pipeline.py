@@ -6,9 +6,12 @@ Out: the records to publish (recommendations, promotions), in input order; state
 
 Per event: validate, fold into the user's state (redeliveries are recognised by event id and
 not folded twice), teach the baseline, then - for the whole batch at once - score the users the
-model can serve with one onnxruntime call, filter, and run the promotion policy. A batch runs in
-waves (every user's first event, then every user's second, ...), so each event sees exactly the
-state its own predecessors left: batching changes the speed, not a user's answers. Outputs of
+model can serve with one onnxruntime call, filter, and run the promotion policy. Requests about a
+user travel the same topic and are applied at their place among the user's events, with no output:
+an erasure deletes the user's state (a changelog tombstone at the batch's end) and cancels their
+timers, so later events of the user start afresh; a consent change is kept in the state. A batch
+runs in waves (every user's first event, then every user's second, ...), so each event sees exactly
+the state its own predecessors left: batching changes the speed, not a user's answers. Outputs of
 different users in one batch may come out in another order than their inputs.
 """
 
@@ -28,11 +31,11 @@ from pydantic import ValidationError
 
 from streams import baseline
 from streams.baseline import CovisitBaseline
-from streams.decode import AnyEvent, rejection
+from streams.decode import AnyEvent, AnyInput, ControlEvent, rejection
 from streams.errors import RejectedInput, RejectReason
 from streams.metrics import Metrics
-from streams.promotions import DEFERRED, VERSION_RULES, Budget, CartTimers, Decision, Policy
-from streams.records import CartEvent, OrderEvent, SearchEvent, event_adapter
+from streams.promotions import DEFERRED, VERSION_RULES, Budget, CartTimers, Decision, Policy, opted_out
+from streams.records import CartEvent, ConsentEvent, ErasureEvent, OrderEvent, SearchEvent, input_adapter
 from streams.scoring import ModelWatcher, Prediction
 from streams.settings import Settings
 from streams.state import UserState
@@ -45,7 +48,7 @@ class Message(NamedTuple):
     key: bytes  # the user id
     value: bytes
     timestamp: float | None  # Kafka timestamp (s) of the input, for the latency metric
-    event: AnyEvent | None = None  # already validated by the caller (else validated here)
+    event: AnyInput | None = None  # already validated by the caller (else validated here)
 
 
 class Output(NamedTuple):
@@ -78,6 +81,8 @@ class Result:
     # batch index -> the propensity the model returned for that event (the events it scored), for
     # offline evaluation; the published records do not carry it
     propensity: dict[int, float] = field(default_factory=dict)
+    # (partition, user key) of users an erasure deleted (and no later event of the batch brought back)
+    erased: list[tuple[int, bytes]] = field(default_factory=list)
 
 
 class Pipeline:
@@ -105,8 +110,8 @@ class Pipeline:
         self.timers = timers
         self.metrics = metrics
         # users changed in the running batch, stored once at its end (a user's later events in
-        # the batch start from the state object, not a stored copy)
-        self._dirty: dict[bytes, tuple[int, UserState]] = {}
+        # the batch start from the state object, not a stored copy); None: erased, to delete
+        self._dirty: dict[bytes, tuple[int, UserState | None]] = {}
 
     # --- events ------------------------------------------------------------------------------
     def process(self, batch: list[Message]) -> Result:
@@ -130,7 +135,11 @@ class Pipeline:
                     msg = batch[i]
                     try:
                         with self.scope(msg.partition):
-                            ctxs.append(self._fold(i, msg, wall))
+                            ev = self._validate(msg)
+                            if isinstance(ev, ErasureEvent | ConsentEvent):
+                                self._request(msg, ev, wall)
+                            else:
+                                ctxs.append(self._fold(i, msg, ev, wall))
                     except RejectedInput as exc:
                         result.failed.append((i, exc))
                     except Exception as exc:  # one bad event must not stop the partition
@@ -138,30 +147,59 @@ class Pipeline:
                         result.failed.append((i, RejectedInput(RejectReason.PROCESSING_ERROR, repr(exc))))
                 self._flush(ctxs, result, wall)
         finally:
-            self._store()
+            self._store(result)
         return result
 
-    def _store(self) -> None:
-        """Write the batch's changed users and baseline statistics, each key once."""
+    def _store(self, result: Result) -> None:
+        """Write the batch's changed users and baseline statistics, each key once; delete the
+        erased users (``del`` on a faust table sends the changelog tombstone that keeps a
+        recovery from bringing them back)."""
         dirty, self._dirty = self._dirty, {}
         for key, (partition, state) in dirty.items():
             with self.scope(partition):
-                self.users[key] = state.dumps()
+                if state is not None:
+                    self.users[key] = state.dumps()
+                    continue
+                if key in self.users:
+                    del self.users[key]
+                result.erased.append((partition, key))
         self.recommender.commit(self.scope)
 
-    def _fold(self, i: int, msg: Message, wall: float) -> _Ctx:
-        ev = msg.event
-        if ev is None:
-            try:
-                ev = event_adapter.validate_json(msg.value)
-            except ValidationError as exc:  # the reason without the input's values (personal data)
-                raise rejection(exc) from None
-        pending = self._dirty.get(msg.key)
+    def _validate(self, msg: Message) -> AnyInput:
+        if msg.event is not None:
+            return msg.event
+        try:
+            return input_adapter.validate_json(msg.value)
+        except ValidationError as exc:  # the reason without the input's values (personal data)
+            raise rejection(exc) from None
+
+    def _state(self, key: bytes) -> UserState:
+        """The user's state as the batch has left it so far (a new one after an erasure)."""
+        pending = self._dirty.get(key)
         if pending is not None:
-            state = pending[1]
-        else:
-            raw = self.users.get(msg.key)
-            state = UserState.loads(raw) if raw else UserState()
+            return UserState() if pending[1] is None else pending[1]
+        raw = self.users.get(key)
+        return UserState.loads(raw) if raw else UserState()
+
+    def _request(self, msg: Message, ev: ControlEvent, wall: float) -> None:
+        """Apply an erasure or a consent change at its place among the user's events; neither
+        is answered (a request is no behaviour to recommend for)."""
+        key, partition = msg.key, msg.partition
+        if isinstance(ev, ErasureEvent):
+            self._dirty[key] = (partition, None)
+            self.timers.cancel(partition, key)
+            self.metrics.erasures.inc()
+            return
+        state = self._state(key)
+        if self.policy.on_consent(state, ev):
+            if not ev.marketing:
+                state.promo.pop(OUTBOX, None)  # what was decided before is not sent again
+            state.seen_ms = int(wall * 1000)
+            self._dirty[key] = (partition, state)
+            self.metrics.consents.labels("true" if ev.marketing else "false").inc()
+
+    def _fold(self, i: int, msg: Message, ev: AnyEvent, wall: float) -> _Ctx:
+        state = self._state(msg.key)
         recent = state.recent_items(self.s.covisit_window)
         due = self._due_before(state, ev, msg, wall) if ev.event_id not in state.recent_ids else []
         tokens = state.apply(ev, int(wall * 1000), self.s.sequence_length, window_s=self.s.reorder_window_s)
@@ -270,10 +308,10 @@ class Pipeline:
         }
         result.outputs.append(Output(self.s.topic_recommendations, key, orjson.dumps(rec)))
         self.metrics.recommendations.labels(source).inc()
-        if not c.folded and self.s.promotions:
+        if not c.folded and self.s.promotions and not opted_out(c.state):
             # A redelivered event: its promotions were decided when it was first folded, but
             # whether they reached the broker is unknown (its offset was not committed). Send
-            # them again from the outbox, with the same ids.
+            # them again from the outbox, with the same ids (not to a user who opted out since).
             for entry in c.state.promo.get(OUTBOX, ()):
                 if entry["by"] == c.event.event_id:
                     result.outputs.append(Output(self.s.topic_promotions, key, orjson.dumps(entry["record"])))

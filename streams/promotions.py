@@ -14,12 +14,12 @@ Triggers:
 - high intent: the model's purchase propensity crosses the high-intent threshold upwards;
 - price sensitivity: a cart removal by a user whose price-sensitivity score is high.
 
-Policy, applied to every trigger in this order: suppression after an order (review recovery
-excepted), frequency cap per user per window, quiet hours in the user's time zone (the UTC offset
-of their events, else ``default_timezone``): a due cart and a review recovery wait for the end of
-the quiet hours (kept in the user's state, so a restart does not lose them), other triggers are
-dropped. Users in the holdout group (a hash of the id) get the same decision logged
-with ``holdout=true``, not meant to be sent. Offers: a user likely to buy anyway
+Policy, applied to every trigger in this order: the user's marketing opt-out, suppression after
+an order (review recovery excepted), frequency cap per user per window, quiet hours in the user's
+time zone (the UTC offset of their events, else ``default_timezone``): a due cart and a review
+recovery wait for the end of the quiet hours (kept in the user's state, so a restart does not lose
+them), other triggers are dropped. Users in the holdout group (a hash of the id) get the same
+decision logged with ``holdout=true``, not meant to be sent. Offers: a user likely to buy anyway
 (propensity >= the reminder threshold) gets a reminder; otherwise a discount growing with price
 sensitivity, while the day's discount budget lasts. Without a model (propensity unknown) the
 policy is the rule-only baseline: every abandoned cart is offered a discount.
@@ -32,6 +32,12 @@ for the cart timer that reads them later. Records carry the thresholds used in `
 
 Promotion ids are a hash of (user, kind, anchor event id): the same input never yields two ids,
 and recent ids are remembered per user so a redelivered event does not publish one twice.
+
+Marketing consent (``shop.consents``): the latest consent change of a user, by event time, is kept
+in the state (``promo["consent"]``). While it says no, every trigger is suppressed (reason
+``opt_out``, all kinds: a review recovery is a contact too); opting out also cancels what was
+waiting (the cart's timer, triggers deferred by quiet hours), so nothing decided before the opt-out
+comes out after an opt-in. An opt-out outlives the idle-user expiry (``expiry_residue``).
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from streams.records import CartEvent, ReviewEvent, ViewEvent
+from streams.records import CartEvent, ConsentEvent, ReviewEvent, ViewEvent
 from streams.settings import Settings
 from streams.state import TokenKind, UserState, word_pieces
 
@@ -67,6 +73,7 @@ KEEP_DEFERRED = 4
 DEFAULT_HIGH_INTENT = 0.7  # thresholds for a propensity of a model whose manifest has none
 DEFAULT_REMINDER = 0.5
 MODEL_REMINDER = "pr"  # promo key: the reminder threshold of the model that produced promo["p"]
+CONSENT = "consent"  # promo key: [marketing allowed, event time ms, event id] of the latest change
 
 
 def promotion_id(user_id: str, kind: str, anchor: str) -> str:
@@ -88,6 +95,21 @@ def price_sensitivity(state: UserState) -> float:
     removes = c.get("cart_remove", 0) + state.promo.get("abandoned", 0)
     adds = c.get("cart_add", 0) + c.get("order", 0)
     return round(min(1.0, float(removes) / (adds + 1.0)), 4)
+
+
+def opted_out(state: UserState) -> bool:
+    """The user's latest marketing consent says no."""
+    held = state.promo.get(CONSENT)
+    return held is not None and not held[0]
+
+
+def expiry_residue(raw: bytes, now_ms: int) -> bytes | None:
+    """What of an idle user's stored state outlives the expiry: an opt-out, as a state holding
+    nothing else (stamped ``now_ms``, so it is swept again one TTL later), else nothing (None)."""
+    state = UserState.loads(raw)
+    if not opted_out(state):
+        return None
+    return UserState(promo={CONSENT: state.promo[CONSENT]}, seen_ms=now_ms).dumps()
 
 
 def cart_value(state: UserState) -> float:
@@ -115,7 +137,7 @@ class Decision:
     """Outcome of one trigger: a promotion record, or why there is none."""
 
     record: dict[str, Any] | None
-    suppressed: str | None = None  # order, frequency_cap, quiet_hours, duplicate
+    suppressed: str | None = None  # opt_out, order, frequency_cap, quiet_hours, duplicate
     retry_at: float | None = None  # cart abandonment or review recovery deferred by quiet hours
 
 
@@ -272,6 +294,23 @@ class Policy:
             state.promo["abandoned"] = state.promo.get("abandoned", 0) + 1
         return self._spend(decision, partition, now, value)
 
+    def on_consent(self, state: UserState, event: ConsentEvent) -> bool:
+        """Record a marketing consent change; False (nothing changed) for one older, by event
+        time then event id, than the change already held. Opting out cancels what was waiting:
+        the cart's abandonment timer and the triggers deferred by quiet hours."""
+        t = event.event_time
+        ms = int(t.timestamp()) * 1000 + t.microsecond // 1000
+        held = state.promo.get(CONSENT)
+        if held is not None and (held[1], held[2]) > (ms, event.event_id):
+            return False
+        state.promo[CONSENT] = [event.marketing, ms, event.event_id]
+        if not event.marketing:
+            cart = state.promo.get("cart")
+            if cart:
+                state.promo["done"] = cart[1]  # this cart is never promoted, even after an opt-in
+            state.promo.pop(DEFERRED, None)
+        return True
+
     # --- thresholds --------------------------------------------------------------------------
     def high_intent_threshold(self, model: PropensityThresholds | None) -> float:
         """The setting when set, else the model's threshold, else the default."""
@@ -290,7 +329,9 @@ class Policy:
     def _decide(
         self, state: UserState, user: str, trig: Trigger, model_version: str, defer: bool = False
     ) -> Decision:
-        """Apply suppression, frequency cap, quiet hours and holdout; build the record."""
+        """Apply the opt-out, suppression, frequency cap, quiet hours and holdout; build the record."""
+        if opted_out(state):
+            return Decision(None, "opt_out")
         pid = promotion_id(user, trig.kind, trig.anchor)
         promo = state.promo
         ids: list[str] = promo.setdefault("ids", [])
@@ -437,6 +478,13 @@ class CartTimers:
             if key not in out:
                 out.append(key)
         return out
+
+    def cancel(self, partition: int, key: bytes) -> None:
+        """Forget every timer of one user (an erasure); O(timers of the partition)."""
+        heap = self.heaps.get(partition)
+        if heap:
+            heap[:] = [d for d in heap if d.key != key]
+            heapq.heapify(heap)
 
     def drop(self, partition: int) -> None:
         self.heaps.pop(partition, None)

@@ -10,6 +10,10 @@ Rules of the contract:
 - Validation is strict: ``"3"`` is not a quantity and ``"1714550400"`` is not an event time.
   Unknown extra fields are ignored, so producers may add fields before the contract names them.
 - Outputs are keyed by ``user_id`` and carry the id of the event that triggered them.
+
+Besides the five behaviour events, two requests about a user share the envelope: an erasure
+(forget the user) and a marketing consent (opt out of or back into promotions). They travel on
+topics of their own and are validated like the events (``input_adapter`` reads all seven).
 """
 
 from __future__ import annotations
@@ -160,6 +164,32 @@ EVENT_TYPES: dict[str, type[_Event]] = {
 event_adapter: TypeAdapter[SearchEvent | ViewEvent | CartEvent | OrderEvent | ReviewEvent] = TypeAdapter(
     Event
 )
+
+
+# --- requests about a user (privacy), on their own topics, applied in order with the user's events
+class ErasureEvent(_Event):
+    """Forget this user: the worker deletes every per-user state it holds (``shop.erasures``)."""
+
+    type: Literal["erasure"]
+
+
+class ConsentEvent(_Event):
+    """The user's marketing consent (``shop.consents``): ``false`` stops promotions to them,
+    ``true`` allows them again; recommendations go on either way."""
+
+    type: Literal["consent"]
+    marketing: bool = Field(description="Whether the user may receive promotions.")
+
+
+CONTROL_TYPES: dict[str, type[_Event]] = {"erasure": ErasureEvent, "consent": ConsentEvent}
+INPUT_TYPES: dict[str, type[_Event]] = {**EVENT_TYPES, **CONTROL_TYPES}  # every input topic's type
+Input = Annotated[
+    SearchEvent | ViewEvent | CartEvent | OrderEvent | ReviewEvent | ErasureEvent | ConsentEvent,
+    Field(discriminator="type"),
+]
+input_adapter: TypeAdapter[
+    SearchEvent | ViewEvent | CartEvent | OrderEvent | ReviewEvent | ErasureEvent | ConsentEvent
+] = TypeAdapter(Input)
 
 
 # --- outputs -----------------------------------------------------------------------------------

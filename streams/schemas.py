@@ -12,13 +12,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from streams.records import EVENT_TYPES, OUTPUT_TYPES, SCHEMA_VERSION
+from streams.records import INPUT_TYPES, OUTPUT_TYPES, SCHEMA_VERSION
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 
 
 def schemas() -> dict[str, dict[str, Any]]:
-    models: dict[str, type[BaseModel]] = {f"{k}-event": v for k, v in EVENT_TYPES.items()}
+    models: dict[str, type[BaseModel]] = {f"{k}-event": v for k, v in INPUT_TYPES.items()}
     models.update(OUTPUT_TYPES)
     out = {}
     for name, model in models.items():

@@ -18,6 +18,9 @@ to and past ``max_len``, unknown items, features, all token kinds) before it is 
 version off the event loop and swaps it in between batches; if the new one fails, the old one
 keeps serving. A served model can still fail on some input: ``ModelWatcher.score_safely`` turns
 that into ``None`` (the caller answers from the baseline), counts it and logs it once a minute.
+When it polls, the watcher also reads the retrain decisions appended to the folder's
+``registry.jsonl`` (``ModelWatcher.decisions``); with the manifest's ``created_at``
+(``Artifact.created_at``) they are what ``Metrics.watch_models`` exports.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -56,6 +61,8 @@ UNK = 1
 REQUIRED_INPUTS = ("items", "kinds", "gaps")
 OUTPUTS = ("top_items", "top_scores", "propensity")
 FAILURE_LOG_EVERY_S = 60.0  # a model failing on every batch logs once a minute, not per batch
+REGISTRY = "registry.jsonl"  # retrain decisions in the model folder, one JSON object a line
+DECISIONS = ("published", "refused")  # the registry's decisions (a bounded metric label)
 
 
 class ModelError(ShopstreamError):
@@ -124,6 +131,7 @@ class Artifact:
     category: dict[str, int] = field(default_factory=dict)  # item -> hashed category id, where known
     with_context: bool = False  # the graph reads the window's context features (``context`` input)
     thresholds: PropensityThresholds | None = None  # None: the manifest has none (settings' fallback)
+    created_at: float | None = None  # unix time of the export (manifest's created_at), when it has one
     buffers: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def encode_id(self, item: str) -> int:
@@ -297,6 +305,7 @@ def load_artifact(folder: Path, provider: str = "auto", threads: int = 1) -> Art
         with_feats=with_feats,
         with_context=with_context,
         thresholds=thresholds,
+        created_at=unix_time(manifest.get("created_at")),
         manifest_sha=sha256(folder / "manifest.json"),
     )
     warm_up(art)
@@ -336,6 +345,29 @@ def check_context(manifest: dict[str, Any], where: Path) -> None:
             f"{where}: the model's context features are not this service's ({diff}): it was trained "
             "with another version of streams.features; serve it with that version or re-export it"
         )
+
+
+def unix_time(value: Any) -> float | None:
+    """An ISO 8601 instant (``Z``, an offset, or none: UTC) as unix seconds; None for anything else
+    (informational fields: a model is never refused for them)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
+
+
+def registry_decision(line: bytes) -> tuple[str, float] | None:
+    """``(decision, unix time)`` of one ``registry.jsonl`` line (``exporters.publish`` appends them:
+    ``{"time": ISO, "decision": "published" | "refused", ...}``); None for anything else."""
+    try:
+        entry = json.loads(line)
+        decision, at = entry["decision"], unix_time(entry["time"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return (decision, at) if decision in DECISIONS and at is not None else None
 
 
 def read_thresholds(manifest: dict[str, Any], where: Path) -> PropensityThresholds | None:
@@ -477,12 +509,15 @@ class ModelWatcher:
         self.failures = 0  # inference failures caught by score_safely since start
         self._failure_logged_at: float | None = None
         self._failures_unlogged = 0
+        self.decisions: dict[str, float] = {}  # registry.jsonl: decision -> unix time of its last line
+        self._registry_at = (0, 0)  # (inode, bytes of it read): the next poll reads only what follows
 
     def load_initial(self) -> None:
         """At startup: a folder with a manifest must hold a valid model (else ``ModelError``);
         a folder without one means "baseline until a model is exported there"."""
         if self.folder is None:
             return
+        self.read_registry()
         if not (self.folder / "manifest.json").exists():
             log.warning("no model in %s yet: serving the baseline until one is exported there", self.folder)
             return
@@ -510,7 +545,9 @@ class ModelWatcher:
         return None if digest == self.failed_sha else digest
 
     async def poll(self) -> bool:
-        """Load a new version if the manifest changed; True when a new model now serves."""
+        """Load a new version if the manifest changed; True when a new model now serves. Reads the
+        registry's new lines first (``read_registry``)."""
+        self.read_registry()
         digest = self.changed()
         if digest is None or self.folder is None:
             return False
@@ -533,6 +570,36 @@ class ModelWatcher:
         )
         self.on_change(art, "reloaded")
         return True
+
+    def read_registry(self) -> None:
+        """Fold the lines retrains appended to the folder's ``registry.jsonl`` since the last call
+        into ``decisions``, reading only the new bytes (the file grows by a line per retrain). A
+        line not yet ended waits for the next poll; a file replaced or cut shorter is read again
+        from its start; a missing one clears ``decisions``. Never raises: the reload that follows
+        in ``poll`` matters more than this metric."""
+        if self.folder is None:
+            return
+        try:
+            with (self.folder / REGISTRY).open("rb") as f:
+                st = os.fstat(f.fileno())
+                inode, offset = self._registry_at
+                if st.st_ino != inode or st.st_size < offset:
+                    self.decisions, offset = {}, 0
+                f.seek(offset)
+                chunk = f.read(st.st_size - offset)
+        except FileNotFoundError:
+            self.decisions, self._registry_at = {}, (0, 0)
+            return
+        except OSError as exc:
+            log.debug("%s not read: %s", self.folder / REGISTRY, exc)
+            return
+        end = chunk.rfind(b"\n") + 1
+        for line in chunk[:end].splitlines():
+            found = registry_decision(line)
+            if found is not None:
+                decision, at = found
+                self.decisions[decision] = max(at, self.decisions.get(decision, at))
+        self._registry_at = (st.st_ino, offset + end)
 
     def score_safely(
         self, model: Artifact, sequences: Sequence[Sequence[Sequence[Any]]]

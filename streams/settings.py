@@ -28,6 +28,8 @@ TOPIC_FIELDS = (
     "topic_promotions",
     "topic_deadletter",
     "topic_events_by_user",
+    "topic_erasures",
+    "topic_consents",
 )
 TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")  # Kafka's own rule (kafka.common.internals.Topic)
 # the longest topic faust derives from the app id: <app_id>-__assignor-__leader (changelogs are shorter)
@@ -93,6 +95,15 @@ class Settings(BaseSettings):
     topic_carts: str = Field("shop.carts", description="Input: cart add/remove events.")
     topic_orders: str = Field("shop.orders", description="Input: order events.")
     topic_reviews: str = Field("shop.reviews", description="Input: review events.")
+    topic_erasures: str = Field(
+        "shop.erasures",
+        description="Input: erasure requests (forget a user: their state is deleted, nothing more is "
+        "published about them).",
+    )
+    topic_consents: str = Field(
+        "shop.consents",
+        description="Input: marketing consent changes (false: no promotions to the user, true: again).",
+    )
     topic_recommendations: str = Field("shop.recommendations", description="Output: recommendations.")
     topic_promotions: str = Field("shop.promotions", description="Output: promotion triggers.")
     topic_deadletter: str = Field("shop.deadletter", description="Output: rejected input, raw bytes.")
@@ -259,6 +270,25 @@ class Settings(BaseSettings):
         "ahead of the worker's wall clock by more than this.",
     )
 
+    # --- Event archive (shopstream archive) ------------------------------------------------------
+    archive_dir: str = Field(
+        "var/archive",
+        description="Root of the event archive: a folder or any fsspec URL (s3://bucket/prefix, ...).",
+    )
+    archive_roll_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1,
+        description="The archiver writes its buffer to Parquet files once it holds this many bytes.",
+    )
+    archive_roll_s: float = Field(
+        300.0,
+        gt=0,
+        description="The archiver writes its buffer once its oldest row is this many seconds old.",
+    )
+    archive_metrics_port: int = Field(
+        6067, ge=0, le=65535, description="Port of the archiver's /metrics on SHOPSTREAM_WEB_HOST (0: none)."
+    )
+
     # --- Checks: a bad value stops the worker at start, naming its variable ------------------------
     @field_validator(
         "model_dir", "kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile", mode="before"
@@ -305,6 +335,15 @@ class Settings(BaseSettings):
         if "{" in str(value) or "}" in str(value):  # faust expands the path with str.format
             raise ValueError(f"SHOPSTREAM_DATA_DIR={str(value)!r}: a folder path without '{{' or '}}'")
         return value
+
+    @field_validator("archive_dir")
+    @classmethod
+    def _archive_dir_is_set(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError(
+                "SHOPSTREAM_ARCHIVE_DIR is empty: a folder or an fsspec URL such as s3://bucket/x"
+            )
+        return value.strip()
 
     @field_validator("model_dir")
     @classmethod
@@ -501,3 +540,9 @@ class Settings(BaseSettings):
             self.topic_orders: "order",
             self.topic_reviews: "review",
         }
+
+    @property
+    def control_topics(self) -> dict[str, str]:
+        """Topic name -> the request type it carries: requests about a user (privacy), routed and
+        applied in order with the user's events like the inputs."""
+        return {self.topic_erasures: "erasure", self.topic_consents: "consent"}

@@ -1,7 +1,7 @@
 """Writes deploy/grafana/dashboards/shopstream.json (run after editing the panels below).
 
-Every panel's PromQL is evaluated against a real Prometheus scraping a real worker in
-tests/integration/test_dashboard.py, which fails on an invalid query or one without data.
+Every panel's PromQL is evaluated against a real Prometheus scraping a real worker and a real
+archiver in tests/integration/test_dashboard.py, which fails on an invalid query or one without data.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 OUT = Path(__file__).parent / "dashboards" / "shopstream.json"
-J = '{job=~"$job"}'  # every query is filtered by the job template variable
+J = '{job=~"$job"}'  # every worker query is filtered by the job template variable
+A = '{job=~"$archive_job"}'  # archiver queries by their own (its scrape job may have another name)
 RI = "[$__rate_interval]"
 OK = '{job=~"$job",outcome="ok"}'
 NOT_OK = '{job=~"$job",outcome!="ok"}'
@@ -46,6 +47,23 @@ def panel(
         },
         "options": {},
         "gridPos": {"h": 8, "w": w},
+    }
+
+
+def job_variable(name: str, metric: str) -> dict[str, Any]:
+    """A multi-value template variable over the scrape jobs that export ``metric``."""
+    return {
+        "name": name,
+        "label": name,
+        "type": "query",
+        "datasource": {"type": "prometheus", "uid": "prometheus"},
+        "query": {"query": f"label_values({metric}, job)", "refId": name},
+        "definition": f"label_values({metric}, job)",
+        "includeAll": True,
+        "multi": True,
+        "allValue": ".+",
+        "current": {"text": "All", "value": "$__all"},
+        "refresh": 2,
     }
 
 
@@ -215,6 +233,74 @@ ROWS: list[tuple[str, list[dict[str, Any]]]] = [
             ),
         ],
     ),
+    (
+        "Learning",
+        [
+            panel(
+                "Model age",
+                [q(f"max(shopstream_model_age_seconds{J})", "oldest served")],
+                "s",
+                kind="stat",
+                thresholds=[("green", None), ("orange", 2 * 86400), ("red", 7 * 86400)],
+                description="Since the served version was exported (its manifest's created_at); the "
+                "oldest any worker serves. A nightly retrain that publishes keeps it under two days.",
+                w=6,
+            ),
+            panel(
+                "Since the last retrain decision",
+                [
+                    q(
+                        f"time() - max by (decision) (shopstream_retrain_last_decision_timestamp_seconds{J})",
+                        "{{decision}}",
+                    )
+                ],
+                "s",
+                kind="stat",
+                thresholds=[("green", None), ("orange", 36 * 3600), ("red", 2 * 86400)],
+                description="Time since the latest published and the latest refused challenger "
+                "(registry.jsonl in the model folder, read by the workers): the smaller is the last "
+                "decision; none means no retrain has run.",
+                w=6,
+            ),
+            panel(
+                "Archive commit age",
+                [q(f"max(shopstream_archive_commit_age_seconds{A})", "oldest uncommitted")],
+                "s",
+                kind="stat",
+                thresholds=[("green", None), ("orange", 600), ("red", 900)],
+                description="Since an archiver last committed while rows wait (0: nothing waits). It "
+                "rolls every SHOPSTREAM_ARCHIVE_ROLL_S (300 s) or SHOPSTREAM_ARCHIVE_ROLL_BYTES.",
+                w=6,
+            ),
+            panel(
+                "Archive files written (1h)",
+                [q(f"sum by (stream) (increase(shopstream_archive_files_total{A}[1h]))", "{{stream}}")],
+                "short",
+                kind="stat",
+                description="Parquet files written by the archivers in the last hour, by stream.",
+                w=6,
+            ),
+            panel(
+                "Archive lag",
+                [q(f"sum by (topic) (shopstream_archive_consumer_lag_messages{A})", "{{topic}}")],
+                "short",
+                description="Messages not yet durably archived (end offset minus committed), all "
+                "archivers; it includes what waits for the next roll, so it saw-tooths.",
+            ),
+            panel(
+                "Archive events / s",
+                [q(f"sum by (stream) (rate(shopstream_archive_events_total{A}{RI}))", "{{stream}}")],
+                "reqps",
+                description="Rows written to Parquet files, by stream (events, promotions).",
+            ),
+            panel(
+                "Archive bytes written / s",
+                [q(f"sum by (stream) (rate(shopstream_archive_bytes_total{A}{RI}))", "{{stream}}")],
+                "Bps",
+                description="Parquet (zstd) bytes written, by stream.",
+            ),
+        ],
+    ),
 ]
 
 
@@ -255,19 +341,8 @@ def build() -> dict[str, Any]:
         "time": {"from": "now-1h", "to": "now"},
         "templating": {
             "list": [
-                {
-                    "name": "job",
-                    "label": "job",
-                    "type": "query",
-                    "datasource": {"type": "prometheus", "uid": "prometheus"},
-                    "query": {"query": "label_values(shopstream_events_total, job)", "refId": "job"},
-                    "definition": "label_values(shopstream_events_total, job)",
-                    "includeAll": True,
-                    "multi": True,
-                    "allValue": ".+",
-                    "current": {"text": "All", "value": "$__all"},
-                    "refresh": 2,
-                }
+                job_variable("job", "shopstream_events_total"),
+                job_variable("archive_job", "shopstream_archive_commit_age_seconds"),
             ]
         },
         "annotations": {"list": []},

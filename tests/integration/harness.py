@@ -52,6 +52,8 @@ def isolated_env(bootstrap: str, workdir: Path, **extra: str) -> dict[str, str]:
         "promotions",
         "deadletter",
         "events_by_user",
+        "erasures",
+        "consents",
     ):
         env[f"SHOPSTREAM_TOPIC_{name.upper()}"] = f"t-{tag}.{name}"
     env.update(extra)

@@ -1,0 +1,126 @@
+"""Publishing an exported artifact into the model folder the workers serve from, atomically.
+
+In: an artifact exported by ``exporters.onnx_export.export`` (``manifest.json``, graph,
+vocabulary) in a staging folder. Out: the same artifact in the model folder under version-named
+files (``model-<v>.onnx``, ``vocab-<v>.json``, ``manifest-<v>.json`` for rollback), then
+``manifest.json`` pointing at them, each written to a temporary name, fsynced and renamed, the
+folder fsynced. The graph and vocabulary land first and the manifest last, which is the order the
+worker's hot reload (``streams.scoring.ModelWatcher``) expects: it reads ``manifest.json`` and
+loads what it names, so a reader sees the old version or the new one, never a mix. Also the
+folder's ``registry.jsonl`` (one JSON line per retrain decision) and its lock. No torch here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from streams.errors import ShopstreamError
+from streams.scoring import read_manifest, sha256
+
+KEEP_VERSIONS = 3  # the published version and the two before it (rollback)
+REGISTRY = "registry.jsonl"
+VERSIONED = (("model-", ".onnx"), ("vocab-", ".json"), ("manifest-", ".json"))
+
+
+class PublishError(ShopstreamError):
+    """A publish that could not complete: a copy that does not match, a folder already locked."""
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes | Path) -> None:
+    """``data`` (bytes, or a file to copy) to ``path``: a temporary name in the same folder,
+    fsynced, renamed over ``path``, the folder fsynced. Readers see the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("wb") as f:
+            if isinstance(data, Path):
+                with data.open("rb") as src:
+                    shutil.copyfileobj(src, f, 1 << 20)
+            else:
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def publish(staging: Path, model_dir: Path) -> dict[str, Any]:
+    """Publish the artifact exported to ``staging`` into ``model_dir``; returns its manifest."""
+    manifest = read_manifest(staging)
+    version = str(manifest["model_version"])
+    files = {"graph": f"model-{version}.onnx", "vocab": f"vocab-{version}.json"}
+    for key, name in files.items():
+        write_atomic(model_dir / name, staging / manifest[key])
+        if sha256(model_dir / name) != manifest[f"{key}_sha256"]:
+            raise PublishError(f"{model_dir / name}: sha256 differs from the staged file after copying")
+    manifest.update(files)
+    text = json.dumps(manifest, indent=2, allow_nan=False).encode()
+    write_atomic(model_dir / f"manifest-{version}.json", text)  # kept for rollback
+    write_atomic(model_dir / "manifest.json", text)  # last: the worker's hot reload starts here
+    return manifest
+
+
+def prune(model_dir: Path, keep: set[str]) -> list[str]:
+    """Delete the version-named files of versions outside ``keep`` (never those the current
+    manifest names) and temporary files a crashed publish left; returns the names deleted."""
+    current = read_manifest(model_dir) if (model_dir / "manifest.json").exists() else {}
+    protected = {current.get("graph"), current.get("vocab")}  # a rollback may name any version
+    keep = keep | {str(current.get("model_version"))}
+    removed = []
+    for path in sorted(model_dir.iterdir()):
+        name = path.name
+        ours = next(
+            (name[len(a) : -len(b)] for a, b in VERSIONED if name.startswith(a) and name.endswith(b)), None
+        )
+        stale_tmp = name.startswith(".") and ".tmp-" in name and path.is_file()
+        if (ours is not None and ours not in keep and name not in protected) or stale_tmp:
+            path.unlink(missing_ok=True)
+            removed.append(name)
+    return removed
+
+
+def registry_entries(model_dir: Path) -> list[dict[str, Any]]:
+    try:
+        lines = (model_dir / REGISTRY).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        with contextlib.suppress(ValueError):  # a torn last line after a crash
+            out.append(json.loads(line))
+    return out
+
+
+def append_registry(model_dir: Path, entry: Mapping[str, Any]) -> None:
+    with (model_dir / REGISTRY).open("a") as f:
+        f.write(json.dumps(entry, allow_nan=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def folder_lock(model_dir: Path) -> Iterator[None]:
+    """One retrain per model folder at a time."""
+    with (model_dir / ".retrain.lock").open("w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PublishError(f"another retrain holds {model_dir / '.retrain.lock'}") from None
+        yield
