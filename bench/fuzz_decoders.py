@@ -125,11 +125,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=ROOT / "deploy" / "demo" / "model")
     args = ap.parse_args()
     settings = Settings(model_dir=args.model, quiet_hours="")
-    decoder = EventDecoder(
-        max_bytes=settings.max_message_bytes,
-        min_event_time=settings.min_event_time,
-        max_clock_skew_s=settings.max_clock_skew_s,
-    )
+    decoder = EventDecoder.from_settings(settings)
     seeds = seed_events(settings, per_dataset=500)
     rng = random.Random(args.seed)
     fuzzer = Fuzzer(rng, decoder)

@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from streams.archive import fsync_dir
 from streams.errors import ShopstreamError
 from streams.scoring import read_manifest, sha256
 
@@ -31,14 +32,6 @@ VERSIONED = (("model-", ".onnx"), ("vocab-", ".json"), ("manifest-", ".json"))
 
 class PublishError(ShopstreamError):
     """A publish that could not complete: a copy that does not match, a folder already locked."""
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_atomic(path: Path, data: bytes | Path) -> None:
@@ -58,7 +51,7 @@ def write_atomic(path: Path, data: bytes | Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    fsync_dir(str(path.parent))
 
 
 def publish(staging: Path, model_dir: Path) -> dict[str, Any]:

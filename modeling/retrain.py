@@ -122,7 +122,8 @@ def windowed(spec: str, window_days: float | None, default_tz: str = "UTC", now:
     """The spec to read. An archive's in canonical form, its split zone ``default_tz`` unless it
     names one (as ``shopstream train`` fills in SHOPSTREAM_DEFAULT_TIMEZONE), the window as its
     ``since`` bound; the window applies to archives only (a public data set is split as ``shopstream
-    train`` splits it)."""
+    train`` splits it). The window ends at ``now``, by default the newest archived event (an
+    archive of last year's data, or one whose archiver has stopped, still has a window)."""
     if not spec.startswith("archive:"):
         if window_days is not None:
             raise RetrainError(
@@ -132,13 +133,18 @@ def windowed(spec: str, window_days: float | None, default_tz: str = "UTC", now:
         return spec
     if window_days is not None and window_days <= 0:
         raise RetrainError(f"--window-days {window_days:g}: a number of days above 0")
-    from streams.archive_read import ArchiveSpec
+    from streams.archive_read import ArchiveSpec, newest_event_ms
 
+    parsed = ArchiveSpec.parse(spec, default_tz)
     since = None
     if window_days is not None:
-        start = (time.time() if now is None else now) - window_days * 86400
-        since = datetime.fromtimestamp(start, UTC).isoformat()
-    return str(ArchiveSpec.parse(spec, default_tz).with_options(since, None, None))
+        if now is None:
+            newest = newest_event_ms(parsed.root)
+            if newest is None:
+                raise RetrainError(f"{parsed.root}: no archived events")
+            now = newest / 1000
+        since = datetime.fromtimestamp(now - window_days * 86400, UTC).isoformat()
+    return str(parsed.with_options(since, None, None))
 
 
 def remap(names: Vocab, index: Mapping[str, int]) -> np.ndarray:

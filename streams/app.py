@@ -179,11 +179,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
     # faust warns and stalls when more than 100 changelog writes wait to be sent; one event
     # writes up to covisit_window + 2 of them, so give the buffer room for a poll's worth.
     app.producer.buffer.max_messages = 10_000
-    decoder = EventDecoder(
-        max_bytes=settings.max_message_bytes,
-        min_event_time=settings.min_event_time,
-        max_clock_skew_s=settings.max_clock_skew_s,
-    )
+    decoder = EventDecoder.from_settings(settings)
     # behaviour events and the requests about a user (erasure, consent) take the same by-user hop,
     # so each is applied in order with the user's events on the worker that owns the user's state
     input_types = {**settings.input_topics, **settings.control_topics}

@@ -16,6 +16,12 @@ storage) gets the final name directly, a PUT being atomic. A crash before the co
 restarted archiver read those messages again: duplicates at most, never a loss. Readers
 (``streams.archive_read``) dedupe by ``event_id``. On a revocation and on SIGTERM/SIGINT the
 archiver rolls what it holds and commits before it lets go.
+
+Erasures: requests on ``topic_erasures`` (``shopstream forget``) are appended to the erasure list,
+``{root}/_erasures/erasures-<unique>.jsonl`` (``{"user_id", "erased_at"}`` per line), written and
+committed like the rows. Every reader drops an erased user's rows up to ``erased_at`` at once;
+``shopstream archive compact`` (``streams.archive_compact``) then rewrites the files that still
+hold them. Consent events are not archived (they carry no behaviour to learn from).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from fsspec.implementations.local import LocalFileSystem
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from pydantic import ValidationError
 
-from streams.archive_read import SCHEMA, Row, epoch_ms, open_root
+from streams.archive_read import ERASURES, SCHEMA, Row, epoch_ms, open_root
 from streams.decode import AnyEvent, EventDecoder, rejection
 from streams.errors import RejectedInput, RejectReason
 from streams.records import Promotion
@@ -85,6 +91,17 @@ class ArchiveWriter:
         self.oldest: float | None = None  # clock() when the oldest buffered row came
         self._known_dirs: set[str] = set()
         self._last_ns = 0
+        self.erasures: list[dict[str, str]] = []  # erasure requests, written to ``_erasures`` on a roll
+
+    def add_erasure(self, user_id: str, erased_at: datetime) -> None:
+        """An erasure request: its user's rows up to ``erased_at`` are dropped by every reader and
+        removed from the files by ``shopstream archive compact`` (``streams.archive_compact``)."""
+        iso = erased_at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        self.erasures.append({"user_id": user_id, "erased_at": iso})
+        self.bytes += len(user_id) + ROW_OVERHEAD
+        self.rows += 1
+        if self.oldest is None:
+            self.oldest = self.clock()
 
     def add(self, stream: str, row: Row) -> None:
         self.groups.setdefault((stream, row.event_ms // 3_600_000), []).append(row)  # by UTC hour
@@ -109,6 +126,13 @@ class ArchiveWriter:
             written.append(
                 self._write(f"{self.base}/{stream}/date={stamp:%Y-%m-%d}/hour={stamp:%H}", stream, rows)
             )
+        if self.erasures:
+            lines = b"".join(orjson.dumps(e) + b"\n" for e in self.erasures)
+            name = self._name().replace(".parquet", ".jsonl").replace("part-", "erasures-")
+            size = self.put(f"{self.base}/{ERASURES}", name, lambda f: f.write(lines))
+            path = f"{self.base}/{ERASURES}/{name}"
+            written.append(WrittenFile("erasures", path, len(self.erasures), size))
+            self.erasures.clear()
         self.groups.clear()
         self.bytes = self.rows = 0
         self.oldest = None
@@ -125,18 +149,23 @@ class ArchiveWriter:
             [pa.array(c, f.type) for c, f in zip(columns, SCHEMA, strict=True)], schema=SCHEMA
         )
         name = self._name()
+        size = self.put(folder, name, lambda f: pq.write_table(table, f, compression="zstd"))
+        return WrittenFile(stream, f"{folder}/{name}", len(rows), size)
+
+    def put(self, folder: str, name: str, write: Callable[[Any], object]) -> int:
+        """``write(file)`` to ``folder/name`` durably (module docstring); returns the bytes written.
+        An existing file of that name is replaced whole: readers see the old one or the new one."""
         final = f"{folder}/{name}"
         new_dirs = self._makedirs(folder)
         if not self.local:  # object storage: a PUT is atomic, there is no rename
             with self.fs.open(final, "wb") as f:
-                pq.write_table(table, f, compression="zstd")
-                size = f.tell()
-            return WrittenFile(stream, final, len(rows), size)
+                write(f)
+                return int(f.tell())
         tmp = f"{folder}/.{name}.tmp"  # hidden: readers (and Spark, DuckDB, pyarrow) skip it
         try:
             with self.fs.open(tmp, "wb") as f:
-                pq.write_table(table, f, compression="zstd")
-                size = f.tell()
+                write(f)
+                size = int(f.tell())
                 f.flush()
                 os.fsync(f.fileno())
             self.fs.mv(tmp, final)
@@ -147,7 +176,7 @@ class ArchiveWriter:
         # the rename and any folder made for it are durable once their parent folders are synced
         for d in dict.fromkeys([folder, *(os.path.dirname(n) for n in new_dirs)]):
             fsync_dir(d)
-        return WrittenFile(stream, final, len(rows), size)
+        return size
 
     def _makedirs(self, folder: str) -> list[str]:
         """Create ``folder``; returns the local folders that did not exist (their parents need a sync)."""
@@ -167,15 +196,6 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def decoder_of(settings: Settings) -> EventDecoder:
-    """The worker's decoder, built from the same settings as ``streams.app`` builds it."""
-    return EventDecoder(
-        max_bytes=settings.max_message_bytes,
-        min_event_time=settings.min_event_time,
-        max_clock_skew_s=settings.max_clock_skew_s,
-    )
 
 
 def decode_promotion(raw: bytes | None) -> Promotion:
@@ -205,7 +225,7 @@ def convert(events: Iterable[dict[str, Any]], root: str, settings: Settings) -> 
     """Contract events (as ``shopstream replay`` publishes them, times kept) -> an archive, through
     the worker's decoder and the archiver's writer, without a broker. ``topic`` is the input topic
     of the event's type, ``partition`` -1 and ``offset`` the event's position in ``events``."""
-    decoder = decoder_of(settings)
+    decoder = EventDecoder.from_settings(settings)
     type_of = settings.input_topics
     topic_of = {etype: topic for topic, etype in type_of.items()}
     writer = ArchiveWriter(root, settings.archive_roll_bytes, float("inf"))
@@ -288,10 +308,11 @@ class Archiver(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is 
     def __init__(
         self, settings: Settings, writer: ArchiveWriter, metrics: ArchiveMetrics, consumer: Any
     ) -> None:
-        self.decoder = decoder_of(settings)
+        self.decoder = EventDecoder.from_settings(settings)
         self.types = settings.input_topics
         self.promotions = settings.topic_promotions
-        self.topics = [*self.types, self.promotions]
+        self.erasures = settings.topic_erasures
+        self.topics = [*self.types, self.promotions, self.erasures]
         self.writer, self.metrics, self.consumer = writer, metrics, consumer
         self.positions: dict[Any, int] = {}  # TopicPartition -> offset after the last message taken
         self.committed: dict[Any, int] = {}
@@ -315,6 +336,9 @@ class Archiver(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is 
             if record.topic == self.promotions:
                 promotion = decode_promotion(record.value)
                 self.writer.add("promotions", promotion_row(promotion, text_of(record.value), *where))
+            elif record.topic == self.erasures:
+                request = self.decoder.decode_input(record.value, "erasure")
+                self.writer.add_erasure(request.user_id, request.event_time)
             else:
                 ev = self.decoder.decode(record.value, self.types.get(record.topic))
                 self.writer.add("events", event_row(ev, text_of(record.value), *where))
@@ -444,7 +468,7 @@ async def archive_forever(settings: Settings, stop: asyncio.Event | None = None)
         server, _ = start_http_server(
             settings.archive_metrics_port, settings.web_host, registry=metrics.registry
         )
-    topics = [*settings.input_topics, settings.topic_promotions]
+    topics = [*settings.input_topics, settings.topic_promotions, settings.topic_erasures]
     group = f"{settings.app_id}-archive"
     await ensure_topics(settings, topics)
     consumer = AIOKafkaConsumer(

@@ -43,6 +43,7 @@ SCHEMA = pa.schema(
     ]
 )
 STREAMS = ("events", "promotions")
+ERASURES = "_erasures"  # the erasure list's folder under the root
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MS = timedelta(milliseconds=1)
 
@@ -128,11 +129,28 @@ def archive_files(
     return sorted(files, key=_name)
 
 
+def newest_event_ms(root: str, stream: str = "events") -> int | None:
+    """The latest event time (ms) archived in ``stream``, reading only its newest hour folder."""
+    files = archive_files(root, stream)
+    if not files:
+        return None
+    folder = max(p.rsplit("/", 1)[0] for p in files)  # date=YYYY-MM-DD/hour=HH sort in time order
+    fs, _ = open_root(root)
+    newest = None
+    for path in (p for p in files if p.rsplit("/", 1)[0] == folder):
+        with fs.open(path, "rb") as f:
+            times = pq.read_table(f, columns=["event_time"]).column("event_time").cast(pa.int64())
+        top = max(times.to_pylist(), default=None)
+        if top is not None and (newest is None or top > newest):
+            newest = top
+    return newest
+
+
 def read_erasures(root: str) -> dict[str, int]:
     """User id -> the latest ``erased_at`` (ms) of the erasure list. A line that cannot be read
     fails the read: an erased user must never come back because of a typo."""
     fs, base = open_root(root)
-    folder = f"{base}/_erasures"
+    folder = f"{base}/{ERASURES}"
     out: dict[str, int] = {}
     if not fs.isdir(folder):
         return out

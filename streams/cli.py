@@ -12,7 +12,7 @@ shopstream demo                               all of the above on the shipped RE
 shopstream schemas [--check]                  write or check the JSON Schema files
 shopstream evaluate-promotions DATASET        the promotion policy replayed offline, model vs rules
 shopstream retrain --data SPEC --model-dir DIR  a challenger, published if not worse than the served model
-shopstream archive [convert DATASET]          archive valid events as Parquet (or convert a data set)
+shopstream archive [convert DATASET|compact]  archive valid events as Parquet; convert a data set; compact
 """
 
 from __future__ import annotations
@@ -219,6 +219,16 @@ def _modeling() -> Any:
 
 
 def cmd_archive(settings: Settings, args: argparse.Namespace) -> int:
+    if args.action == "compact":
+        from streams.archive_compact import compact
+
+        root = args.root or settings.archive_dir
+        compacted = compact(root)
+        print(
+            f"{root}: {compacted.rows_removed} rows of erased users removed; {compacted.files_rewritten} "
+            f"files rewritten, {compacted.files_removed} deleted, {compacted.files_read} read"
+        )
+        return 0
     if args.action != "convert":
         from streams.archive import archive_forever
 
@@ -401,6 +411,8 @@ def parser() -> argparse.ArgumentParser:
     conv.add_argument("--root", help="archive folder or fsspec URL (default SHOPSTREAM_ARCHIVE_DIR)")
     conv.add_argument("--path", help="read this file instead of the data folder's")
     conv.add_argument("--limit", type=int, default=None, help="only the first N events")
+    comp = arsub.add_parser("compact", help="rewrite the files that hold rows of erased users")
+    comp.add_argument("--root", help="archive folder or fsspec URL (default SHOPSTREAM_ARCHIVE_DIR)")
     ev = sub.add_parser("evaluate", help="evaluate a run against baselines, write its report")
     ev.add_argument("run", help="run folder")
     ev.set_defaults(func=cmd_evaluate)

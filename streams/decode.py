@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -25,6 +26,9 @@ from streams.records import (
     input_adapter,
 )
 
+if TYPE_CHECKING:
+    from streams.settings import Settings
+
 AnyEvent = SearchEvent | ViewEvent | CartEvent | OrderEvent | ReviewEvent
 ControlEvent = ErasureEvent | ConsentEvent  # requests about a user rather than their behaviour
 AnyInput = AnyEvent | ControlEvent
@@ -37,6 +41,15 @@ class EventDecoder:
         self.max_bytes = max_bytes
         self.min_ts = datetime.fromisoformat(min_event_time.replace("Z", "+00:00")).timestamp()
         self.max_skew = max_clock_skew_s
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EventDecoder:
+        """The decoder with the deployment's bounds: the worker's and the archiver's are the same."""
+        return cls(
+            max_bytes=settings.max_message_bytes,
+            min_event_time=settings.min_event_time,
+            max_clock_skew_s=settings.max_clock_skew_s,
+        )
 
     def decode(self, raw: bytes | None, expected_type: str | None) -> AnyEvent:
         """A behaviour event; an erasure or consent request is on the wrong topic here."""

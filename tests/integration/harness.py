@@ -9,15 +9,17 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import ConsumerRecord
 
 from streams.admin import ensure_topics
@@ -71,21 +73,23 @@ def settings_of(env: dict[str, str]) -> Settings:
 
 
 @dataclass
-class WorkerProcess:
-    """``python -m streams worker`` with the given env; its log goes to ``log``."""
+class StreamsProcess:
+    """``python -m streams <command>`` with the given env; its log goes to ``log``."""
 
     env: dict[str, str]
     log: Path
     prefix: Sequence[str] = ()  # e.g. a profiler command line
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    command: ClassVar[str]
+    stop_timeout: ClassVar[float] = 30.0  # how long a clean shutdown may take before the kill
 
-    def start(self) -> WorkerProcess:
+    def start(self) -> Self:
         full = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         full.pop("PYTEST_CURRENT_TEST", None)
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streams", "worker"],
+                [sys.executable, "-m", "streams", self.command],
                 cwd=ROOT,
                 env=full,
                 stdout=out,
@@ -93,12 +97,12 @@ class WorkerProcess:
             )
         return self
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float | None = None) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
         self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout=timeout)
+            return self.proc.wait(timeout=self.stop_timeout if timeout is None else timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
@@ -108,6 +112,19 @@ class WorkerProcess:
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
+
+
+class WorkerProcess(StreamsProcess):
+    """``python -m streams worker``: a stream worker."""
+
+    command = "worker"
+
+
+class ArchiverProcess(StreamsProcess):
+    """``python -m streams archive``: the archiver (its shutdown writes and commits what it holds)."""
+
+    command = "archive"
+    stop_timeout = 60.0
 
 
 @contextmanager
@@ -134,25 +151,38 @@ async def produce(settings: Settings, records: Sequence[tuple[str, bytes | None,
         await producer.stop()
 
 
-async def collect(
-    settings: Settings, topic: str, until: Any, timeout: float = 90.0, worker: WorkerProcess | None = None
-) -> list[ConsumerRecord[bytes, bytes]]:
-    """Read ``topic`` from the beginning until ``until(records)`` is true or ``timeout`` passes."""
+@asynccontextmanager
+async def reading_from_start(
+    settings: Settings, topic: str, deadline: float
+) -> AsyncIterator[tuple[AIOKafkaConsumer, list[TopicPartition]]]:
+    """A consumer assigned every partition of ``topic`` at its first offset, once the topic exists
+    (``TimeoutError`` if it does not by ``deadline``, a ``time.monotonic()`` value); stopped on exit."""
     consumer = AIOKafkaConsumer(**settings.kafka_client_options(), enable_auto_commit=False)
     await consumer.start()
-    out: list[ConsumerRecord[bytes, bytes]] = []
     try:
-        deadline = time.monotonic() + timeout
-        parts: set[int] | None = None
-        while not parts:
+        while True:
             await consumer._client.force_metadata_update()
             parts = consumer.partitions_for_topic(topic)
+            if parts:
+                break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"topic {topic} never appeared")
             await asyncio.sleep(0.2)
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
+        yield consumer, tps
+    finally:
+        await consumer.stop()
+
+
+async def collect(
+    settings: Settings, topic: str, until: Any, timeout: float = 90.0, worker: WorkerProcess | None = None
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Read ``topic`` from the beginning until ``until(records)`` is true or ``timeout`` passes."""
+    out: list[ConsumerRecord[bytes, bytes]] = []
+    deadline = time.monotonic() + timeout
+    async with reading_from_start(settings, topic, deadline) as (consumer, _):
         while not until(out):
             if time.monotonic() > deadline:
                 break
@@ -161,10 +191,60 @@ async def collect(
             batch = await consumer.getmany(timeout_ms=500)
             for records in batch.values():
                 out.extend(records)
-    finally:
-        await consumer.stop()
     return out
 
 
 def values(records: list[ConsumerRecord[bytes, bytes]]) -> list[dict[str, Any]]:
     return [orjson.loads(r.value) for r in records if r.value is not None]
+
+
+async def quiet_promotions(settings: Settings, quiet_s: float = 5.0) -> list[dict[str, Any]]:
+    """All promotions so far, once none has arrived for ``quiet_s`` (what should not come had its chance)."""
+    seen = -1
+    while True:
+        got = values(await collect(settings, settings.topic_promotions, lambda rs: False, timeout=quiet_s))
+        if len(got) == seen:
+            return got
+        seen = len(got)
+
+
+async def user_state(port: int, user: str, until: Callable[[Any], Any], timeout: float = 120.0) -> Any:
+    """GET the worker's view of a user until ``until(state)`` holds (None: no state)."""
+    deadline = time.monotonic() + timeout
+    last: Any = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/users/{user}/", timeout=5) as resp:
+                last = orjson.loads(resp.read())
+            if until(last):
+                return last
+        except OSError:
+            pass
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"the state of user {user} never matched; last: {last}")
+
+
+@asynccontextmanager
+async def group_clients(settings: Settings) -> AsyncIterator[tuple[AIOKafkaAdminClient, AIOKafkaConsumer]]:
+    """An admin client and an unassigned consumer on the test's broker, both closed on exit."""
+    admin = AIOKafkaAdminClient(**settings.kafka_client_options())
+    consumer = AIOKafkaConsumer(**settings.kafka_client_options(), enable_auto_commit=False)
+    await admin.start()
+    await consumer.start()
+    try:
+        yield admin, consumer
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
+async def partitions_of(consumer: AIOKafkaConsumer, topics: Sequence[str]) -> list[TopicPartition]:
+    """Every partition of ``topics`` the broker knows now."""
+    cluster = await consumer._client.fetch_all_metadata()
+    return [TopicPartition(t, p) for t in topics for p in sorted(cluster.partitions_for_topic(t) or ())]
+
+
+async def uncommitted_before(admin: AIOKafkaAdminClient, group: str, end: dict[TopicPartition, int]) -> int:
+    """Messages before the ``end`` offsets that ``group`` has not committed (no commit: from 0)."""
+    done = await admin.list_consumer_group_offsets(group, partitions=list(end))
+    return int(sum(end[tp] - max(done[tp].offset if tp in done else 0, 0) for tp in end))

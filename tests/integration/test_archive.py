@@ -12,20 +12,15 @@ import asyncio
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from streams.admin import ensure_topics
@@ -35,43 +30,18 @@ from streams.records import Offer, Promotion
 from streams.replay import replay
 from streams.settings import Settings
 from streams.sources.datasets import Event, load
-from tests.integration.harness import ROOT, free_port, isolated_env, produce, settings_of
+from tests.integration.harness import (
+    ArchiverProcess,
+    free_port,
+    group_clients,
+    isolated_env,
+    partitions_of,
+    produce,
+    settings_of,
+    uncommitted_before,
+)
 
 pytestmark = pytest.mark.integration
-
-
-@dataclass
-class ArchiverProcess:
-    """``python -m streams archive`` with the given env; its log goes to ``log``."""
-
-    env: dict[str, str]
-    log: Path
-    proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
-
-    def start(self) -> ArchiverProcess:
-        full = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
-        full.pop("PYTEST_CURRENT_TEST", None)
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streams", "archive"], cwd=ROOT, env=full, stdout=out, stderr=out
-            )
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def tail(self, n: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
 
 
 @pytest.fixture
@@ -95,23 +65,9 @@ def topics_of(settings: Settings) -> list[str]:
 
 async def behind(settings: Settings) -> int:
     """Messages of the archive's topics past its group's committed offsets."""
-    admin = AIOKafkaAdminClient(**settings.kafka_client_options())
-    consumer = AIOKafkaConsumer(**settings.kafka_client_options(), enable_auto_commit=False)
-    await admin.start()
-    await consumer.start()
-    try:
-        cluster = await consumer._client.fetch_all_metadata()
-        tps = [
-            TopicPartition(t, p)
-            for t in topics_of(settings)
-            for p in sorted(cluster.partitions_for_topic(t) or ())
-        ]
-        end = await consumer.end_offsets(tps)
-        done = await admin.list_consumer_group_offsets(f"{settings.app_id}-archive", partitions=tps)
-        return sum(end[tp] - max(done[tp].offset if tp in done else 0, 0) for tp in tps)
-    finally:
-        await consumer.stop()
-        await admin.close()
+    async with group_clients(settings) as (admin, consumer):
+        end = await consumer.end_offsets(await partitions_of(consumer, topics_of(settings)))
+        return await uncommitted_before(admin, f"{settings.app_id}-archive", end)
 
 
 def wait_until_committed(settings: Settings, *archivers: ArchiverProcess, timeout: float = 300.0) -> None:

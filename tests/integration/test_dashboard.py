@@ -32,7 +32,7 @@ from typing import Any
 
 import orjson
 import pytest
-import yaml  # type: ignore[import-untyped]  # PyYAML: the dev extra's kubernetes-validate needs it
+import yaml  # type: ignore[import-untyped]  # PyYAML, in the dev extra (no stubs)
 
 from streams.admin import ensure_topics
 from streams.promotions import in_holdout

@@ -22,14 +22,24 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from streams.admin import ensure_topics
 from streams.baseline import VERSION as BASELINE
 from streams.settings import Settings
 from streams.state import user_partition
-from tests.integration.harness import ROOT, WorkerProcess, collect, isolated_env, produce, settings_of, values
+from tests.integration.harness import (
+    ROOT,
+    WorkerProcess,
+    collect,
+    isolated_env,
+    produce,
+    quiet_promotions,
+    reading_from_start,
+    settings_of,
+    user_state,
+    values,
+)
 
 pytestmark = pytest.mark.integration
 T0 = (datetime.now(UTC) - timedelta(hours=2)).replace(microsecond=0)
@@ -60,59 +70,20 @@ async def shopstream(env: dict[str, str], *args: str) -> str:
     return out.decode()
 
 
-async def state_of(port: int, user: str, until: Any, timeout: float = 120.0) -> Any:
-    """GET the worker's view of a user until ``until(state)`` holds (None: no state)."""
-    deadline = time.monotonic() + timeout
-    last: Any = "no answer"
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/users/{user}/", timeout=5) as resp:
-                last = orjson.loads(resp.read())
-            if until(last):
-                return last
-        except OSError:
-            pass
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"a user's state never matched; last: {last}")
-
-
 async def read_to_end(
     settings: Settings, topic: str, timeout: float = 120.0
 ) -> list[ConsumerRecord[bytes, bytes]]:
     """Every record of ``topic`` up to its end offsets as of now."""
-    consumer = AIOKafkaConsumer(**settings.kafka_client_options(), enable_auto_commit=False)
-    await consumer.start()
     out: list[ConsumerRecord[bytes, bytes]] = []
-    try:
-        deadline = time.monotonic() + timeout
-        parts: set[int] | None = None
-        while not parts:
-            assert time.monotonic() < deadline, f"topic {topic} never appeared"
-            await consumer._client.force_metadata_update()
-            parts = consumer.partitions_for_topic(topic)
-            await asyncio.sleep(0.2)
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
+    deadline = time.monotonic() + timeout
+    async with reading_from_start(settings, topic, deadline) as (consumer, tps):
         end = await consumer.end_offsets(tps)
         for tp in tps:
             while await consumer.position(tp) < end[tp]:
                 assert time.monotonic() < deadline, f"{topic} not read to its end in {timeout:.0f}s"
                 for records in (await consumer.getmany(tp, timeout_ms=500)).values():
                     out.extend(r for r in records if r.offset < end[tp])
-    finally:
-        await consumer.stop()
     return out
-
-
-async def quiet_promotions(settings: Settings, quiet_s: float = 5.0) -> list[dict[str, Any]]:
-    """All promotions so far, once none has arrived for ``quiet_s`` (what should not come had its chance)."""
-    seen = -1
-    while True:
-        got = values(await collect(settings, settings.topic_promotions, lambda rs: False, timeout=quiet_s))
-        if len(got) == seen:
-            return got
-        seen = len(got)
 
 
 def metric(port: int, line: str) -> float:
@@ -192,15 +163,15 @@ async def test_forget_and_opt_out_hold_through_outputs_changelogs_and_recovery(
     first = WorkerProcess(env, tmp_path / "worker1.log").start()
     try:
         await publish(shop, first)
-        before = {u: await state_of(port, u, lambda s: s is not None) for u in users if u != ticker}
+        before = {u: await user_state(port, u, lambda s: s is not None) for u in users if u != ticker}
         assert before[gone]["cart"] == {"sku-1": [1, 30.0]} and len(before[gone]["seq"]) == 3
 
         out = await shopstream(env, "consent", optout, "--marketing", "off")
         assert "acknowledged" in out and optout not in out
         out = await shopstream(env, "forget", gone)
         assert "acknowledged" in out and gone not in out and settings.topic_erasures in out
-        await state_of(port, gone, lambda s: s is None)
-        await state_of(port, optout, lambda s: s and s["promo"].get("consent", [True])[0] is False)
+        await user_state(port, gone, lambda s: s is None)
+        await user_state(port, optout, lambda s: s and s["promo"].get("consent", [True])[0] is False)
 
         await publish(opted_out, first)
         await publish(tick, first)
@@ -219,7 +190,7 @@ async def test_forget_and_opt_out_hold_through_outputs_changelogs_and_recovery(
 
         out = await shopstream(env, "consent", optout, "--marketing", "on")
         assert "acknowledged" in out
-        await state_of(port, optout, lambda s: s["promo"]["consent"][0] is True)
+        await user_state(port, optout, lambda s: s["promo"]["consent"][0] is True)
         await publish(opted_in, first)
 
         def browse(rs: list[Any]) -> bool:
@@ -235,7 +206,7 @@ async def test_forget_and_opt_out_hold_through_outputs_changelogs_and_recovery(
         assert metric(port, "shopstream_erasures_total") == 1.0
         assert metric(port, 'shopstream_consents_total{marketing="false"}') == 1.0
         assert metric(port, 'shopstream_consents_total{marketing="true"}') == 1.0
-        settled = {u: await state_of(port, u, lambda s: s is not None) for u in users if u != gone}
+        settled = {u: await user_state(port, u, lambda s: s is not None) for u in users if u != gone}
     finally:
         assert first.stop() == 0, first.tail()
 
@@ -271,13 +242,13 @@ async def test_forget_and_opt_out_hold_through_outputs_changelogs_and_recovery(
     second = WorkerProcess(env2, tmp_path / "worker2.log").start()
     try:
         for u, state in settled.items():
-            got = await state_of(port, u, lambda s: s is not None)
+            got = await user_state(port, u, lambda s: s is not None)
             got.pop("seen_ms"), state.pop("seen_ms")
             assert got == state, u
-        assert await state_of(port, gone, lambda s: True) is None
+        assert await user_state(port, gone, lambda s: True) is None
         # U comes back: a new user with only the new event
         await publish(after_restart, second)
-        fresh = await state_of(port, gone, lambda s: s is not None)
+        fresh = await user_state(port, gone, lambda s: s is not None)
         assert fresh["counts"] == {"view": 1} and [t[0] for t in fresh["seq"]] == ["sku-7"]
         assert fresh["cart"] == {} and fresh["ids"] == ["g-again"]
         promos = await quiet_promotions(settings)

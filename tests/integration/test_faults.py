@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.structs import ConsumerRecord
@@ -43,8 +43,11 @@ from tests.integration.harness import (
     WorkerProcess,
     collect,
     free_port,
+    group_clients,
     isolated_env,
+    partitions_of,
     settings_of,
+    uncommitted_before,
     values,
 )
 
@@ -134,8 +137,7 @@ async def read_to_end(settings: Settings, topics: Sequence[str]) -> Records:
     await consumer.start()
     out: Records = []
     try:
-        cluster = await consumer._client.fetch_all_metadata()
-        tps = [TopicPartition(t, p) for t in topics for p in sorted(cluster.partitions_for_topic(t) or ())]
+        tps = await partitions_of(consumer, topics)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         end = await consumer.end_offsets(tps)
@@ -217,27 +219,14 @@ async def recompute_promotions(settings: Settings) -> tuple[set[str], set[str]]:
 
 async def uncommitted(settings: Settings, timeout: float = 120.0) -> int:
     """By-user records past the group's committed offsets, once they stop moving or reach the end."""
-    admin = AIOKafkaAdminClient(**settings.kafka_client_options())
-    consumer = AIOKafkaConsumer(**settings.kafka_client_options(), enable_auto_commit=False)
-    await admin.start()
-    await consumer.start()
-    try:
-        cluster = await consumer._client.fetch_all_metadata()
-        topic = settings.topic_events_by_user
-        tps = [TopicPartition(topic, p) for p in sorted(cluster.partitions_for_topic(topic) or ())]
-        end = await consumer.end_offsets(tps)
+    async with group_clients(settings) as (admin, consumer):
+        end = await consumer.end_offsets(await partitions_of(consumer, [settings.topic_events_by_user]))
         deadline = time.monotonic() + timeout
         while True:
-            done = await admin.list_consumer_group_offsets(settings.app_id, partitions=tps)
-            behind = sum(
-                end[tp] - (done[tp].offset if tp in done and done[tp].offset >= 0 else 0) for tp in tps
-            )
+            behind = await uncommitted_before(admin, settings.app_id, end)
             if behind == 0 or time.monotonic() > deadline:
-                return int(behind)
+                return behind
             await asyncio.sleep(1.0)
-    finally:
-        await consumer.stop()
-        await admin.close()
 
 
 def differs(got: Any, want: UserState, tokens: int, max_len: int) -> list[str]:

@@ -23,7 +23,16 @@ from streams.admin import ensure_topics
 from streams.promotions import in_holdout
 from streams.settings import Settings
 from streams.state import user_partition
-from tests.integration.harness import ROOT, WorkerProcess, collect, isolated_env, produce, settings_of, values
+from tests.integration.harness import (
+    ROOT,
+    WorkerProcess,
+    collect,
+    isolated_env,
+    produce,
+    quiet_promotions,
+    settings_of,
+    values,
+)
 
 pytestmark = pytest.mark.integration
 DEMO_MODEL = ROOT / "deploy" / "demo" / "model"
@@ -164,16 +173,6 @@ async def test_model_recommendations_survive_hot_reload_and_a_corrupt_version(
     )
     assert 'shopstream_model_reloads_total{outcome="failed"} 1.0' in metrics
     assert 'shopstream_model_info{provider="CPUExecutionProvider",version="v2-test"} 1.0' in metrics
-
-
-async def quiet_promotions(settings: Settings, quiet_s: float = 5.0) -> list[dict[str, Any]]:
-    """All promotions so far, once none has arrived for ``quiet_s`` (what should not come had its chance)."""
-    seen = -1
-    while True:
-        got = values(await collect(settings, settings.topic_promotions, lambda rs: False, timeout=quiet_s))
-        if len(got) == seen:
-            return got
-        seen = len(got)
 
 
 def same_partition(names: list[str], partitions: int) -> list[str]:

@@ -39,11 +39,7 @@ def test_poison_of_every_category_never_blocks_valid_events_on_any_topic(
 
 
 async def poison_and_valid_events(settings: Settings, worker: WorkerProcess) -> None:
-    decoder = EventDecoder(
-        max_bytes=settings.max_message_bytes,
-        min_event_time=settings.min_event_time,
-        max_clock_skew_s=settings.max_clock_skew_s,
-    )
+    decoder = EventDecoder.from_settings(settings)
     fuzzer = Fuzzer(random.Random(6), decoder)
     now = time.time()
     stamp = datetime.fromtimestamp(now - 60, UTC).isoformat()

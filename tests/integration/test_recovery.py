@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +9,15 @@ import orjson
 import pytest
 
 from streams.admin import ensure_topics
-from tests.integration.harness import WorkerProcess, collect, isolated_env, produce, settings_of, values
+from tests.integration.harness import (
+    WorkerProcess,
+    collect,
+    isolated_env,
+    produce,
+    settings_of,
+    user_state,
+    values,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -28,22 +33,6 @@ def event(etype: str, user: str, eid: str, **fields: Any) -> bytes:
             **fields,
         }
     )
-
-
-async def user_state(port: int, user: str, until: Any, timeout: float = 60.0) -> Any:
-    """GET the worker's view of a user until ``until(state)`` holds."""
-    deadline = time.monotonic() + timeout
-    last: Any = "no answer"
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/users/{user}/", timeout=5) as resp:
-                last = orjson.loads(resp.read())
-            if until(last):
-                return last
-        except OSError:
-            pass
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"user {user} state never matched; last: {last}")
 
 
 async def test_restarted_worker_recovers_tables_from_changelog(kafka_bootstrap: str, tmp_path: Path) -> None:

@@ -252,3 +252,17 @@ def test_pruning_keeps_the_kept_versions_and_what_the_manifest_names(tmp_path: P
     assert not any(v in name for name in left for v in ("v2", "orphan", "v6"))
     assert {f"model-{v}.onnx" for v in ("v3", "v4", "v5")} <= left
     assert ".model-v6.onnx.tmp-123" in removed
+
+
+def test_the_window_ends_at_the_newest_archived_event(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from tests.unit.test_archive import T0, event, write
+
+    root = str(tmp_path / "archive")
+    newest = T0 + timedelta(days=3, hours=5, minutes=7)
+    write(root, [event("e1", at=T0), event("e2", at=newest)], [event("e3", at=T0 + timedelta(days=1))])
+    spec = rt.windowed(f"archive:{root}", 1)  # last year's data: not measured from the wall clock
+    assert f"since={(newest - timedelta(days=1)).replace(tzinfo=None).isoformat()}" in spec
+    with pytest.raises(rt.RetrainError, match="no archived events"):
+        rt.windowed(f"archive:{tmp_path / 'empty'}", 1)

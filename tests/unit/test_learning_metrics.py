@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
-import yaml  # type: ignore[import-untyped]  # PyYAML: the dev extra's kubernetes-validate needs it
+import yaml  # type: ignore[import-untyped]  # PyYAML, in the dev extra (no stubs)
 from prometheus_client import CollectorRegistry, generate_latest
 
 from exporters.publish import append_registry
