@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import create_conn
@@ -26,6 +27,7 @@ from aiokafka.errors import (
 from streams.errors import BrokerUnavailable, ConfigurationError
 from streams.settings import Settings
 
+METADATA_WAIT_S = 60.0  # how long a created topic may take to show its partitions
 log = logging.getLogger(__name__)
 
 
@@ -153,6 +155,11 @@ async def ensure_topics(settings: Settings, topics: list[str] | None = None) -> 
         internal = settings.topic_events_by_user
         if internal in wanted:
             found = (await partition_counts(admin, [internal]))[internal]
+            if found == 0:
+                raise ConfigurationError(
+                    f"topic {internal} exists but none of its partitions became visible within "
+                    f"{METADATA_WAIT_S:.0f}s: check the brokers' health"
+                )
             if found != settings.partitions:
                 raise ConfigurationError(
                     f"topic {internal} has {found} partitions but SHOPSTREAM_PARTITIONS="
@@ -164,13 +171,19 @@ async def ensure_topics(settings: Settings, topics: list[str] | None = None) -> 
         await admin.close()
 
 
-async def partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
-    """Partitions of each topic; a topic created a moment ago may not show them yet, so wait a
-    little for every count to be known."""
+async def partition_counts(
+    admin: AIOKafkaAdminClient, topics: list[str], wait_s: float = METADATA_WAIT_S
+) -> dict[str, int]:
+    """Partitions of each topic (0: not visible). A topic created a moment ago may not show them
+    yet: a broker that just started on a busy machine took over 10 s to, so wait up to ``wait_s``
+    for every count to be known."""
     counts: dict[str, int] = {}
-    for _ in range(50):
+    deadline = time.monotonic() + wait_s
+    pause = 0.1
+    while True:
         counts = {d["topic"]: len(d["partitions"]) for d in await admin.describe_topics(topics)}
-        if all(counts.get(t) for t in topics):
+        if all(counts.get(t) for t in topics) or time.monotonic() >= deadline:
             break
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 1.0)
     return {t: counts.get(t, 0) for t in topics}

@@ -2,7 +2,10 @@
 input topics, the archiver writes it as Parquet, ``shopstream retrain`` trains on the archive and
 publishes into the folder a running worker serves from, the worker hot-reloads it and its
 recommendations carry the new ``model_version``; a second retrain with a deliberately worse
-configuration is refused, logged in the registry, and leaves the served files untouched."""
+configuration is refused, logged in the registry, and leaves the served files untouched. Then
+``shopstream forget`` a user: the archiver lists the erasure, no archive read holds the user, and
+``shopstream archive compact`` removes their rows from the files (the worker's side of erasures:
+``test_erasure.py``)."""
 
 from __future__ import annotations
 
@@ -17,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pyarrow.parquet as pq
 import pytest
 
 from streams.admin import ensure_topics
-from streams.archive_read import read_events
+from streams.archive_read import archive_files, read_erasures, read_events
 from streams.replay import replay
 from streams.settings import Settings
 from streams.sources.datasets import load
@@ -65,6 +69,25 @@ def retrain(env: dict[str, str], archive: Path, model_dir: Path, *sets: str) -> 
     )
     assert done.returncode == 0, f"retrain exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
     return done.stdout
+
+
+def streams_command(env: dict[str, str], *args: str) -> str:
+    argv = [sys.executable, "-m", "streams", *args]
+    done = subprocess.run(
+        argv, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, f"{args[0]} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def users_on_disk(archive: Path) -> set[str]:
+    """Every user id in the archive's Parquet files, the erasure list ignored."""
+    return {
+        user
+        for stream in ("events", "promotions")
+        for path in archive_files(str(archive), stream)
+        for user in pq.read_table(path, columns=["user_id"]).column("user_id").to_pylist()
+    }
 
 
 def registry(model_dir: Path) -> list[dict[str, Any]]:
@@ -146,6 +169,21 @@ def test_archive_retrain_publish_and_hot_reload(kafka_bootstrap: str, tmp_path: 
         assert "worse by" in decisions[-1]["reason"] and decisions[-1]["champion"]["version"] == v1
         assert served_files(model_dir) == served  # byte for byte
         assert versions_answering(settings, worker, items, "b") == {v1}
+
+        # forget a user: the archiver lists the erasure, reads drop the user, compaction removes them
+        user = events[0]["user_id"]
+        assert any(e["user_id"] == user for e in read_events(str(archive)))
+        streams_command(env, "forget", user)
+        deadline = time.monotonic() + 180
+        while user not in read_erasures(str(archive)):
+            assert time.monotonic() < deadline and archiver.alive(), (
+                f"erasure not archived:\n{archiver.tail()}"
+            )
+            time.sleep(0.5)
+        assert not any(e["user_id"] == user for e in read_events(str(archive)))
+        assert user in users_on_disk(archive)
+        streams_command(env, "archive", "compact", "--root", str(archive))
+        assert user not in users_on_disk(archive) and len(users_on_disk(archive)) > 1
     finally:
         archiver.stop()
         worker.stop()
