@@ -20,6 +20,11 @@ from typing import Any, ClassVar, Self
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import (
+    GroupCoordinatorNotAvailableError,
+    GroupLoadInProgressError,
+    NotCoordinatorForGroupError,
+)
 from aiokafka.structs import ConsumerRecord
 
 from streams.admin import ensure_topics
@@ -245,6 +250,11 @@ async def partitions_of(consumer: AIOKafkaConsumer, topics: Sequence[str]) -> li
 
 
 async def uncommitted_before(admin: AIOKafkaAdminClient, group: str, end: dict[TopicPartition, int]) -> int:
-    """Messages before the ``end`` offsets that ``group`` has not committed (no commit: from 0)."""
-    done = await admin.list_consumer_group_offsets(group, partitions=list(end))
+    """Messages before the ``end`` offsets that ``group`` has not committed (no commit: from 0).
+    While the group's coordinator is not ready (a broker started a moment ago is still creating
+    ``__consumer_offsets``) nothing counts as committed: callers poll until it is."""
+    try:
+        done = await admin.list_consumer_group_offsets(group, partitions=list(end))
+    except (GroupCoordinatorNotAvailableError, GroupLoadInProgressError, NotCoordinatorForGroupError):
+        return int(sum(end.values()))
     return int(sum(end[tp] - max(done[tp].offset if tp in done else 0, 0) for tp in end))
