@@ -415,7 +415,11 @@ async def test_broker_stopped_mid_stream_worker_resumes(
 ) -> None:
     """The broker goes away for 20 s while the worker is busy; the same worker process carries on,
     without spinning while it waits."""
-    settings = settings_of(env := demo_env(private_broker.bootstrap, tmp_path))
+    # the outage is 20 s plus the broker's shutdown and start, which took over 60 s together on a
+    # busy machine: the sends waiting through it must not hit the 60 s delivery timeout (which
+    # stops the worker by design, test_output_refused_by_the_broker_stops_the_worker_unacked)
+    env = demo_env(private_broker.bootstrap, tmp_path, SHOPSTREAM_DELIVERY_TIMEOUT_S="600")
+    settings = settings_of(env)
     await ensure_topics(settings)
     events = live_events(settings)
     wanted = {e["event_id"] for e in events}
