@@ -23,10 +23,10 @@ from typing import Any
 
 from streams.archive import fsync_dir
 from streams.errors import ShopstreamError
+from streams.scoring import REGISTRY as REGISTRY  # the one name the worker's watcher reads too
 from streams.scoring import read_manifest, sha256
 
 KEEP_VERSIONS = 3  # the published version and the two before it (rollback)
-REGISTRY = "registry.jsonl"
 VERSIONED = (("model-", ".onnx"), ("vocab-", ".json"), ("manifest-", ".json"))
 
 

@@ -52,6 +52,7 @@ from modeling.metrics import batches, ranking_metrics
 from modeling.model import PAD, UNK
 from modeling.propensity import roc_auc
 from modeling.sequences import Cases, Split, Vocab
+from modeling.train import used_width
 from streams.errors import ShopstreamError
 from streams.scoring import OUTPUTS, Artifact, ModelError, load_artifact, read_manifest, sha256
 from streams.state import MAX_FEATURES
@@ -211,8 +212,7 @@ def score_model(art: Artifact, held: HeldOut, batch: int = 256) -> dict[str, flo
     inputs = [i.name for i in art.session.get_inputs()]
     tops, scores, props = [], [], []
     for sl in batches(len(cases), batch):
-        used = (cases.items[sl] != PAD).any(axis=0)
-        w = int(len(used) - used.argmax()) if used.any() else 1  # cut the all-padding columns
+        w = used_width(cases.items[sl])  # cut the all-padding columns
         feeds = {
             "items": to_model[cases.items[sl, -w:]],
             "kinds": np.ascontiguousarray(cases.kinds[sl, -w:]),
