@@ -34,9 +34,8 @@ from streams.admin import ensure_topics
 from streams.replay import rebase
 from streams.settings import Settings
 from streams.sources.datasets import Event, load
-from tests.integration.harness import WorkerProcess, free_port, settings_of
+from tests.integration.harness import PrivateBroker, WorkerProcess, free_port, settings_of
 from tests.integration.test_faults import (
-    PrivateBroker,
     answer_all,
     demo_env,
     first_answers_ms,

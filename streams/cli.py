@@ -1,6 +1,7 @@
 """The ``shopstream`` command: settings are read here, once, and passed down.
 
 shopstream kafka up|down|status|reset|fetch   a real local Apache Kafka (deploy/kafka)
+shopstream kafka tools-fetch|tool NAME [ARG...]  Kafka's command-line tools (console-producer, ...)
 shopstream settings                           print the effective settings, secrets masked
 shopstream topics                             create the topics the service uses
 shopstream worker                             run a stream worker (faust)
@@ -33,13 +34,19 @@ from streams.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 KAFKA_SCRIPT = REPO / "deploy" / "kafka" / "local-kafka.sh"
+# what `shopstream kafka tool NAME` runs: Kafka's bin/kafka-NAME.sh (the script maps them to classes)
+KAFKA_TOOLS = ("console-producer", "console-consumer", "consumer-groups", "topics", "get-offsets")
 log = logging.getLogger("streams.cli")
 
 
 def cmd_kafka(settings: Settings, args: argparse.Namespace) -> int:
     if not KAFKA_SCRIPT.exists():
         raise ShopstreamError(f"{KAFKA_SCRIPT} not found: run from a source checkout (pip install -e .)")
-    return subprocess.call(["bash", str(KAFKA_SCRIPT), args.action])
+    if args.action == "tool" and not args.args:
+        raise ShopstreamError(f"kafka tool: name one of {', '.join(KAFKA_TOOLS)}")
+    if args.action != "tool" and args.args:
+        raise ShopstreamError(f"kafka {args.action} takes no arguments: {' '.join(args.args)}")
+    return subprocess.call(["bash", str(KAFKA_SCRIPT), args.action, *args.args])
 
 
 def cmd_settings(settings: Settings, args: argparse.Namespace) -> int:
@@ -319,8 +326,15 @@ def parser() -> argparse.ArgumentParser:
         prog="shopstream", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = p.add_subparsers(dest="command", required=True)
-    k = sub.add_parser("kafka", help="a local Apache Kafka broker (KRaft)")
-    k.add_argument("action", choices=["up", "down", "status", "reset", "fetch"])
+    k = sub.add_parser(
+        "kafka",
+        help="a local Apache Kafka broker (KRaft) and Kafka's command-line tools",
+        description="tool NAME [ARG...] runs Kafka's bin/kafka-NAME.sh with the arguments, NAME one of:\n  "
+        + ", ".join(KAFKA_TOOLS),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    k.add_argument("action", choices=["up", "down", "status", "reset", "fetch", "tools-fetch", "tool"])
+    k.add_argument("args", nargs=argparse.REMAINDER, help="tool: the tool's name and its arguments")
     k.set_defaults(func=cmd_kafka)
     sub.add_parser("settings", help="print the effective settings (secrets masked)").set_defaults(
         func=cmd_settings

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,6 +44,9 @@ def run_demo(settings: Settings, *, kafka_script: Path, events: int) -> int:
     if model is not None:
         env["SHOPSTREAM_MODEL_DIR"] = str(model)
         print(f"== model: {model}", flush=True)
+    if "SHOPSTREAM_QUIET_HOURS" not in env:  # the sample is rebased to now, which may be night
+        env["SHOPSTREAM_QUIET_HOURS"] = ""
+        print(f"== quiet hours off for the demo (SHOPSTREAM_QUIET_HOURS, default {settings.quiet_hours})")
     worker = subprocess.Popen([sys.executable, "-m", "streams", "worker"], stdout=log, stderr=log, env=env)
     try:
         return asyncio.run(_replay_and_show(settings, events, worker))
@@ -53,6 +57,20 @@ def run_demo(settings: Settings, *, kafka_script: Path, events: int) -> int:
         except subprocess.TimeoutExpired:
             worker.kill()
         print("== worker stopped; the broker is still up (`shopstream kafka down` stops it)")
+        hint = path_hint()
+        if hint:
+            print(hint)
+
+
+def path_hint() -> str | None:
+    """The line that puts this ``shopstream`` on the PATH, when the shell would not find it (the
+    demo script installs into a virtualenv under the cache folder): the commands the demo
+    suggests then work as printed."""
+    here = Path(sys.executable).parent
+    found = shutil.which("shopstream")
+    if found and Path(found).resolve() == (here / "shopstream").resolve():
+        return None
+    return f"== to run the commands above in this shell: export PATH={here}:$PATH"
 
 
 async def _replay_and_show(settings: Settings, n: int, worker: subprocess.Popen[bytes]) -> int:
@@ -139,5 +157,5 @@ async def _replay_and_show(settings: Settings, n: int, worker: subprocess.Popen[
         f"== {recs} recommendations for {len(users)} users ({by_source}), {dead} dead-lettered; "
         f"{len(answered)}/{sent} events answered within {took:.1f}s of the replay's start"
     )
-    print("   more: `shopstream tail --topic promotions --from-beginning --limit 20`")
+    print("   more: `shopstream tail --topic promotions --from-beginning --limit 20 --timeout 10`")
     return 0 if len(answered) == len(wanted) else 1

@@ -154,7 +154,7 @@ class Metrics:
         )
         self.table_keys = Gauge(
             "shopstream_table_keys",
-            "Keys in each table on this worker's active partitions (RocksDB estimate).",
+            "Keys in each table on this worker's active partitions (users exact; items, budget estimated).",
             ["table"],
             registry=registry,
         )

@@ -6,9 +6,19 @@
 #   deploy/kafka/local-kafka.sh down     stop (SIGTERM, then SIGKILL after 30 s)
 #   deploy/kafka/local-kafka.sh status   exit 0 when running and accepting connections
 #   deploy/kafka/local-kafka.sh reset    stop and delete the data folder
+#   deploy/kafka/local-kafka.sh tools-fetch   resolve kafka-tools (Kafka's command-line tools) with Maven
+#   deploy/kafka/local-kafka.sh tool NAME [ARG...]   run one of them as Kafka's bin/kafka-NAME.sh does
+#                                   (fetching them first if needed); NAME, with or without kafka- and .sh:
+#       console-producer  org.apache.kafka.tools.ConsoleProducer
+#       console-consumer  org.apache.kafka.tools.consumer.ConsoleConsumer
+#       consumer-groups   org.apache.kafka.tools.consumer.group.ConsumerGroupCommand
+#       topics            org.apache.kafka.tools.TopicCommand
+#       get-offsets       org.apache.kafka.tools.GetOffsetShell
+#   e.g. deploy/kafka/local-kafka.sh tool console-consumer --bootstrap-server 127.0.0.1:9092 --topic shop.views
 #
-# Jars are cached outside the repository; the data folder holds the log dirs, the generated
-# server.properties, the pid file and the broker log. Settings (env):
+# Jars are cached outside the repository (the broker's in libs/, the tools' in tools/, each with a
+# .complete marker); the data folder holds the log dirs, the generated server.properties, the pid
+# file and the broker log. Settings (env):
 #   SHOPSTREAM_KAFKA_VERSION  Apache Kafka version from Maven Central      (default 4.1.1)
 #   SHOPSTREAM_KAFKA_HOME     where the jars are cached        (default ~/.cache/shopstream/kafka-VERSION)
 #   SHOPSTREAM_KAFKA_DATA     data folder                        (default ~/.cache/shopstream/kafka-data)
@@ -50,21 +60,47 @@ running() { [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
 
 java_run() { java -Djava.awt.headless=true -cp "$home/libs/*" "$@"; }
 
-fetch() {
-  if [ -f "$home/libs/.complete" ]; then return 0; fi
+# copy_deps WHAT POM DIR: the runtime dependencies POM resolves into DIR, with a .complete marker
+copy_deps() {
+  local what=$1 pom=$2 dir=$3
+  if [ -f "$dir/.complete" ]; then return 0; fi
   command -v mvn >/dev/null || { log "mvn not found: install Maven (apt-get install maven)"; exit 1; }
   command -v java >/dev/null || { log "java not found: install OpenJDK 17 (apt-get install openjdk-17-jre-headless)"; exit 1; }
-  log "fetching Apache Kafka $version from Maven Central into $home"
-  rm -rf "$home/libs.tmp"
+  log "fetching $what from Maven Central into $home"
+  rm -rf "$dir.tmp"
   mkdir -p "$home"
-  mvn -q -B -f "$here/pom.xml" -Dkafka.version="$version" dependency:copy-dependencies \
-    -DincludeScope=runtime -DoutputDirectory="$home/libs.tmp"
+  # Maven's output to stderr: stdout is the tool's when `tool` fetches on first use
+  mvn -q -B -f "$pom" -Dkafka.version="$version" dependency:copy-dependencies \
+    -DincludeScope=runtime -DoutputDirectory="$dir.tmp" >&2
   # Kafka's pom pins slf4j-api 1.7, which cannot see the 2.x binding: keep only the 2.x API.
-  find "$home/libs.tmp" -name 'slf4j-api-1.*.jar' -delete
-  touch "$home/libs.tmp/.complete"
-  rm -rf "$home/libs"
-  mv "$home/libs.tmp" "$home/libs"
-  log "fetched $(find "$home/libs" -name '*.jar' | wc -l) jars"
+  find "$dir.tmp" -name 'slf4j-api-1.*.jar' -delete
+  touch "$dir.tmp/.complete"
+  rm -rf "$dir"
+  mv "$dir.tmp" "$dir"
+  log "fetched $(find "$dir" -name '*.jar' | wc -l) jars"
+}
+
+fetch() { copy_deps "Apache Kafka $version" "$here/pom.xml" "$home/libs"; }
+
+tools_fetch() { copy_deps "Apache Kafka $version tools" "$here/tools-pom.xml" "$home/tools"; }
+
+# tool NAME ARG...: the class Kafka's bin/kafka-NAME.sh runs, with its arguments, stdin and exit code
+tool() {
+  local name=${1:-} class
+  name=${name#kafka-}; name=${name%.sh}
+  case "$name" in
+    console-producer) class=org.apache.kafka.tools.ConsoleProducer ;;
+    console-consumer) class=org.apache.kafka.tools.consumer.ConsoleConsumer ;;
+    consumer-groups) class=org.apache.kafka.tools.consumer.group.ConsumerGroupCommand ;;
+    topics) class=org.apache.kafka.tools.TopicCommand ;;
+    get-offsets) class=org.apache.kafka.tools.GetOffsetShell ;;
+    *) echo "usage: $0 tool console-producer|console-consumer|consumer-groups|topics|get-offsets [ARG...]" >&2; exit 2 ;;
+  esac
+  shift
+  tools_fetch
+  # as Kafka's scripts: a 512 MB heap for a console tool, warnings and errors only on stderr
+  exec java -Xmx512m -Djava.awt.headless=true -Dorg.slf4j.simpleLogger.defaultLogLevel=warn \
+    -cp "$home/tools/*" "$class" "$@"
 }
 
 write_config() {
@@ -196,9 +232,11 @@ status() {
 
 case "${1:-}" in
   fetch) fetch ;;
+  tools-fetch) tools_fetch ;;
+  tool) shift; tool "$@" ;;
   up) up ;;
   down) down ;;
   status) status ;;
   reset) down; rm -rf "$data"; log "deleted $data" ;;
-  *) echo "usage: $0 fetch|up|down|status|reset" >&2; exit 2 ;;
+  *) echo "usage: $0 fetch|up|down|status|reset|tools-fetch|tool NAME [ARG...]" >&2; exit 2 ;;
 esac

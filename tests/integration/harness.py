@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -31,6 +32,7 @@ from streams.admin import ensure_topics
 from streams.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
+KAFKA_SCRIPT = ROOT / "deploy" / "kafka" / "local-kafka.sh"
 
 
 def free_port() -> int:
@@ -221,10 +223,12 @@ async def user_state(port: int, user: str, until: Callable[[Any], Any], timeout:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/users/{user}/", timeout=5) as resp:
                 last = orjson.loads(resp.read())
-            if until(last):
-                return last
+        except urllib.error.HTTPError as exc:  # 404: no state; 503: recovering, ask again
+            last = None if exc.code == 404 else f"HTTP {exc.code}"
         except OSError:
-            pass
+            last = "no answer"
+        if not isinstance(last, str) and until(last):  # a state, or None for no state
+            return last
         await asyncio.sleep(0.5)
     raise AssertionError(f"the state of user {user} never matched; last: {last}")
 
@@ -258,3 +262,42 @@ async def uncommitted_before(admin: AIOKafkaAdminClient, group: str, end: dict[T
     except (GroupCoordinatorNotAvailableError, GroupLoadInProgressError, NotCoordinatorForGroupError):
         return int(sum(end.values()))
     return int(sum(end[tp] - max(done[tp].offset if tp in done else 0, 0) for tp in end))
+
+
+# --- a private broker ---------------------------------------------------------------------------
+
+
+@dataclass
+class PrivateBroker:
+    """A broker of its own (deploy/kafka/local-kafka.sh on free ports and a private data folder)."""
+
+    data: Path
+    port: int = field(default_factory=free_port)
+    controller_port: int = field(default_factory=free_port)
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def run(self, action: str) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SHOPSTREAM_KAFKA_")}
+        env.update(
+            SHOPSTREAM_KAFKA_PORT=str(self.port),
+            SHOPSTREAM_KAFKA_CONTROLLER_PORT=str(self.controller_port),
+            SHOPSTREAM_KAFKA_DATA=str(self.data),
+            SHOPSTREAM_KAFKA_HEAP="-Xms256m -Xmx512m",
+        )
+        for name in ("SHOPSTREAM_KAFKA_HOME", "SHOPSTREAM_KAFKA_VERSION"):  # where the jars are
+            if name in os.environ:
+                env[name] = os.environ[name]
+        done = subprocess.run(["bash", str(KAFKA_SCRIPT), action], env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            log = self.data / "kafka.log"
+            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+            raise RuntimeError(f"local-kafka.sh {action} failed:\n{done.stderr}\n{tail}")
+
+
+def kafka_jars() -> Path:
+    version = os.environ.get("SHOPSTREAM_KAFKA_VERSION", "4.1.1")
+    default = Path.home() / ".cache" / "shopstream" / f"kafka-{version}"
+    return Path(os.environ.get("SHOPSTREAM_KAFKA_HOME", default)) / "libs"

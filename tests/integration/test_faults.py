@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +36,9 @@ from streams.replay import rebase, replay
 from streams.settings import Settings
 from streams.sources.datasets import Event, load
 from streams.state import UserState, user_partition
-from tests.conftest import IN_CI
 from tests.integration.harness import (
     ROOT,
+    PrivateBroker,
     WorkerProcess,
     collect,
     free_port,
@@ -54,7 +53,6 @@ from tests.integration.harness import (
 pytestmark = pytest.mark.integration
 
 Records = list[ConsumerRecord[bytes, bytes]]
-KAFKA_SCRIPT = ROOT / "deploy" / "kafka" / "local-kafka.sh"
 
 
 # --- the no-loss checks -----------------------------------------------------------------------
@@ -84,10 +82,15 @@ def get_json(url: str, timeout: float = 10.0) -> tuple[int, Any]:
         return 0, None
 
 
-def user_state(port: int, user: str) -> Any:
-    status, body = get_json(f"http://127.0.0.1:{port}/users/{user}/")
-    assert status == 200, (port, user, status)
-    return body
+def user_state(port: int, user: str, timeout: float = 120.0) -> Any:
+    """The user's state (None: the worker holds none); a 503 (rebalance or recovery) asks again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, body = get_json(f"http://127.0.0.1:{port}/users/{user}/")
+        if status in (200, 404):
+            return body if status == 200 else None
+        assert time.monotonic() < deadline, (port, user, status)
+        time.sleep(0.5)
 
 
 @dataclass
@@ -316,61 +319,6 @@ def live_events(settings: Settings) -> list[Event]:
     events = list(load("rees46-demo", settings.datasets_dir))
     rebase(events, None, time.time())
     return events
-
-
-# --- a private broker ---------------------------------------------------------------------------
-
-
-@dataclass
-class PrivateBroker:
-    """A broker of its own (deploy/kafka/local-kafka.sh on free ports and a private data folder)."""
-
-    data: Path
-    port: int = field(default_factory=free_port)
-    controller_port: int = field(default_factory=free_port)
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def run(self, action: str) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SHOPSTREAM_KAFKA_")}
-        env.update(
-            SHOPSTREAM_KAFKA_PORT=str(self.port),
-            SHOPSTREAM_KAFKA_CONTROLLER_PORT=str(self.controller_port),
-            SHOPSTREAM_KAFKA_DATA=str(self.data),
-            SHOPSTREAM_KAFKA_HEAP="-Xms256m -Xmx512m",
-        )
-        for name in ("SHOPSTREAM_KAFKA_HOME", "SHOPSTREAM_KAFKA_VERSION"):  # where the jars are
-            if name in os.environ:
-                env[name] = os.environ[name]
-        done = subprocess.run(["bash", str(KAFKA_SCRIPT), action], env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            log = self.data / "kafka.log"
-            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-            raise RuntimeError(f"local-kafka.sh {action} failed:\n{done.stderr}\n{tail}")
-
-
-def kafka_jars() -> Path:
-    version = os.environ.get("SHOPSTREAM_KAFKA_VERSION", "4.1.1")
-    default = Path.home() / ".cache" / "shopstream" / f"kafka-{version}"
-    return Path(os.environ.get("SHOPSTREAM_KAFKA_HOME", default)) / "libs"
-
-
-@pytest.fixture
-def private_broker(tmp_path: Path) -> Iterator[PrivateBroker]:
-    """A broker this test may stop; the shared one is never touched. Always stopped at the end."""
-    if not (kafka_jars() / ".complete").exists():
-        msg = f"no Kafka jars in {kafka_jars()}: run `deploy/kafka/local-kafka.sh fetch`"
-        if IN_CI:
-            pytest.fail(f"CI=true and {msg}")
-        pytest.skip(msg)
-    broker = PrivateBroker(tmp_path / "kafka")
-    try:
-        broker.run("up")
-        yield broker
-    finally:
-        broker.run("down")
 
 
 # --- the tests ----------------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -100,6 +103,39 @@ async def test_every_input_topic_yields_a_recommendation_for_its_user(
     )
     bob_rec = next(v for v in values(recs) if v["event_id"] == "e7")
     assert {i["item_id"] for i in bob_rec["items"][:2]} == {"sku-2", "sku-3"}
+    # the user page answers with or without the trailing slash; a user with no state is a 404
+    web = f"http://127.0.0.1:{settings.web_port}"
+    assert get(f"{web}/users/{alice}") == get(f"{web}/users/{alice}/")
+    status, body = get(f"{web}/users/{alice}")
+    assert status == 200 and len(body["seq"]) == 4
+    status, body = get(f"{web}/users/nobody-{settings.app_id}")
+    assert status == 404 and body["user_id"] == f"nobody-{settings.app_id}"
+    # the users gauge counts users, not writes (RocksDB's estimate said 72 for 11 users); this test
+    # runs first in the module, so alice, bob and carol are the worker's only users
+    await until_metric(web, 'shopstream_table_keys{table="users"}', 3.0)
+
+
+def get(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, orjson.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, orjson.loads(exc.read())
+
+
+async def until_metric(web: str, series: str, want: float, timeout: float = 120.0) -> None:
+    """Poll ``/metrics`` until ``series`` reads ``want`` (gauges refresh on a timer)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{web}/metrics", timeout=10) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith(series + " "):
+                    last = float(line.rsplit(" ", 1)[1])
+        if last == want:
+            return
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"{series} read {last}, not {want}")
 
 
 async def test_bad_input_is_dead_lettered_and_valid_input_around_it_flows(
