@@ -8,7 +8,12 @@ demo model, in-memory tables). Prints what the decoder answered per category and
 did; exits 1 on a crash (any exception but ``RejectedInput``, a valid event left unanswered, a
 processing error) or on an answer the contract does not allow, with the bytes to reproduce it.
 
+With ``--agreement`` it instead compares, input by input, the decoder (with wide deployment bounds)
+and the published JSON Schema of the topic's type (after the reference JSON parse), and prints
+"N inputs, D disagreements"; exits 1 on any disagreement.
+
     SHOPSTREAM_INFERENCE_PROVIDER=cpu python bench/fuzz_decoders.py [--n 200000] [--seed 0]
+    python bench/fuzz_decoders.py --agreement [--n 20000] [--seed 0]
 """
 
 from __future__ import annotations
@@ -33,7 +38,17 @@ from streams.pipeline import Message, Pipeline, local_pipeline  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 from streams.sources.datasets import load  # noqa: E402
 from streams.state import user_partition  # noqa: E402
-from tests.fuzzing import ACCEPTED, CATEGORIES, VALID, Case, Event, Fuzzer, outcome  # noqa: E402
+from tests.fuzzing import (  # noqa: E402
+    ACCEPTED,
+    CATEGORIES,
+    CONTROL,
+    VALID,
+    Case,
+    Event,
+    Fuzzer,
+    agreement,
+    outcome,
+)
 
 OUTCOMES = [ACCEPTED, *(str(r) for r in RejectReason if r not in (RejectReason.UNKNOWN_TOPIC,))]
 SCHEMA_LEVEL = {str(RejectReason.EMPTY), str(RejectReason.INVALID_JSON), str(RejectReason.SCHEMA)}
@@ -123,8 +138,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="pipeline micro-batch size")
     ap.add_argument("--valid-every", type=int, default=4, help="a valid event after every k bad inputs")
     ap.add_argument("--model", type=Path, default=ROOT / "deploy" / "demo" / "model")
+    ap.add_argument("--agreement", action="store_true", help="decoder vs JSON Schemas, no pipeline")
     args = ap.parse_args()
     settings = Settings(model_dir=args.model, quiet_hours="")
+    if args.agreement:
+        sys.exit(agree(seed_events(settings, per_dataset=500) + list(CONTROL.values()), args.n, args.seed))
     decoder = EventDecoder.from_settings(settings)
     seeds = seed_events(settings, per_dataset=500)
     rng = random.Random(args.seed)
@@ -152,6 +170,25 @@ def main() -> None:
     elapsed = time.perf_counter() - started
     report(run, args.n, elapsed, decode_s)
     sys.exit(1 if run.crashes or run.mismatches else 0)
+
+
+def agree(seeds: list[Event], n: int, seed: int) -> int:
+    """Decoder vs schema on ``n`` seeded inputs of every category; 1 on any disagreement."""
+    wide = EventDecoder(max_bytes=1 << 40, min_event_time="1970-01-01T00:00:00Z", max_clock_skew_s=1e11)
+    started = time.perf_counter()
+    tried, disagreements = agreement(wide, seeds, n, seed, time.time())
+    elapsed = time.perf_counter() - started
+    against = Counter(c.category for c, _ in disagreements)
+    width = max(len(c) for c in CATEGORIES) + 1
+    print(f"{len(seeds)} seed events; seed {seed}\n\n{'category':<{width}}{'tried':>8}{'disagree':>10}")
+    for cat in CATEGORIES:
+        print(f"{cat:<{width}}{tried[cat]:>8}{against[cat]:>10}")
+    print(f"\n{sum(tried.values())} inputs, {len(disagreements)} disagreements ({elapsed:.0f} s)")
+    for case, got in disagreements[:5]:
+        schema = "refused" if got == ACCEPTED else "accepted"
+        print(f"  {case.category} on {case.topic_type}: decoder {got}, schema {schema}")
+        print(f"    repro: {case.raw!r:.400}")
+    return 1 if disagreements else 0
 
 
 def report(run: Run, n: int, elapsed: float, decode_s: float) -> None:

@@ -4,6 +4,8 @@ In: the value bytes of a message from an input topic and the event type that top
 Out: a ``SearchEvent | ViewEvent | CartEvent | OrderEvent | ReviewEvent`` (``decode``), or also an
 ``ErasureEvent | ConsentEvent`` from the privacy topics (``decode_input``, the worker's router);
 every failure is a ``RejectedInput`` with a bounded reason, which the worker dead-letters.
+It accepts what the published JSON Schemas (``streams/schemas/``) accept, within the deployment's
+bounds on top: message size, earliest event time, clock skew.
 """
 
 from __future__ import annotations

@@ -2,13 +2,24 @@
 
 One definition serves every path: shop backends and ``shopstream replay`` publish these inputs,
 the worker validates them, and training reads the same JSON. ``shopstream schemas`` writes the
-JSON Schema files in ``streams/schemas/`` for producers in other languages.
+JSON Schema files in ``streams/schemas/`` for producers in other languages; a message passes them
+exactly when the worker's decoder accepts it, apart from the deployment's own bounds (message size,
+earliest event time, clock skew: the decoder's settings), which come on top.
 
 Rules of the contract:
 - Every input carries ``schema_version`` (1), ``type``, ``event_id`` (unique; the idempotency key),
-  ``user_id``, optional ``session_id`` and ``event_time`` (RFC 3339 with a zone offset).
-- Validation is strict: ``"3"`` is not a quantity and ``"1714550400"`` is not an event time.
-  Unknown extra fields are ignored, so producers may add fields before the contract names them.
+  ``user_id``, optional ``session_id`` and ``event_time``.
+- ``event_time`` is an RFC 3339 date-time (section 5.6): ``T`` (or ``t``), seconds, an optional
+  fraction, ``Z`` (or ``z``) or an offset ``+hh:mm``/``-hh:mm``; no leap second ``:60``. Its date
+  as written is 1970-01-02 to 2999-12-30, so that with any offset it lies within 1970-2999 UTC.
+- Validation is strict: ``"3"`` is not a quantity and ``"1714550400"`` is not an event time. An
+  integer field takes any integral JSON number (``2.0`` is 2, as JSON Schema's ``integer``), never
+  ``true``. Unknown extra fields are ignored, so producers may add fields before the contract
+  names them.
+- The message is RFC 8259 JSON in UTF-8: no ``NaN`` or ``Infinity`` (not even in an ignored
+  field), no lone surrogate, values nested at most ``JSON_MAX_DEPTH`` deep, at most
+  ``JSON_MAX_INT_DIGITS`` digits before a number's point or exponent (the limits of pydantic's
+  parser). A repeated member name: the last one counts (I-JSON says producers must not send any).
 - Outputs are keyed by ``user_id`` and carry the id of the event that triggered them.
 
 Besides the five behaviour events, two requests about a user share the envelope: an erasure
@@ -19,11 +30,10 @@ topics of their own and are validated like the events (``input_adapter`` reads a
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from datetime import datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import (
-    AfterValidator,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
@@ -31,54 +41,101 @@ from pydantic import (
     Field,
     Strict,
     TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import InitErrorDetails, PydanticCustomError, PydanticKnownError
 
 SCHEMA_VERSION = 1
+JSON_MAX_DEPTH = 200  # pydantic's JSON parser (jiter) refuses a value inside more containers
+JSON_MAX_INT_DIGITS = 4300  # ... and a number with more digits before its point or exponent
 
 Id = Annotated[str, Field(min_length=1, max_length=128)]
 ItemId = Annotated[str, Field(min_length=1, max_length=128, description="Product id (SKU).")]
 Money = Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]
-Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code.")]
-_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]")
+# the lengths keep "EUR\n" out: Python's re (JSON Schema validators in Python) lets $ match before it
+Currency = Annotated[
+    str, Field(min_length=3, max_length=3, pattern=r"^[A-Z]{3}$", description="ISO 4217 code.")
+]
 
 
-def _date_time_text(value: Any) -> Any:
-    """An event time is date-time text (or a datetime): pydantic alone would also read a string of
-    digits as unix seconds or milliseconds, guessing which from its size."""
-    if isinstance(value, datetime) or (isinstance(value, str) and _DATE_TIME.match(value)):
-        return value
-    raise ValueError("expected RFC 3339 date-time text such as 2024-05-01T10:00:00Z")
-
-
-EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(3000, 1, 1, tzinfo=UTC)
-
-
-def _plausible(value: datetime) -> datetime:
-    """No shop event happened before 1970 or after 3000, whatever the deployment's tighter bounds
-    (the decoder's settings); date arithmetic near year 1 or 9999 overflows downstream."""
-    if not EARLIEST <= value < LATEST:
-        raise PydanticCustomError(
-            "impossible_value", "event_time {t} is before 1970 or after 3000", {"t": str(value)}
-        )
+def _integral(value: Any) -> Any:
+    """JSON Schema's ``integer`` is a mathematical one, so ``2.0`` is the integer 2; ``true`` is no
+    number (pydantic's ``Literal[1]`` would take it, as ``True == 1``)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool):
+        raise PydanticKnownError("int_type")
     return value
+
+
+Count = Annotated[int, BeforeValidator(_integral)]
+Version = Annotated[Literal[1], BeforeValidator(_integral)]
+
+# RFC 3339's date-time as the published schema's pattern, which the decoder matches too (with
+# Python's re, as jsonschema does); written to mean the same in ECMA-262: [0-9] as \d is any Unicode
+# digit in Python, and (?!\n) as Python's $ also matches before a trailing newline.
+_TIME = (
+    r"-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt]([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+    r"(\.[0-9]+)?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])(?!\n)$"
+)
+EVENT_TIME_PATTERN = r"^(?!1970-01-01|2999-12-31)(19[7-9][0-9]|2[0-9]{3})" + _TIME
+_EVENT_TIME, _ANY_YEAR = re.compile(EVENT_TIME_PATTERN), re.compile(r"^[0-9]{4}" + _TIME)
+
+
+def _event_time_text(value: Any) -> Any:
+    """The text ``EVENT_TIME_PATTERN`` allows (pydantic alone would also read a string of digits as
+    unix seconds or milliseconds, a space for ``T``, ``+0100``, no seconds). Other dates are
+    impossible: no shop event happened before 1970 or after 3000, whatever the deployment's tighter
+    bounds (the decoder's settings), and date arithmetic near year 1 or 9999 overflows downstream.
+    The calendar (no February 30) is pydantic's check."""
+    text = value.isoformat() if isinstance(value, datetime) else value
+    if isinstance(text, str) and _EVENT_TIME.match(text):
+        return value
+    if isinstance(text, str) and _ANY_YEAR.match(text):
+        raise PydanticCustomError(
+            "impossible_value", "event_time {t} is not dated 1970-01-02 to 2999-12-30", {"t": text}
+        )
+    raise ValueError("expected RFC 3339 date-time text such as 2024-05-01T10:00:00Z")
 
 
 # Lax parsing of what the check above let through (strict mode refuses text once a validator ran).
 EventTime = Annotated[
-    AwareDatetime, BeforeValidator(_date_time_text), Strict(False), AfterValidator(_plausible)
+    AwareDatetime,
+    BeforeValidator(_event_time_text),
+    Strict(False),
+    WithJsonSchema({"type": "string", "format": "date-time", "pattern": EVENT_TIME_PATTERN}),
 ]
 
 
-def _integer(value: Any) -> Any:
-    """An int literal compares equal to ``true`` and ``1.0``, which pydantic then accepts even in
-    strict mode."""
-    if isinstance(value, bool | float):
-        raise ValueError("expected an integer")
-    return value
+_R = TypeVar("_R")
+# a JSON string, or NaN / Infinity outside of one (in text that pydantic's parser accepted)
+_NON_FINITE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|(NaN|Infinity)', re.DOTALL)
 
 
-Version = Annotated[Literal[1], BeforeValidator(_integer)]
+class Adapter(Generic[_R]):
+    """A pydantic ``TypeAdapter`` whose JSON is RFC 8259: pydantic's parser also reads ``NaN``,
+    ``Infinity`` and ``-Infinity``, which a number field refuses but an ignored field let through.
+    In: JSON bytes or Python values. Out: the validated record, or a ``ValidationError``."""
+
+    def __init__(self, tp: Any) -> None:
+        self.adapter: TypeAdapter[_R] = TypeAdapter(tp)
+
+    def validate_json(self, raw: bytes) -> _R:
+        record = self.adapter.validate_json(raw)
+        if (b"NaN" in raw or b"Infinity" in raw) and any(m[1] for m in _NON_FINITE.finditer(raw)):
+            error = "NaN and Infinity are no JSON"
+            details: InitErrorDetails = {
+                "type": "json_invalid",
+                "loc": (),
+                "input": raw,
+                "ctx": {"error": error},
+            }
+            raise ValidationError.from_exception_data("JSON", [details])
+        return record
+
+    def validate_python(self, value: Any) -> _R:
+        return self.adapter.validate_python(value)
 
 
 class _Event(BaseModel):
@@ -88,7 +145,9 @@ class _Event(BaseModel):
     event_id: Id = Field(description="Unique id of the event; the idempotency key.")
     user_id: Id = Field(description="The shop's id of the user (or a stable anonymous id).")
     session_id: Id | None = Field(None, description="The shop's session id, when known.")
-    event_time: EventTime = Field(description="When it happened, RFC 3339 with offset.")
+    event_time: EventTime = Field(
+        description="When it happened: RFC 3339 with Z or an offset, dated 1970-01-02 to 2999-12-30."
+    )
 
 
 class SearchEvent(_Event):
@@ -118,7 +177,7 @@ class CartEvent(_Event):
     type: Literal["cart"]
     action: Literal["add", "remove"]
     item_id: ItemId
-    quantity: int = Field(ge=1, le=10_000)
+    quantity: Count = Field(ge=1, le=10_000)
     unit_price: Money | None = None
     currency: Currency | None = None
     category: str | None = Field(None, max_length=256)
@@ -129,7 +188,7 @@ class OrderLine(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
     item_id: ItemId
-    quantity: int = Field(ge=1, le=10_000)
+    quantity: Count = Field(ge=1, le=10_000)
     unit_price: Money | None = None
 
 
@@ -148,7 +207,7 @@ class ReviewEvent(_Event):
 
     type: Literal["review"]
     item_id: ItemId
-    rating: int = Field(ge=1, le=5)
+    rating: Count = Field(ge=1, le=5)
     text: str = Field("", max_length=20_000)
     title: str | None = Field(None, max_length=512)
 
@@ -161,9 +220,7 @@ EVENT_TYPES: dict[str, type[_Event]] = {
     "order": OrderEvent,
     "review": ReviewEvent,
 }
-event_adapter: TypeAdapter[SearchEvent | ViewEvent | CartEvent | OrderEvent | ReviewEvent] = TypeAdapter(
-    Event
-)
+event_adapter: Adapter[SearchEvent | ViewEvent | CartEvent | OrderEvent | ReviewEvent] = Adapter(Event)
 
 
 # --- requests about a user (privacy), on their own topics, applied in order with the user's events
@@ -187,9 +244,9 @@ Input = Annotated[
     SearchEvent | ViewEvent | CartEvent | OrderEvent | ReviewEvent | ErasureEvent | ConsentEvent,
     Field(discriminator="type"),
 ]
-input_adapter: TypeAdapter[
+input_adapter: Adapter[
     SearchEvent | ViewEvent | CartEvent | OrderEvent | ReviewEvent | ErasureEvent | ConsentEvent
-] = TypeAdapter(Input)
+] = Adapter(Input)
 
 
 # --- outputs -----------------------------------------------------------------------------------

@@ -5,15 +5,22 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
+import orjson
 import pytest
 from jsonschema import Draft202012Validator, ValidationError
 
 from streams.cli import parser
-from streams.records import Promotion
+from streams.pipeline import Message, local_pipeline
+from streams.records import Promotion, Recommendation
 from streams.schemas import SCHEMA_DIR, check_schemas
 from streams.settings import Settings
+from streams.state import user_partition
+from tests.fuzzing import VALID
+
+DEMO_MODEL = Path(__file__).resolve().parents[2] / "deploy" / "demo" / "model"
 
 
 def test_schema_files_are_up_to_date() -> None:
@@ -58,6 +65,53 @@ def test_promotion_records_match_their_schema() -> None:
         model_version="m",
     )
     validator("promotion").validate(json.loads(promo.model_dump_json()))
+
+
+def test_the_workers_outputs_match_their_schemas_with_rfc3339_times() -> None:
+    """A recommendation and a cart promotion as the worker writes them (orjson, echoing the event's
+    own offset), and as pydantic writes the records (``Z``): RFC 3339 date-times either way."""
+    wall = datetime(2026, 3, 2, 12, 0, tzinfo=UTC).timestamp()
+    settings = Settings(model_dir=DEMO_MODEL, quiet_hours="", holdout_percent=0.0, inference_provider="cpu")
+    pipe = local_pipeline(settings, budget_per_partition=1e9, clock=lambda: wall)
+    cart = {**VALID["cart"], "action": "add", "event_time": "2026-03-02T17:30:00.123456789+05:30"}
+    part = user_partition(b"u1", settings.partitions)
+    result = pipe.process([Message(part, b"u1", orjson.dumps(cart), None)])
+    assert result.failed == []
+    pipe.timers.observe(part, wall + 7200, wall)  # the partition's event time two hours on
+    outputs = [*result.outputs, *pipe.due_carts({part}, wall)]
+    recs = [orjson.loads(o.value) for o in outputs if o.topic == settings.topic_recommendations]
+    promos = [orjson.loads(o.value) for o in outputs if o.topic == settings.topic_promotions]
+    assert [r["event_time"] for r in recs] == ["2026-03-02T17:30:00.123456+05:30"]
+    assert [p["kind"] for p in promos] == ["cart_abandonment"]
+    validator("recommendation").validate(recs[0])
+    validator("promotion").validate(promos[0])
+    validator("recommendation").validate(json.loads(Recommendation.model_validate(recs[0]).model_dump_json()))
+    validator("promotion").validate(json.loads(Promotion.model_validate(promos[0]).model_dump_json()))
+    with pytest.raises(ValidationError):  # the format is checked: a naive time is no RFC 3339
+        validator("recommendation").validate({**recs[0], "generated_at": "2026-03-02T12:00:00"})
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        datetime(2026, 1, 1, tzinfo=UTC),
+        datetime(2026, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
+        datetime(2026, 1, 1, tzinfo=timezone(timedelta(hours=-23, minutes=-59))),
+        datetime(1970, 1, 1, tzinfo=UTC),
+    ],
+)
+def test_pydantic_writes_output_times_as_rfc3339(when: datetime) -> None:
+    rec = Recommendation(
+        user_id="u",
+        event_id="e",
+        event_type="view",
+        event_time=when,
+        items=[{"item_id": "i", "score": 0.5}],
+        source="model",
+        model_version="m",
+        generated_at=when,
+    )
+    validator("recommendation").validate(json.loads(rec.model_dump_json()))
 
 
 def test_settings_honour_kafka_bootstrap_servers_and_the_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
