@@ -45,6 +45,7 @@ from streams.errors import DeliveryFailed, RejectedInput
 from streams.expiry import ExpiryIndex
 from streams.metrics import Metrics
 from streams.pipeline import Message, Pipeline
+from streams.producer import install as install_producer
 from streams.progress import Progress
 from streams.promotions import Budget, CartTimers, Policy, expiry_residue
 from streams.scoring import Artifact, ModelWatcher
@@ -176,6 +177,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         logging_config=None,
     )
     install_consumer(app, on_jump=lambda tp, _a, _b: metrics.offset_jumps.labels(tp.topic).inc())
+    install_producer(app)  # keeps every topic it sent to in its metadata (streams.producer)
     # faust warns and stalls when more than 100 changelog writes wait to be sent; one event
     # writes up to covisit_window + 2 of them, so give the buffer room for a poll's worth.
     app.producer.buffer.max_messages = 10_000
@@ -209,7 +211,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
 
     async def publish(topic: str, key: bytes, value: bytes) -> None:
         """Hand an output to the producer; its acknowledgement is awaited with the batch."""
-        deliveries.add(await app.producer.send(topic, key, value, None, None, None))
+        deliveries.add(await app.producer.send(topic, key, value, None, None, None), topic)
 
     async def confirm() -> None:
         metrics.delivered.inc(await deliveries.confirm())
@@ -245,13 +247,14 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
             try:
                 ev = decoder.decode_input(msg.value, input_types.get(msg.topic))
             except RejectedInput as exc:
-                routed.add(await deadletters.send(msg, exc))
+                routed.add(await deadletters.send(msg, exc), deadletters.topic)
                 continue
             key = ev.user_id.encode()
             routed.add(
                 await app.producer.send(
                     by_user_name, key, msg.value, None, msg.timestamp, msg.headers or None
-                )
+                ),
+                by_user_name,
             )
             ok[msg.topic] = ok.get(msg.topic, 0) + 1
         metrics.delivered.inc(await routed.confirm())
@@ -349,7 +352,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
             seed(partitions)
             result = pipeline.process(batch)
             for i, exc in result.failed:
-                deliveries.add(await deadletters.send(events[i].message, exc))
+                deliveries.add(await deadletters.send(events[i].message, exc), deadletters.topic)
             for topic, key, value in result.outputs:
                 await publish(topic, key, value)
             now_ms = int(time.time() * 1000)

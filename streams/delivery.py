@@ -35,25 +35,28 @@ class Deliveries:
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
-        self._pending: list[Awaitable[Any]] = []
+        self._pending: list[tuple[Awaitable[Any], str | None]] = []
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def add(self, fut: Awaitable[Any]) -> None:
-        self._pending.append(fut)
+    def add(self, fut: Awaitable[Any], topic: str | None = None) -> None:
+        """``topic`` names the record's topic in a timeout's report: aiokafka's futures do not
+        carry it (faust's ``FutureMessage`` does)."""
+        self._pending.append((fut, topic))
 
     async def confirm(self) -> int:
         """Wait for every pending record's acknowledgement; returns how many were confirmed."""
         pending, self._pending = self._pending, []
         if not pending:
             return 0
+        futs = [f for f, _ in pending]
         try:
             results = await asyncio.wait_for(
-                asyncio.gather(*pending, return_exceptions=True), timeout=self.timeout_s
+                asyncio.gather(*futs, return_exceptions=True), timeout=self.timeout_s
             )
         except TimeoutError:
-            waiting = Counter(_topic_of(f) for f in pending if not _acknowledged(f))
+            waiting = Counter(topic or _topic_of(f) for f, topic in pending if not _acknowledged(f))
             raise DeliveryFailed(
                 f"{len(pending)} records not acknowledged by the broker within {self.timeout_s:g}s "
                 f"(still waiting, by topic: {dict(waiting)})"
