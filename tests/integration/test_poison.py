@@ -44,6 +44,10 @@ async def poison_and_valid_events(settings: Settings, worker: WorkerProcess) -> 
     now = time.time()
     stamp = datetime.fromtimestamp(now - 60, UTC).isoformat()
     topic_of = {etype: topic for topic, etype in settings.input_topics.items()}
+    # a wrong-topic case may go to a privacy topic, which the worker reads too
+    any_topic = {
+        etype: topic for topic, etype in {**settings.input_topics, **settings.control_topics}.items()
+    }
     records: list[tuple[str, bytes | None, bytes | None]] = []
     valid_ids: set[str] = set()
     answered_bad: set[str] = set()  # event ids of odd inputs the contract accepts
@@ -63,10 +67,10 @@ async def poison_and_valid_events(settings: Settings, worker: WorkerProcess) -> 
             try:
                 ev = decoder.decode(case.raw, case.topic_type)
             except RejectedInput as exc:
-                dead[(case.raw, str(exc.reason), topic_of[case.topic_type])] += 1
+                dead[(case.raw, str(exc.reason), any_topic[case.topic_type])] += 1
             else:
                 answered_bad.add(ev.event_id)
-            records.append((topic_of[case.topic_type], key, case.raw))  # the poison first,
+            records.append((any_topic[case.topic_type], key, case.raw))  # the poison first,
             eid = f"valid-{etype}-{k}"  # then a valid event of the same user on the same partition
             valid_ids.add(eid)
             valid = {**VALID[etype], "user_id": user, "event_id": eid, "event_time": stamp}
