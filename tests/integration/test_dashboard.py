@@ -161,6 +161,9 @@ def stack(
             stderr=subprocess.STDOUT,
         )
     try:
+        # traffic only once Prometheus has scraped a ready worker: counters first seen after a
+        # burst show no increase, and the no-output alert then stays pending (a busy CI run)
+        scraped_ready(f"http://127.0.0.1:{port}", worker)
         yield (
             settings,
             worker,
@@ -173,6 +176,21 @@ def stack(
         worker.stop()
         archiver.terminate()
         archiver.wait(timeout=60)
+
+
+def scraped_ready(prom: str, worker: WorkerProcess, timeout: float = 300.0) -> None:
+    """Wait until Prometheus holds a sample of the worker saying it is ready."""
+    query = urllib.parse.urlencode({"query": 'shopstream_ready{job="shopstream"} == 1'})
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if get(f"{prom}/api/v1/query?{query}")["data"]["result"]:
+                return
+        except OSError:  # Prometheus not listening yet
+            pass
+        assert time.monotonic() < deadline, f"Prometheus never scraped a ready worker\n{worker.tail()}"
+        assert worker.alive(), worker.tail()
+        time.sleep(1)
 
 
 def event(etype: str, user: str, eid: str, t: float, **fields: Any) -> bytes:
