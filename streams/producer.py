@@ -15,9 +15,13 @@ waited out the 60 s delivery timeout and the worker exited with 70, while the sc
 (their topics re-tracked by their next sends) went through. Seen on a fresh broker in the demo
 under load; reproduced deterministically in ``tests/unit/test_producer_metadata.py``.
 
-The fix: every topic the producer sends to is tracked before its record is queued, so every
-refresh asks for it. Tracking a new topic schedules one refresh (not awaited: the partitions are
-known already).
+The fix: the producer's metadata is never narrowed. A send to a topic the metadata does not
+know yet first waits for one all-topics refresh, so aiokafka has no reason to track it (and to ask
+for it alone); every refresh keeps asking for all topics, and the changelogs faust's web router
+looks up (``key_partition``, never sent to by a worker that only serves reads) stay known too.
+(Tracking only the topics sent to, the first version of this fix, dropped those: ``GET
+/users/<id>`` failed with a ``TypeError`` in aiokafka's partitioner on a restarted worker.) Where
+something else already made the client track topics, a new topic is added to that list.
 
 In: faust's ``app``. Out: its transport creates ``ShopstreamProducer``, whose aiokafka producer
 is a ``TrackingAIOKafkaProducer``.
@@ -31,17 +35,20 @@ import aiokafka
 from faust.transport.drivers.aiokafka import Producer
 
 
-def track_sent_topics(client: Any, topic: str) -> None:
-    """Put ``topic`` on the client's list of topics every metadata refresh asks for."""
-    if topic not in client._topics:
-        client.add_topic(topic)  # returns a future of the refresh it schedules; nothing waits on it
+async def known_without_narrowing(client: Any, topic: str) -> None:
+    """Make ``topic``'s partitions known before a send, without narrowing the metadata."""
+    if client._topics:  # already tracking a list: keep this topic on it
+        if topic not in client._topics:
+            client.add_topic(topic)  # returns a future of the refresh it schedules; nothing waits
+    elif client.cluster.partitions_for_topic(topic) is None:
+        await client.force_metadata_update()  # all topics, this one included once it exists
 
 
 class TrackingAIOKafkaProducer(aiokafka.AIOKafkaProducer):  # type: ignore[misc]
-    """An aiokafka producer whose metadata keeps every topic it has sent to."""
+    """An aiokafka producer whose metadata keeps every topic it knew."""
 
     async def send(self, topic: str, *args: Any, **kwargs: Any) -> Any:
-        track_sent_topics(self.client, topic)
+        await known_without_narrowing(self.client, topic)
         return await super().send(topic, *args, **kwargs)
 
 

@@ -83,22 +83,48 @@ def test_the_tracking_producer_keeps_the_leader_of_a_queued_record() -> None:
     assert asyncio.run(leader_of_queued_record(TrackingAIOKafkaProducer)) == 1
 
 
-def test_every_refresh_asks_for_every_topic_sent_to() -> None:
-    async def asked() -> list[list[str] | None]:
-        broker = FakeBroker({"a": 1, "b": 1, "c": 1})
+def test_refreshes_keep_every_topic_including_ones_never_sent_to() -> None:
+    """A new topic is learnt by an all-topics refresh; a changelog nobody sent to (faust's web
+    router looks its partitions up) stays known."""
+
+    async def scenario() -> tuple[list[list[str] | None], Any]:
+        broker = FakeBroker({"a": 1, "b": 1, "users-changelog": 4})
         producer = TrackingAIOKafkaProducer(bootstrap_servers="127.0.0.1:9")
         producer.client._metadata_update = broker.metadata_update
         producer.client._sync_task = asyncio.ensure_future(producer.client._md_synchronizer())
         try:
             await producer.client.force_metadata_update()
-            for topic in ("a", "b"):
-                await producer.send(topic, b"v")
+            await producer.send("a", b"v")
+            broker.topics["new"] = 2  # created after the first refresh
+            await producer.send("new", b"v")
             await producer.client.force_metadata_update()
-            return broker.asked
+            return broker.asked, producer.client.cluster.partitions_for_topic("users-changelog")
         finally:
             await producer.stop()
 
-    assert asyncio.run(asked())[-1] == ["a", "b"]
+    asked, changelog = asyncio.run(scenario())
+    assert asked and all(a is None for a in asked)  # never narrowed to a list of topics
+    assert changelog == {0, 1, 2, 3}
+
+
+def test_plain_aiokafka_drops_a_topic_nobody_sent_to() -> None:
+    """What failed ``GET /users/<id>`` (aiokafka's partitioner found no partitions)."""
+
+    async def scenario() -> Any:
+        broker = FakeBroker({"a": 1, "users-changelog": 4})
+        producer = aiokafka.AIOKafkaProducer(bootstrap_servers="127.0.0.1:9")
+        producer.client._metadata_update = broker.metadata_update
+        producer.client._sync_task = asyncio.ensure_future(producer.client._md_synchronizer())
+        try:
+            await producer.client.force_metadata_update()
+            broker.topics["new"] = 2
+            await producer.send("new", b"v")
+            await producer.client.force_metadata_update()
+            return producer.client.cluster.partitions_for_topic("users-changelog")
+        finally:
+            await producer.stop()
+
+    assert asyncio.run(scenario()) is None
 
 
 def test_install_makes_the_app_use_the_tracking_producer() -> None:
