@@ -177,7 +177,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         logging_config=None,
     )
     install_consumer(app, on_jump=lambda tp, _a, _b: metrics.offset_jumps.labels(tp.topic).inc())
-    install_producer(app)  # keeps every topic it sent to in its metadata (streams.producer)
+    install_producer(app)  # its metadata is never narrowed to the topics sent to (streams.producer)
     # faust warns and stalls when more than 100 changelog writes wait to be sent; one event
     # writes up to covisit_window + 2 of them, so give the buffer room for a poll's worth.
     app.producer.buffer.max_messages = 10_000

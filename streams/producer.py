@@ -45,7 +45,7 @@ async def known_without_narrowing(client: Any, topic: str) -> None:
 
 
 class TrackingAIOKafkaProducer(aiokafka.AIOKafkaProducer):  # type: ignore[misc]
-    """An aiokafka producer whose metadata keeps every topic it knew."""
+    """An aiokafka producer whose metadata is never narrowed (see the module docstring)."""
 
     async def send(self, topic: str, *args: Any, **kwargs: Any) -> Any:
         await known_without_narrowing(self.client, topic)
