@@ -27,8 +27,8 @@ import asyncio
 import logging
 import time
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import faust
@@ -51,6 +51,7 @@ from streams.promotions import Budget, CartTimers, Policy, expiry_residue
 from streams.scoring import Artifact, ModelWatcher
 from streams.settings import Settings
 from streams.state import UserState, user_partition
+from streams.writeback import WriteBack
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +171,17 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         broker_session_timeout=10.0,
         broker_rebalance_timeout=10.0,
         broker_heartbeat_interval=1.0,
-        broker_commit_interval=1.0,
+        broker_commit_interval=settings.commit_interval_s,
         stream_buffer_maxsize=32768,
         broker_max_poll_records=10000,
         producer_linger=0.002,
         logging_config=None,
     )
-    install_consumer(app, on_jump=lambda tp, _a, _b: metrics.offset_jumps.labels(tp.topic).inc())
+    install_consumer(
+        app,
+        on_jump=lambda tp, _a, _b: metrics.offset_jumps.labels(tp.topic).inc(),
+        checkpoint=lambda: checkpoint(),  # defined below, with the tables and the lock it takes
+    )
     install_producer(app)  # its metadata is never narrowed to the topics sent to (streams.producer)
     # faust warns and stalls when more than 100 changelog writes wait to be sent; one event
     # writes up to covisit_window + 2 of them, so give the buffer room for a poll's worth.
@@ -201,7 +206,16 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
 
     users = table(UserTable, "users", "Per-user state.")
     items = table(ItemTable, "items", "Baseline co-visitation statistics, per partition.")
-    recommender = CovisitBaseline(items, neighbors=settings.covisit_neighbors, window=settings.covisit_window)
+    budget = table(ItemTable, "budget", "Discount spend per partition and event-time day.")
+    # batches and timers change the tables through write-back views; each commit writes the
+    # changed keys once and waits for them before it commits offsets (``streams.writeback``)
+    users_wb = WriteBack(users, lambda k: user_partition(k, settings.partitions))
+    items_wb = WriteBack(items, partition_of_key)
+    budget_wb = WriteBack(budget, partition_of_key)
+    write_backs = (users_wb, items_wb, budget_wb)
+    recommender = CovisitBaseline(
+        items_wb, neighbors=settings.covisit_neighbors, window=settings.covisit_window
+    )
     deadletters = DeadLetters(app, settings.topic_deadletter, metrics)
     by_user_name = by_user.get_topic_name()
     # One batch, timer or sweep at a time touches the tables and the pending deliveries: a cart
@@ -268,7 +282,6 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         async for events in stream.take_events(settings.batch_max, within=settings.batch_wait_ms / 1000):
             await run_batch("routing a batch", route, list(events))
 
-    budget = table(ItemTable, "budget", "Discount spend per partition and event-time day.")
     models = ModelWatcher(
         settings.model_dir,
         settings.inference_provider,
@@ -278,9 +291,29 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
     metrics.watch_models(models)  # model age, last retrain decisions: read when it polls
     models.load_initial()  # a broken artifact stops the worker here, with the reason
     timers = CartTimers(settings.cart_abandon_after_s, settings.event_clock_tolerance_s)
-    policy = Policy(settings, Budget(budget, settings.discount_budget_per_day / settings.partitions))
+    policy = Policy(settings, Budget(budget_wb, settings.discount_budget_per_day / settings.partitions))
     scope = PartitionScope(by_user_name)
-    pipeline = Pipeline(settings, users, recommender, models, policy, timers, metrics, scope=scope)
+    pipeline = Pipeline(settings, users_wb, recommender, models, policy, timers, metrics, scope=scope)
+
+    def write_pending(partitions: set[int] | None = None) -> int:
+        """Write the tables' pending changes (of ``partitions``, else all); their changelog
+        futures join ``deliveries``, so the caller's next ``confirm()`` waits for them."""
+        n = sum(wb.flush(scope, partitions) for wb in write_backs)
+        metrics.checkpoint_keys.inc(n)
+        return n
+
+    @asynccontextmanager
+    async def checkpoint() -> AsyncIterator[None]:
+        """Entered by every offset commit (``streams.consumer``): no batch or timer runs until
+        the commit is done, and the state of every event acked so far is confirmed in the
+        changelogs before faust computes the offsets."""
+        async with work:
+            started = time.perf_counter()
+            write_pending()
+            await confirm()
+            metrics.checkpoint_seconds.observe(time.perf_counter() - started)
+            yield
+
     # buckets as fine as the sweep runs: a user goes at most one sweep interval after the TTL
     expiry = ExpiryIndex(int(settings.user_ttl_s * 1000), max(1, int(settings.expiry_interval_s * 1000)))
     seeded: set[int] = set()  # partitions whose popularity, timers, clocks and expiry were rebuilt
@@ -291,6 +324,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         fresh = partitions - seeded
         if not fresh:
             return
+        write_pending(fresh)  # nothing should be pending there; the scans below read the tables
         n = recommender.seed_popularity([(k, v) for k, v in items.items() if partition_of_key(k) in fresh])
         entries: dict[int, list[tuple[bytes, bytes]]] = {p: [] for p in fresh}
         for k, v in users.items():
@@ -318,10 +352,18 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
 
     @app.on_partitions_revoked.connect
     async def forget_revoked(sender: Any, revoked: set[Any], **kwargs: Any) -> None:
-        """Drop in-memory popularity, timers, clocks and expiry of partitions this worker gives
-        up; if they come back they are rebuilt from the tables (another worker may have changed
-        them)."""
-        forget({tp.partition for tp in revoked if tp.topic == by_user_name})
+        """Write what is pending for the partitions this worker gives up (faust's commit during
+        the revocation normally has), then drop their in-memory popularity, timers, clocks and
+        expiry; if they come back they are rebuilt from the tables (another worker may have
+        changed them)."""
+        gone = {tp.partition for tp in revoked if tp.topic == by_user_name}
+        async with work:
+            try:
+                write_pending(gone)
+                await confirm()
+            except DeliveryFailed as exc:
+                exit_fatally("writing the state of revoked partitions", exc)
+        forget(gone)
 
     def assigned() -> set[int]:
         return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == by_user_name}
@@ -338,6 +380,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         await confirm()
         if changed:
             pipeline.store_due(changed)
+            users_wb.flush(scope, keys={key for _, key, _ in changed})
             await confirm()  # their changelog writes
 
     async def handle(events: list[EventT]) -> None:
@@ -362,6 +405,8 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
                     expiry.touch(m.partition, m.key, now_ms)
             for p, key in erased:
                 expiry.forget(p, key)
+            if sum(len(wb.pending) for wb in write_backs) >= settings.checkpoint_max_keys:
+                write_pending()  # early: bounds the memory; always safe (streams.writeback)
             await confirm()
             if settings.promotions:  # carts that came due in the event time this batch moved past
                 await fire_due(partitions)
@@ -424,8 +469,9 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
             mine = assigned()
             seed(mine)
             n = expiry.sweep(
-                mine, int(time.time() * 1000), users, scope, limit=EXPIRY_SLICE, keep=expiry_residue
+                mine, int(time.time() * 1000), users_wb, scope, limit=EXPIRY_SLICE, keep=expiry_residue
             )
+            write_pending()
             await confirm()  # the tombstones
         if n:
             metrics.users_expired.inc(n)
@@ -441,7 +487,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
                 status=503,
                 headers={"Retry-After": "1"},
             )
-        raw = users.get(user_id.encode())
+        raw = users_wb.get(user_id.encode())
         if raw is None:
             return web.json({"error": "no state for this user", "user_id": user_id}, status=404)
         return web.json(UserState.loads(raw).as_json())

@@ -20,6 +20,15 @@ records in between are fetched and processed. It is logged and counted
 markers), the next record is taken and no gap is marked committable: the commit then waits at
 the last record processed, the worker reports itself not ready and then not alive
 (``streams.progress``), and a restart reads from the last commit: slower, never lossy.
+
+A second addition, for the worker's write-back tables (``streams.writeback``): ``commit`` first
+enters ``checkpoint()``, an async context the worker installs. It takes the lock that batches and
+timers hold, writes the pending table changes and awaits their changelog acknowledgements; faust
+then computes and commits the offsets while the lock is still held, so no offset is committed
+whose event's state is not yet in the changelog. A checkpoint that fails commits nothing: a
+delivery failure ends the process unacked (``streams.delivery.exit_fatally``), anything else (a
+store already closed at shutdown) skips this commit, and the events since the last one are
+redelivered after the restart.
 """
 
 from __future__ import annotations
@@ -31,11 +40,33 @@ from typing import Any
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers.aiokafka import Consumer
 
+from streams.delivery import exit_fatally
+from streams.errors import DeliveryFailed
+
 log = logging.getLogger(__name__)
 
 
 class ShopstreamConsumer(Consumer):  # type: ignore[misc]
     on_jump: Any = None  # called with (tp, expected offset, offset) for each offset jump
+    # () -> async context manager: pending state written and confirmed on entry, held until exit
+    checkpoint: Any = None
+
+    async def commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
+        """faust's commit inside the worker's checkpoint (module docstring)."""
+        if self.checkpoint is None:
+            return bool(await super().commit(topics, start_new_transaction=start_new_transaction))
+        try:
+            ctx = self.checkpoint()
+            await ctx.__aenter__()
+        except DeliveryFailed as exc:
+            exit_fatally("checkpointing the tables before a commit", exc)
+        except Exception:
+            log.exception("checkpoint failed: offsets not committed (the events since are redelivered)")
+            return False
+        try:
+            return bool(await super().commit(topics, start_new_transaction=start_new_transaction))
+        finally:
+            await ctx.__aexit__(None, None, None)
 
     async def _add_gap(self, tp: Any, offset_from: int, offset_to: int) -> None:
         """Never called by ``_drain_messages`` below; kept inert should faust call it elsewhere."""
@@ -147,7 +178,11 @@ class ShopstreamConsumer(Consumer):  # type: ignore[misc]
             self.on_jump(tp, expected, offset)
 
 
-def install(app: Any, on_jump: Any = None) -> None:
-    """Make ``app`` create its consumer from ``ShopstreamConsumer`` (before it is first used)."""
-    ShopstreamConsumer.on_jump = staticmethod(on_jump) if on_jump is not None else None
-    app.transport.Consumer = ShopstreamConsumer
+def install(app: Any, on_jump: Any = None, checkpoint: Any = None) -> None:
+    """Make ``app`` create its consumer from ``ShopstreamConsumer`` (before it is first used),
+    with this app's hooks (a class of its own: several apps may live in one process)."""
+    hooks = {
+        "on_jump": staticmethod(on_jump) if on_jump is not None else None,
+        "checkpoint": staticmethod(checkpoint) if checkpoint is not None else None,
+    }
+    app.transport.Consumer = type("ShopstreamConsumer", (ShopstreamConsumer,), hooks)

@@ -120,6 +120,19 @@ class Metrics:
             ["topic"],
             registry=registry,
         )
+        self.checkpoint_keys = Counter(
+            "shopstream_checkpoint_keys_total",
+            "Table keys written to their changelogs at checkpoints (once per changed key per commit "
+            "interval; compare with shopstream_events_total for the changelog records per event).",
+            registry=registry,
+        )
+        self.checkpoint_seconds = Histogram(
+            "shopstream_checkpoint_seconds",
+            "Wall time of a checkpoint: the tables' pending changes written and acknowledged, while "
+            "batches wait (once per commit).",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.timer_errors = Counter(
             "shopstream_timer_errors_total",
             "Exceptions caught in a periodic task (it runs again at its next tick), by task.",

@@ -157,6 +157,22 @@ class Settings(BaseSettings):
         "this long; otherwise the worker exits unacked and its input is redelivered after the restart.",
     )
 
+    commit_interval_s: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="How often input offsets are committed. Each commit first writes the tables' "
+        "changes since the last one to their changelogs, once per changed key, and waits for them: "
+        "longer means fewer changelog records, more input redelivered after a crash, and standby "
+        "replicas further behind.",
+    )
+    checkpoint_max_keys: int = Field(
+        50_000,
+        ge=1,
+        description="Table keys changed and not yet written that make the worker write them before the "
+        "next commit is due (bounds the memory they take).",
+    )
+
     # --- Per-user state -------------------------------------------------------------------
     sequence_length: int = Field(
         50, ge=1, le=1000, description="Recent event tokens kept per user (the model's context)."

@@ -1,0 +1,105 @@
+"""Table writes held in memory until the next checkpoint: one changelog record per changed key
+per commit interval, not one per micro-batch.
+
+In: a faust table (any ``MutableMapping[bytes, bytes]``) and how to find a key's partition. Out:
+a mapping that reads through to the table and keeps every write and delete in ``pending`` until
+``flush()`` writes each changed key once (a delete as the table's delete: a changelog
+tombstone).
+
+Why it keeps every guarantee: the worker flushes inside the consumer's commit, under the lock
+that batches and timers hold (``streams.consumer.ShopstreamConsumer.commit``), and awaits the
+changelog acknowledgements before faust computes and commits any offset. An offset is therefore
+committed only once the state of every event before it is in the changelog. A crash before a
+checkpoint loses the pending writes and the uncommitted offsets together: the events are
+redelivered and folded again from the last checkpointed state. Flushing early (a full buffer, a
+timer, a rebalance) is always safe: state ahead of the committed offsets is the ordinary
+at-least-once case (redelivered events are recognised by id and their promotions re-sent from
+the user's outbox).
+
+Measured on REES46 (two copies, 34,868 events, 8 partitions): the per-batch writes cost about
+0.95 user and 2.1 baseline changelog records per event (``bench/ceilings.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, MutableMapping
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+Scope = Callable[[int], AbstractContextManager[Any]]
+
+
+class WriteBack(MutableMapping[bytes, bytes]):
+    """A write-back view of ``table``; ``pending`` maps changed keys to their value (None: deleted)."""
+
+    def __init__(self, table: MutableMapping[bytes, bytes], partition_of: Callable[[bytes], int]) -> None:
+        self.table = table
+        self.partition_of = partition_of
+        self.pending: dict[bytes, bytes | None] = {}
+
+    def __getitem__(self, key: bytes) -> bytes:
+        if key in self.pending:
+            value = self.pending[key]
+            if value is None:
+                raise KeyError(key)
+            return value
+        return self.table[key]
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        if key in self.pending:
+            value = self.pending[key]
+            return default if value is None else value
+        return self.table.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        if key in self.pending:
+            return self.pending[key] is not None
+        return key in self.table
+
+    def __setitem__(self, key: bytes, value: bytes) -> None:
+        self.pending[key] = value
+
+    def __delitem__(self, key: bytes) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self.pending[key] = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        for key in self.table:
+            if key not in self.pending:
+                yield key
+        yield from (k for k, v in self.pending.items() if v is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def flush(
+        self,
+        scope: Scope = lambda _p: nullcontext(),
+        partitions: set[int] | None = None,
+        keys: set[bytes] | None = None,
+    ) -> int:
+        """Write the pending changes to the table (only those of ``partitions`` and of ``keys``,
+        where given), each inside ``scope(partition)``; returns how many keys were written or
+        deleted."""
+        if partitions is None and keys is None:
+            batch, self.pending = self.pending, {}
+        else:
+            chosen = self.pending if keys is None else {k: None for k in keys if k in self.pending}
+            picked = [k for k in chosen if partitions is None or self.partition_of(k) in partitions]
+            batch = {k: self.pending.pop(k) for k in picked}
+        for key, value in batch.items():
+            with scope(self.partition_of(key)):
+                if value is not None:
+                    self.table[key] = value
+                elif key in self.table:
+                    del self.table[key]
+        return len(batch)
+
+    def discard(self, partitions: set[int]) -> int:
+        """Drop the pending changes of ``partitions`` unwritten (partitions this worker no longer
+        owns and could not flush); returns how many."""
+        gone = [k for k in self.pending if self.partition_of(k) in partitions]
+        for k in gone:
+            del self.pending[k]
+        return len(gone)
