@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
@@ -37,6 +37,7 @@ from faust.types import EventT, StreamT
 from prometheus_client import CollectorRegistry, generate_latest
 
 from streams.baseline import CovisitBaseline, partition_of_key
+from streams.changelog import DirectChangelog
 from streams.consumer import install as install_consumer
 from streams.deadletter import DeadLetters
 from streams.decode import EventDecoder
@@ -48,6 +49,7 @@ from streams.pipeline import Message, Pipeline
 from streams.producer import install as install_producer
 from streams.progress import Progress
 from streams.promotions import Budget, CartTimers, Policy, expiry_residue
+from streams.publish import Publisher
 from streams.scoring import Artifact, ModelWatcher
 from streams.settings import Settings
 from streams.state import UserState, user_partition
@@ -213,6 +215,10 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
     items_wb = WriteBack(items, partition_of_key)
     budget_wb = WriteBack(budget, partition_of_key)
     write_backs = (users_wb, items_wb, budget_wb)
+    changelogs = [
+        (wb, DirectChangelog(t, app.producer._ensure_producer, deliveries))
+        for wb, t in ((users_wb, users), (items_wb, items), (budget_wb, budget))
+    ]
     recommender = CovisitBaseline(
         items_wb, neighbors=settings.covisit_neighbors, window=settings.covisit_window
     )
@@ -223,9 +229,11 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
     # ``confirm()`` must not take another's futures.
     work = asyncio.Lock()
 
-    async def publish(topic: str, key: bytes, value: bytes) -> None:
-        """Hand an output to the producer; its acknowledgement is awaited with the batch."""
-        deliveries.add(await app.producer.send(topic, key, value, None, None, None), topic)
+    publisher = Publisher(app.producer._ensure_producer, deliveries)
+
+    async def publish(outputs: Iterable[tuple[str, bytes, bytes]]) -> None:
+        """Hand outputs to the producer; their acknowledgements are awaited with the batch."""
+        await publisher.publish((topic, key, value, None, None) for topic, key, value in outputs)
 
     async def confirm() -> None:
         metrics.delivered.inc(await deliveries.confirm())
@@ -252,10 +260,12 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
             exit_fatally(what, exc)
 
     routed = Deliveries(settings.delivery_timeout_s)  # the router's own: it runs beside the scorer
+    forwarder = Publisher(app.producer._ensure_producer, routed)
 
     async def route(events: list[EventT]) -> None:
         """Validate input messages and forward them keyed by user id, or dead-letter them."""
         ok: dict[str, int] = {}
+        forwards = []
         for e in events:
             msg = e.message
             try:
@@ -263,14 +273,9 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
             except RejectedInput as exc:
                 routed.add(await deadletters.send(msg, exc), deadletters.topic)
                 continue
-            key = ev.user_id.encode()
-            routed.add(
-                await app.producer.send(
-                    by_user_name, key, msg.value, None, msg.timestamp, msg.headers or None
-                ),
-                by_user_name,
-            )
+            forwards.append((by_user_name, ev.user_id.encode(), msg.value, msg.headers, msg.timestamp))
             ok[msg.topic] = ok.get(msg.topic, 0) + 1
+        await forwarder.publish(forwards)
         metrics.delivered.inc(await routed.confirm())
         for topic, n in ok.items():
             metrics.events.labels(topic, "ok").inc(n)
@@ -295,10 +300,13 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
     scope = PartitionScope(by_user_name)
     pipeline = Pipeline(settings, users_wb, recommender, models, policy, timers, metrics, scope=scope)
 
-    def write_pending(partitions: set[int] | None = None) -> int:
-        """Write the tables' pending changes (of ``partitions``, else all); their changelog
-        futures join ``deliveries``, so the caller's next ``confirm()`` waits for them."""
-        n = sum(wb.flush(scope, partitions) for wb in write_backs)
+    async def write_pending(partitions: set[int] | None = None, keys: set[bytes] | None = None) -> int:
+        """Write the tables' pending changes (of ``partitions`` and ``keys`` where given, else
+        all) to their stores and changelogs; the changelog futures join ``deliveries``, so the
+        caller's next ``confirm()`` waits for them."""
+        n = 0
+        for wb, changelog in changelogs:
+            n += await changelog.write(wb.take(partitions, keys), scope)
         metrics.checkpoint_keys.inc(n)
         return n
 
@@ -309,7 +317,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         changelogs before faust computes the offsets."""
         async with work:
             started = time.perf_counter()
-            write_pending()
+            await write_pending()
             await confirm()
             metrics.checkpoint_seconds.observe(time.perf_counter() - started)
             yield
@@ -318,13 +326,13 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
     expiry = ExpiryIndex(int(settings.user_ttl_s * 1000), max(1, int(settings.expiry_interval_s * 1000)))
     seeded: set[int] = set()  # partitions whose popularity, timers, clocks and expiry were rebuilt
 
-    def seed(partitions: set[int]) -> None:
+    async def seed(partitions: set[int]) -> None:
         """Rebuild the in-memory state of newly assigned partitions from the tables (one scan
         each): popularity, cart timers, event-time clocks and the expiry index."""
         fresh = partitions - seeded
         if not fresh:
             return
-        write_pending(fresh)  # nothing should be pending there; the scans below read the tables
+        await write_pending(fresh)  # nothing should be pending there; the scans below read the tables
         n = recommender.seed_popularity([(k, v) for k, v in items.items() if partition_of_key(k) in fresh])
         entries: dict[int, list[tuple[bytes, bytes]]] = {p: [] for p in fresh}
         for k, v in users.items():
@@ -359,7 +367,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         gone = {tp.partition for tp in revoked if tp.topic == by_user_name}
         async with work:
             try:
-                write_pending(gone)
+                await write_pending(gone)
                 await confirm()
             except DeliveryFailed as exc:
                 exit_fatally("writing the state of revoked partitions", exc)
@@ -375,12 +383,11 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
     async def fire_due(partitions: set[int]) -> None:
         """Publish the cart promotions due on ``partitions``; store their states once confirmed."""
         outputs, changed = pipeline.due(partitions, time.time())
-        for topic, key, value in outputs:
-            await publish(topic, key, value)
+        await publish(outputs)
         await confirm()
         if changed:
             pipeline.store_due(changed)
-            users_wb.flush(scope, keys={key for _, key, _ in changed})
+            await write_pending(keys={key for _, key, _ in changed})
             await confirm()  # their changelog writes
 
     async def handle(events: list[EventT]) -> None:
@@ -392,12 +399,11 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
                 for e in events
             ]
             partitions = {m.partition for m in batch}
-            seed(partitions)
+            await seed(partitions)
             result = pipeline.process(batch)
             for i, exc in result.failed:
                 deliveries.add(await deadletters.send(events[i].message, exc), deadletters.topic)
-            for topic, key, value in result.outputs:
-                await publish(topic, key, value)
+            await publish(result.outputs)
             now_ms = int(time.time() * 1000)
             erased = set(result.erased)
             for m in batch:
@@ -406,7 +412,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
             for p, key in erased:
                 expiry.forget(p, key)
             if sum(len(wb.pending) for wb in write_backs) >= settings.checkpoint_max_keys:
-                write_pending()  # early: bounds the memory; always safe (streams.writeback)
+                await write_pending()  # early: bounds the memory; always safe (streams.writeback)
             await confirm()
             if settings.promotions:  # carts that came due in the event time this batch moved past
                 await fire_due(partitions)
@@ -448,7 +454,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         async with work:
             mine = assigned()
             forget(set(timers.heaps) - mine)  # revoked: the new owner rebuilds them from the table
-            seed(mine)
+            await seed(mine)
             await fire_due(mine)
         metrics.cart_timers.set(timers.pending())
 
@@ -467,11 +473,11 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
             return
         async with work:
             mine = assigned()
-            seed(mine)
+            await seed(mine)
             n = expiry.sweep(
                 mine, int(time.time() * 1000), users_wb, scope, limit=EXPIRY_SLICE, keep=expiry_residue
             )
-            write_pending()
+            await write_pending()
             await confirm()  # the tombstones
         if n:
             metrics.users_expired.inc(n)

@@ -73,21 +73,28 @@ class WriteBack(MutableMapping[bytes, bytes]):
     def __len__(self) -> int:
         return sum(1 for _ in self)
 
+    def take(
+        self, partitions: set[int] | None = None, keys: set[bytes] | None = None
+    ) -> dict[bytes, bytes | None]:
+        """Remove and return the pending changes (only those of ``partitions`` and of ``keys``,
+        where given): what a checkpoint writes (``streams.changelog.DirectChangelog``)."""
+        if partitions is None and keys is None:
+            batch, self.pending = self.pending, {}
+            return batch
+        chosen = self.pending if keys is None else {k: None for k in keys if k in self.pending}
+        picked = [k for k in chosen if partitions is None or self.partition_of(k) in partitions]
+        return {k: self.pending.pop(k) for k in picked}
+
     def flush(
         self,
         scope: Scope = lambda _p: nullcontext(),
         partitions: set[int] | None = None,
         keys: set[bytes] | None = None,
     ) -> int:
-        """Write the pending changes to the table (only those of ``partitions`` and of ``keys``,
-        where given), each inside ``scope(partition)``; returns how many keys were written or
+        """Write the pending changes (as ``take``) through the table's own ``__setitem__`` and
+        ``__delitem__``, each inside ``scope(partition)``; returns how many keys were written or
         deleted."""
-        if partitions is None and keys is None:
-            batch, self.pending = self.pending, {}
-        else:
-            chosen = self.pending if keys is None else {k: None for k in keys if k in self.pending}
-            picked = [k for k in chosen if partitions is None or self.partition_of(k) in partitions]
-            batch = {k: self.pending.pop(k) for k in picked}
+        batch = self.take(partitions, keys)
         for key, value in batch.items():
             with scope(self.partition_of(key)):
                 if value is not None:
