@@ -81,4 +81,4 @@ class DirectChangelog:
                 store.set_persisted_offset(tp, done.result().offset + n - 1)
 
         fut.add_done_callback(persisted)
-        self.deliveries.add(fut, topic)
+        self.deliveries.add(fut, topic, n)

@@ -36,18 +36,23 @@ class Deliveries:
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self._pending: list[tuple[Awaitable[Any], str | None]] = []
+        self._records = 0
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def add(self, fut: Awaitable[Any], topic: str | None = None) -> None:
+    def add(self, fut: Awaitable[Any], topic: str | None = None, records: int = 1) -> None:
         """``topic`` names the record's topic in a timeout's report: aiokafka's futures do not
-        carry it (faust's ``FutureMessage`` does)."""
+        carry it (faust's ``FutureMessage`` does). ``records``: how many records the future
+        stands for (a record batch's future stands for all of its records)."""
         self._pending.append((fut, topic))
+        self._records += records
 
     async def confirm(self) -> int:
-        """Wait for every pending record's acknowledgement; returns how many were confirmed."""
+        """Wait for every pending record's acknowledgement; returns how many records were
+        confirmed."""
         pending, self._pending = self._pending, []
+        records, self._records = self._records, 0
         if not pending:
             return 0
         futs = [f for f, _ in pending]
@@ -64,7 +69,7 @@ class Deliveries:
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             raise DeliveryFailed(f"{len(failed)} of {len(pending)} records not delivered: {failed[0]!r}")
-        return len(pending)
+        return records
 
 
 def _acknowledged(fut: Awaitable[Any]) -> bool:

@@ -48,16 +48,18 @@ class Publisher:
                     sorted(cluster.available_partitions_for_topic(topic)),
                 )
             parts.setdefault((topic, partitioner(key, *where)), []).append(rec)
-        n = 0
+        total = 0
         for (topic, partition), recs in parts.items():
-            batch = producer.create_batch()
+            batch, n = producer.create_batch(), 0
             for _, key, value, headers, ts in recs:
                 stamp = int(ts * 1000) if ts else None
                 if batch.append(key=key, value=value, timestamp=stamp, headers=headers or []) is None:
-                    self.deliveries.add(await producer.send_batch(batch, topic, partition=partition), topic)
-                    batch = producer.create_batch()
+                    sent = await producer.send_batch(batch, topic, partition=partition)
+                    self.deliveries.add(sent, topic, n)
+                    batch, n = producer.create_batch(), 0
                     if batch.append(key=key, value=value, timestamp=stamp, headers=headers or []) is None:
                         raise ValueError(f"a {topic} record of {len(value)} bytes fits in no batch")
                 n += 1
-            self.deliveries.add(await producer.send_batch(batch, topic, partition=partition), topic)
-        return n
+            self.deliveries.add(await producer.send_batch(batch, topic, partition=partition), topic, n)
+            total += len(recs)
+        return total

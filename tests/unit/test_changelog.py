@@ -106,7 +106,7 @@ def test_the_persisted_offset_moves_to_the_last_record_once_acknowledged() -> No
         assert store.persisted == {}  # nothing acknowledged yet
         for i, (_, _, _records, fut) in enumerate(producer.sent):
             fut.set_result(SimpleNamespace(offset=100 + 2 * i))
-        await deliveries.confirm()
+        assert await deliveries.confirm() == 5  # records, not batches
         return store.persisted
 
     assert asyncio.run(main()) == {4: 104}  # the last batch: base offset 104, one record

@@ -62,7 +62,7 @@ def test_one_batch_per_partition_in_order_on_the_keys_partition() -> None:
 
     async def main() -> int:
         n = await Publisher(lambda: producer, deliveries).publish(records)
-        await deliveries.confirm()
+        assert await deliveries.confirm() == 21  # records, not batches
         return n
 
     assert asyncio.run(main()) == 21
@@ -84,6 +84,11 @@ def test_a_full_batch_is_sent_and_the_rest_follows_in_order() -> None:
     producer = Producer(room=2)
     deliveries = Deliveries(5.0)
     records: list[Record] = [("recs", b"same-user", b"%d" % i, None, None) for i in range(5)]
-    asyncio.run(Publisher(lambda: producer, deliveries).publish(records))
+
+    async def main() -> int:
+        await Publisher(lambda: producer, deliveries).publish(records)
+        assert len(deliveries) == 3
+        return await deliveries.confirm()
+
+    assert asyncio.run(main()) == 5  # the records the three futures stand for
     assert [[v for _, v, _, _ in r] for _, _, r in producer.sent] == [[b"0", b"1"], [b"2", b"3"], [b"4"]]
-    assert len(deliveries) == 3
