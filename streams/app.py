@@ -185,8 +185,8 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         checkpoint=lambda: checkpoint(),  # defined below, with the tables and the lock it takes
     )
     install_producer(app)  # its metadata is never narrowed to the topics sent to (streams.producer)
-    # faust warns and stalls when more than 100 changelog writes wait to be sent; one event
-    # writes up to covisit_window + 2 of them, so give the buffer room for a poll's worth.
+    # faust's buffer of table writes sent through faust (``ConfirmedTable``): the worker's own
+    # checkpoints bypass it (``streams.changelog``); room for a poll's worth should anything use it
     app.producer.buffer.max_messages = 10_000
     decoder = EventDecoder.from_settings(settings)
     # behaviour events and the requests about a user (erasure, consent) take the same by-user hop,
@@ -211,10 +211,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
     budget = table(ItemTable, "budget", "Discount spend per partition and event-time day.")
     # batches and timers change the tables through write-back views; each commit writes the
     # changed keys once and waits for them before it commits offsets (``streams.writeback``)
-    users_wb = WriteBack(users, lambda k: user_partition(k, settings.partitions))
-    items_wb = WriteBack(items, partition_of_key)
-    budget_wb = WriteBack(budget, partition_of_key)
-    write_backs = (users_wb, items_wb, budget_wb)
+    users_wb, items_wb, budget_wb = (WriteBack(t, t.partition_for_key) for t in (users, items, budget))
     changelogs = [
         (wb, DirectChangelog(t, app.producer._ensure_producer, deliveries))
         for wb, t in ((users_wb, users), (items_wb, items), (budget_wb, budget))
@@ -411,7 +408,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
                     expiry.touch(m.partition, m.key, now_ms)
             for p, key in erased:
                 expiry.forget(p, key)
-            if sum(len(wb.pending) for wb in write_backs) >= settings.checkpoint_max_keys:
+            if sum(len(wb.pending) for wb, _ in changelogs) >= settings.checkpoint_max_keys:
                 await write_pending()  # early: bounds the memory; always safe (streams.writeback)
             await confirm()
             if settings.promotions:  # carts that came due in the event time this batch moved past
