@@ -60,7 +60,7 @@ def build_split(spec: str, datasets_dir: Path, max_len: int) -> Split:
     if spec in DATASETS or spec == "rees46-demo":
         seqs = sequences_from_events(load(spec, datasets_dir))
         bounds = split_bounds(spec, [t for s in seqs for t in s.times])
-        return time_split(seqs, *bounds, max_len, 1800.0, spec, min_count=1)
+        return time_split(seqs, *bounds, max_len, 1800.0, spec)
     path = Path(spec)
     if path.is_file():
         return leave_one_out(read_seqrec(path), max_len, path.stem)
@@ -83,7 +83,7 @@ def archive_split(spec: str, max_len: int) -> Split:
     days = calendar_day_bounds(times, archive.tz)
     if days is not None:
         return time_split(seqs, *days, max_len, HORIZON_S, str(archive))
-    return time_split(seqs, *split_bounds(str(archive), times), max_len, 1800.0, str(archive), min_count=1)
+    return time_split(seqs, *split_bounds(str(archive), times), max_len, 1800.0, str(archive))
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

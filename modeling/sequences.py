@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +67,11 @@ class Vocab:
 
     def decode(self, idx: int) -> str | None:
         return self.items[idx - 2] if idx >= 2 else None
+
+    def known(self, items: Container[str]) -> Vocab:
+        """The same ids for ``items`` and UNK for every other item: the vocabulary as it stood at an
+        earlier time (to encode the cases of a period that began before the rest was seen)."""
+        return Vocab(self.items, {k: v for k, v in self.index.items() if k in items})
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps({"pad": PAD, "unk": UNK, "items": self.items}))
@@ -455,9 +460,25 @@ def time_split(
     max_len: int,
     horizon_s: float,
     name: str = "",
-    min_count: int = 2,
+    min_count: int = 1,
 ) -> Split:
-    """Event-log protocol: train before valid_start, validate until test_start, test until test_end."""
+    """Event-log protocol: train before valid_start, validate until test_start, test until test_end.
+
+    The vocabulary (and the items' static features) is every item seen before test_start, the
+    validation period included: a deployed model knows every item of its history, and a user's own
+    recent items are what an event log's next event most often returns to (Taobao: 28 % of test
+    targets are in the user's history). An item first seen in validation has no trained embedding
+    of its own, but its category features and the repeat bonus score it; with the training period's
+    items only (and those seen twice, as before), 87 % of Taobao's test targets were UNK and only
+    7 % were a known item of the user's own history, against 18 % now. No label crosses: the
+    validation period's items are known at the start of the test period. Validation cases are
+    encoded with the items seen before valid_start only, as test cases are with those seen before
+    test_start: an item first seen inside a period is UNK to that period's cases, in history and as
+    a target, as a new item is to a deployed model until it is retrained. Encoded with the whole
+    vocabulary, the validation day's repeats of its own new items all became rankable (Taobao
+    validation NDCG@10 0.122 against 0.066 on test), which picks epochs and the ranking weight of
+    the repeat bonus for a problem easier than the one served.
+    """
 
     def first_at(s: UserSeq, t: float) -> int:
         return next((j for j, x in enumerate(s.times) if x >= t), len(s.times))
@@ -466,7 +487,7 @@ def time_split(
     train_bounds = [first_at(s, valid_start) for s in seqs]
     test_bounds = [first_at(s, test_start) for s in seqs]
     # event logs have long tails of items seen once: they share UNK, which keeps the softmax affordable
-    vocab = Vocab.build((s.items[:b] for s, b in zip(seqs, train_bounds, strict=True)), min_count)
+    vocab = Vocab.build((s.items[:b] for s, b in zip(seqs, test_bounds, strict=True)), min_count)
     histories = [[vocab.encode(i) for i in s.items[:b]] for s, b in zip(seqs, train_bounds, strict=True)]
     bounds = {"valid_start": valid_start, "test_start": test_start, "test_end": test_end}
     test_ranges = [(b, first_at(s, test_end)) for s, b in zip(seqs, test_bounds, strict=True)]
@@ -483,7 +504,7 @@ def time_split(
         valid=_cases(
             seqs,
             list(zip(train_bounds, test_bounds, strict=True)),
-            vocab,
+            vocab.known({i for s, b in zip(seqs, train_bounds, strict=True) for i in s.items[:b]}),
             max_len,
             horizon_s,
             test_bounds,
@@ -493,7 +514,7 @@ def time_split(
         train_histories=histories,
         name=name,
         horizon_s=horizon_s,
-        item_feats=item_features(seqs, train_bounds, vocab) if has_features(seqs) else None,
+        item_feats=item_features(seqs, test_bounds, vocab) if has_features(seqs) else None,
         bounds=bounds,
         daily=_daily(seqs, vocab, max_len, bounds),
         test_with=test_with,

@@ -65,7 +65,7 @@ def test_an_archive_of_taobao_users_splits_by_beijing_days_as_taobao_users(
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
 
     def record(*args: Any, **kwargs: Any) -> Any:
-        calls.append((args, {"min_count": 2, **kwargs}))
+        calls.append((args, {"min_count": 1, **kwargs}))
         return None
 
     monkeypatch.setattr(cli, "time_split", record)

@@ -83,7 +83,16 @@ def test_event_sequences_use_the_worker_tokens_and_split_by_time() -> None:
     assert list(longer.test.bought) == [1]
     assert split.train_cases is not None and len(split.train_cases) == 1  # 100 -> 101
     assert list(split.train_cases.bought) == [CENSORED]  # the purchase is after the training period
-    assert len(time_split(seqs, 1511658002, 1511658003, 1511658200, 8, 3600).vocab) == 2  # min_count 2
+    # the vocabulary is every item seen before the test period, once is enough: 101 is first seen
+    # in validation here (with its category feature), 200 only in the test period
+    early = time_split(seqs, 1511658001, 1511658003, 1511658200, 8, 3600)
+    assert early.vocab.items == ["100", "101"]
+    assert early.item_feats is not None and early.item_feats[early.vocab.encode("101")].any()
+    assert early.train_cases is not None and len(early.train_cases) == 0  # one training token
+    # a period's cases know the items seen before it began: 101 is new to the validation cases (as
+    # history and as target) and known to the test case that buys it
+    assert list(early.valid.targets) == [UNK, UNK] and early.valid.items[-1, -1] == UNK
+    assert list(early.test.targets) == [early.vocab.encode("101")] == [UNK + 2]
 
 
 def test_window_features_of_training_cases_equal_the_workers(data_dir: Path) -> None:
