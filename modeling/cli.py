@@ -16,8 +16,8 @@ Data specs (``--data``):
 - ``archive:DIR[?since=ISO&until=ISO&tz=ZONE]``: an event archive (``shopstream archive``, any
   fsspec URL), read deduped with erasures applied (``streams.archive_read``). Time split by calendar
   days in ``tz``: the last day tests, the day before validates, the rest trains, propensity over
-  6 hours, items seen twice (as ``taobao-users``); an archive covering fewer than three days splits
-  at the quantiles of the other event logs, with their 30-minute horizon.
+  6 hours (as ``taobao-users``); an archive covering fewer than three days splits at the quantiles
+  of the other event logs, with their 30-minute horizon.
 """
 
 from __future__ import annotations

@@ -486,7 +486,8 @@ def time_split(
     seqs = [s for s in seqs if s.items]
     train_bounds = [first_at(s, valid_start) for s in seqs]
     test_bounds = [first_at(s, test_start) for s in seqs]
-    # event logs have long tails of items seen once: they share UNK, which keeps the softmax affordable
+    # min_count > 1 would let the long tail of items seen once share UNK (a cheaper softmax); the
+    # default keeps them, since a user's own recent items are often seen once
     vocab = Vocab.build((s.items[:b] for s, b in zip(seqs, test_bounds, strict=True)), min_count)
     histories = [[vocab.encode(i) for i in s.items[:b]] for s, b in zip(seqs, train_bounds, strict=True)]
     bounds = {"valid_start": valid_start, "test_start": test_start, "test_end": test_end}
