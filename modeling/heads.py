@@ -15,9 +15,11 @@ propensity thresholds for the promotion policy and the split's time bounds).
   exclusions: the likelihood spreads probability over the whole catalogue, while the top ten are
   mostly a question of own items against the catalogue's best, where a larger weight wins (Taobao
   validation: NDCG@10 0.0462 at weight 1, 0.0502 at 4).
-- ``fit_propensity``: the propensity branch (``modeling.model.PropensityBranch``) trained on the
-  training period's cases, the epoch chosen by validation ROC-AUC; Platt scaling follows
-  (``modeling.train.calibrate_propensity``).
+- ``fit_propensity``: the propensity branch (``modeling.model.PropensityBranch``) set to the
+  logistic regression of ``modeling.propensity`` (fitted on the training period, its strength
+  chosen on validation), then its residual (token kinds and gaps, the MLP over the features)
+  trained on the training period's cases with the regression frozen, the epoch (0: none)
+  chosen by validation ROC-AUC; Platt scaling follows (``modeling.train.calibrate_propensity``).
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ import torch
 from torch.nn import functional as F
 
 from modeling.metrics import batches, ranking_metrics, ranks_from_scores
-from modeling.model import UNK, BehaviourModel
-from modeling.propensity import roc_auc
+from modeling.model import UNK, BehaviourModel, PropensityBranch
+from modeling.propensity import LogisticPropensity, roc_auc
 from modeling.sequences import Cases, Split
 from modeling.train import TrainConfig, as_tensor, propensity_scores, token_tensors, used_width
 
@@ -172,8 +174,9 @@ def choose_repeat_rank(
 def fit_propensity(
     model: BehaviourModel, split: Split, device: torch.device, tcfg: TrainConfig, progress: bool
 ) -> dict[str, Any]:
-    """Train the propensity branch on the training period; the epoch with the best validation
-    ROC-AUC is kept (module docstring)."""
+    """Train the propensity branch on the training period as logistic regression plus a learned
+    residual; the epoch with the best validation ROC-AUC is kept, epoch 0 (the regression alone)
+    included (module docstring)."""
     assert model.prop is not None and split.train_cases is not None
     train, valid = split.train_cases, split.valid
     assert train.context is not None and valid.context is not None
@@ -181,13 +184,16 @@ def fit_propensity(
     known = np.flatnonzero(train.bought >= 0)
     if len(np.unique(train.bought[known])) < 2:  # nothing to learn: the branch stays as initialised
         return {"fitted_on": "nothing", "note": "no training cases of both kinds", "epoch": 0}
-    ctx = train.context[known]
-    with torch.no_grad():
-        branch.ctx_mean.copy_(torch.from_numpy(ctx.mean(axis=0)))
-        branch.ctx_std.copy_(torch.from_numpy(ctx.std(axis=0) + 1e-3))
+    regression = start_from_regression(branch, train, valid)
     vy = valid.bought
-    opt = torch.optim.AdamW(branch.parameters(), lr=3e-3, weight_decay=1e-2)
+    residual = [p for name, p in branch.named_parameters() if not name.startswith("linear.")]
+    opt = torch.optim.AdamW(residual, lr=3e-3, weight_decay=1e-2)
     best, best_epoch, best_state = -1.0, 0, copy.deepcopy(branch.state_dict())
+    if len(np.unique(vy[vy >= 0])) == 2:
+        p = propensity_scores(model, valid, device)
+        best = roc_auc(vy[vy >= 0], p[vy >= 0])
+        if progress:
+            print(f"propensity epoch  0 (logistic regression) valid ROC-AUC {best:.4f}", flush=True)
     rng = np.random.default_rng(tcfg.seed)
     labels = as_tensor(train.bought.astype(np.float32), device)
     for epoch in range(1, tcfg.propensity_epochs + 1):
@@ -219,8 +225,41 @@ def fit_propensity(
             break
     branch.load_state_dict(best_state)
     branch.eval()
+    for param in branch.linear.parameters():
+        param.requires_grad_(True)
     chosen = "validation ROC-AUC" if best >= 0 else "fixed epochs (no validation labels of both kinds)"
-    return {"fitted_on": "training period", "chosen_on": chosen, "epoch": best_epoch, "valid_ROC-AUC": best}
+    return {
+        "fitted_on": "training period",
+        "chosen_on": chosen,
+        "epoch": best_epoch,
+        "valid_ROC-AUC": best,
+        "regression": regression,
+    }
+
+
+def start_from_regression(branch: PropensityBranch, train: Cases, valid: Cases) -> dict[str, float]:
+    """Set the branch to the logistic regression of ``modeling.propensity`` (its standardisation,
+    weights and strength chosen on validation) with a residual of zero, and freeze that part.
+
+    Trained from scratch, the branch's epoch is chosen on one validation day, where it overfits:
+    replayed on four test days (``bench/propensity_backtest.py``), it scored 0.025 ROC-AUC below the
+    regression on average, below it on three of the four. Started from the regression, training
+    only adds what the token kinds, gaps and feature interactions explain beyond it, and epoch 0
+    is the regression itself."""
+    regression = LogisticPropensity().fit(train, valid)
+    scaler, logistic = regression.model[0], regression.model[-1]
+    with torch.no_grad():
+        branch.ctx_mean.copy_(torch.from_numpy(scaler.mean_))
+        branch.ctx_std.copy_(torch.from_numpy(scaler.scale_))
+        branch.linear.weight.copy_(torch.from_numpy(logistic.coef_))
+        branch.linear.bias.copy_(torch.from_numpy(logistic.intercept_))
+        last = branch.mlp[-1]
+        assert isinstance(last, torch.nn.Linear)
+        last.weight.zero_()
+        last.bias.zero_()
+    for param in branch.linear.parameters():
+        param.requires_grad_(False)
+    return regression.chosen
 
 
 def write_calibration(

@@ -109,3 +109,45 @@ def test_calibration_to_a_prior_keeps_the_ranking_and_sets_the_mean() -> None:
     assert abs(float(p.mean()) - 0.25) < 1e-4  # the mean calibrated score is the prior
     assert abs(float(plain.mean()) - cases.bought.mean()) < 0.02  # Platt alone matches the valid rate
     assert roc_auc(cases.bought, p) == roc_auc(cases.bought, plain)
+
+
+def propensity_cases(rng: np.random.Generator, n: int, weights: np.ndarray) -> Cases:
+    """Cases whose purchase label follows a logistic model of their window features."""
+    context = rng.normal(size=(n, len(weights))).astype(np.float32) * 2 + 1
+    bought = (rng.random(n) < 1 / (1 + np.exp(-(context @ weights - 1)))).astype(np.int64)
+    items = np.tile(np.array([0, 0, 2, 3, 2, 3]), (n, 1))
+    cases = cases_of(items.tolist(), [2] * n)
+    cases.bought, cases.context = bought, context
+    return cases
+
+
+def test_the_propensity_branch_starts_as_the_logistic_regression_and_keeps_it() -> None:
+    from modeling.heads import fit_propensity, start_from_regression
+    from modeling.propensity import LogisticPropensity
+    from modeling.sequences import Split, Vocab
+    from modeling.train import TrainConfig, _propensity
+    from streams.features import N_CONTEXT
+
+    rng = np.random.default_rng(3)
+    weights = rng.normal(size=N_CONTEXT) * 0.3
+    train, valid = propensity_cases(rng, 600, weights), propensity_cases(rng, 300, weights)
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_items=4, d_model=8, n_layers=1, n_heads=1, max_len=6, n_context=N_CONTEXT)
+    model = BehaviourModel(cfg)
+    assert model.prop is not None
+    chosen = start_from_regression(model.prop, train, valid)
+    regression = LogisticPropensity().fit(train, valid)
+    assert chosen == regression.chosen
+    assert valid.context is not None
+    expected = regression.model.decision_function(valid.context.astype(np.float64))
+    with torch.no_grad():
+        logits = _propensity(model.eval(), valid, slice(None), CPU, calibrated=False).numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)  # epoch 0 is the regression
+
+    # training moves the residual only: the regression's weights are those of the fit above
+    split = Split(Vocab.build([]), train, valid, valid, [], train_cases=train)
+    fitted = fit_propensity(model, split, CPU, TrainConfig(propensity_epochs=3, propensity_patience=3), False)
+    assert fitted["regression"] == regression.chosen and 0 <= fitted["epoch"] <= 3
+    coef = regression.model[-1].coef_[0]
+    np.testing.assert_allclose(model.prop.linear.weight.detach().numpy()[0], coef, rtol=1e-5, atol=1e-6)
+    assert all(p.requires_grad for p in model.prop.parameters())  # nothing is left frozen
