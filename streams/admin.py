@@ -38,6 +38,7 @@ def all_topics(settings: Settings) -> list[str]:
         settings.topic_events_by_user,
         settings.topic_recommendations,
         settings.topic_promotions,
+        settings.topic_promotion_outcomes,
         settings.topic_deadletter,
     ]
 

@@ -122,6 +122,7 @@ def cmd_tail(settings: Settings, args: argparse.Namespace) -> int:
     topic = {
         "recommendations": settings.topic_recommendations,
         "promotions": settings.topic_promotions,
+        "outcomes": settings.topic_promotion_outcomes,
         "deadletter": settings.topic_deadletter,
     }.get(args.topic, args.topic)
     asyncio.run(
@@ -352,7 +353,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--keep-time", action="store_true", help="keep original event times")
     r.set_defaults(func=cmd_replay)
     t = sub.add_parser("tail", help="print output records")
-    t.add_argument("--topic", default="recommendations", help="recommendations, promotions, deadletter")
+    t.add_argument(
+        "--topic", default="recommendations", help="recommendations, promotions, outcomes, deadletter"
+    )
     t.add_argument("--limit", type=int, default=None)
     t.add_argument("--from-beginning", action="store_true")
     t.add_argument("--timeout", type=float, default=None, help="stop after this many idle seconds")

@@ -102,6 +102,28 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        # attribution (streams.attribution): per kind, offer and holdout, so conversion rates and
+        # revenue per promotion of treated and holdout users (the incremental lift) are PromQL ratios
+        self.outcomes = Counter(
+            "shopstream_promotion_outcomes_total",
+            "Promotion outcomes published, by kind, offer, holdout and converted (an order within the "
+            "attribution window); closed early for capacity are counted apart (closed_by).",
+            ["kind", "offer", "holdout", "converted", "closed_by"],
+            registry=registry,
+        )
+        self.outcome_revenue = Counter(
+            "shopstream_promotion_revenue_total",
+            "Revenue of converted promotions, by kind, offer and holdout: scope=items (the promoted items' "
+            "order lines) or order (the whole order), in the orders' currency units.",
+            ["kind", "offer", "holdout", "scope"],
+            registry=registry,
+        )
+        self.outcome_discount = Counter(
+            "shopstream_promotion_discount_cost_total",
+            "Discount cost of converted, sent percent_off promotions, by kind and offer.",
+            ["kind", "offer"],
+            registry=registry,
+        )
         self.promotions_resent = Counter(
             "shopstream_promotions_resent_total",
             "Promotions sent again, with their ids, because the event that decided them was redelivered.",

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, MutableMapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,7 +29,7 @@ import orjson
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from streams import baseline
+from streams import attribution, baseline
 from streams.baseline import CovisitBaseline
 from streams.decode import AnyEvent, AnyInput, ControlEvent, rejection
 from streams.errors import RejectedInput, RejectReason
@@ -72,6 +72,7 @@ class _Ctx:
     use_model: bool  # the model recommends for this event (it knows the items involved)
     score: bool  # the model scores this user: where it recommends, and for the propensity alone
     due: list[Decision]  # timers of this user that came due before this event (in event time)
+    closed: list[dict[str, Any]]  # outcomes of attribution windows that ended before this event
 
 
 @dataclass
@@ -201,7 +202,8 @@ class Pipeline:
     def _fold(self, i: int, msg: Message, ev: AnyEvent, wall: float) -> _Ctx:
         state = self._state(msg.key)
         recent = state.recent_items(self.s.covisit_window)
-        due = self._due_before(state, ev, msg, wall) if ev.event_id not in state.recent_ids else []
+        fresh = ev.event_id not in state.recent_ids
+        due, closed = self._due_before(state, ev, msg, wall) if fresh else ([], [])
         tokens = state.apply(ev, int(wall * 1000), self.s.sequence_length, window_s=self.s.reorder_window_s)
         if tokens is None:
             self.metrics.duplicates.inc()
@@ -226,34 +228,62 @@ class Pipeline:
         score = use_model or (model is not None and model.with_context and bool(state.seq))
         horizon = ev.event_time.timestamp() - self.s.exclude_bought_s
         exclude = set(state.cart) | {i for i, t in state.bought.items() if t >= horizon} | touched
-        return _Ctx(i, msg, ev, state, recent, tokens is not None, exclude, use_model, score, due)
+        return _Ctx(i, msg, ev, state, recent, tokens is not None, exclude, use_model, score, due, closed)
 
-    def _due_before(self, state: UserState, ev: AnyEvent, msg: Message, wall: float) -> list[Decision]:
-        """The user's cart (or deferred) timer that came due before this event's time fires
-        first, as it would have live: whether a cart was abandoned depends on the user's own
-        event times, not on how events were batched or when the timer task ran."""
+    def _due_before(
+        self, state: UserState, ev: AnyEvent, msg: Message, wall: float
+    ) -> tuple[list[Decision], list[dict[str, Any]]]:
+        """The user's cart (or deferred) timer and attribution windows that came due before this
+        event's time fire first, as they would have live: whether a cart was abandoned or a
+        promotion converted depends on the user's own event times, not on how events were batched
+        or when the timer task ran."""
         if not self.s.promotions:
-            return []
+            return [], []
         t = self.timers.cap(ev.event_time.timestamp(), wall)  # a future-dated event fires nothing early
         cart = state.promo.get("cart")
-        at = [d["at"] for d in state.promo.get(DEFERRED, ()) if d["at"] <= t]
+        cart_at = None
         if cart and state.promo.get("done") != cart[1] and cart[0] + self.s.cart_abandon_after_s <= t:
-            at.append(cart[0] + self.s.cart_abandon_after_s)
-        return self._timers_due(state, msg.key, msg.partition, min(at), t) if at else []
+            cart_at = cart[0] + self.s.cart_abandon_after_s
+        deferred = any(d["at"] <= t for d in state.promo.get(DEFERRED, ()))
+        end = attribution.next_end(state)
+        if cart_at is None and not deferred and (end is None or end > t):
+            return [], []
+        return self._timers_due(state, msg.key, msg.partition, cart_at, t)
 
-    def _timers_due(self, state: UserState, key: bytes, p: int, cart_at: float, now: float) -> list[Decision]:
-        """Decide the user's cart timer (as of ``cart_at``) and the triggers deferred to ``now``;
-        a decision deferred again (quiet hours) gets its timer."""
+    def _timers_due(
+        self, state: UserState, key: bytes, p: int, cart_at: float | None, now: float
+    ) -> tuple[list[Decision], list[dict[str, Any]]]:
+        """Decide the user's cart timer (as of ``cart_at``; None: not due) and the triggers
+        deferred to ``now``, then close the attribution windows that ended by ``now``; a decision
+        deferred again (quiet hours) and the next window end get their timers."""
         model = self.models.current
         version = model.version if model is not None else VERSION_RULES
         user = key.decode()
-        cart = self.policy.on_cart_due(state, user, cart_at, p, version)
+        cart = self.policy.on_cart_due(state, user, cart_at, p, version) if cart_at is not None else None
         decisions = [cart] if cart is not None else []
         decisions += self.policy.on_deferred_due(state, user, now, p, version)
         for d in decisions:
             if d.retry_at is not None:
                 self.timers.schedule(p, key, d.retry_at)
-        return decisions
+        closed = self._open_windows(state, key, p, decisions)
+        closed += attribution.settle(state, user, now)
+        end = attribution.next_end(state)
+        if closed and end is not None:
+            self.timers.schedule(p, key, end)
+        return decisions, closed
+
+    def _open_windows(
+        self, state: UserState, key: bytes, p: int, decisions: list[Decision]
+    ) -> list[dict[str, Any]]:
+        """Open the attribution window of every promotion decided (sent or holdout), with its
+        timer; returns the outcomes of windows closed early to make room."""
+        evicted: list[dict[str, Any]] = []
+        for d in decisions:
+            if d.record is not None and d.t is not None:
+                window = self.s.attribution_window_s
+                evicted += attribution.open_window(state, key.decode(), d.record, d.t, window)
+                self.timers.schedule(p, key, d.t + window)
+        return evicted
 
     def _flush(self, segment: list[_Ctx], result: Result, wall: float) -> None:
         if not segment:
@@ -308,19 +338,31 @@ class Pipeline:
         }
         result.outputs.append(Output(self.s.topic_recommendations, key, orjson.dumps(rec)))
         self.metrics.recommendations.labels(source).inc()
-        if not c.folded and self.s.promotions and not opted_out(c.state):
-            # A redelivered event: its promotions were decided when it was first folded, but
-            # whether they reached the broker is unknown (its offset was not committed). Send
-            # them again from the outbox, with the same ids (not to a user who opted out since).
+        if not c.folded and self.s.promotions:
+            # A redelivered event: its promotions and outcomes were decided when it was first
+            # folded, but whether they reached the broker is unknown (its offset was not
+            # committed). Send them again from the outbox, with the same ids (promotions not to a
+            # user who opted out since; an outcome is no contact).
+            quiet = opted_out(c.state)
             for entry in c.state.promo.get(OUTBOX, ()):
-                if entry["by"] == c.event.event_id:
+                if entry["by"] != c.event.event_id:
+                    continue
+                if entry.get("outcome"):
+                    value = orjson.dumps(entry["record"])
+                    result.outputs.append(Output(self.s.topic_promotion_outcomes, key, value))
+                elif not quiet:
                     result.outputs.append(Output(self.s.topic_promotions, key, orjson.dumps(entry["record"])))
                     self.metrics.promotions_resent.inc()
-        if c.folded and c.due:
+        if c.folded and (c.due or c.closed):
             self.emit(c.due, key, result.outputs)
-            keep_in_outbox(c.state, c.event.event_id, c.due)
+            self.emit_outcomes(c.closed, key, result.outputs)
+            keep_in_outbox(c.state, c.event.event_id, c.due, c.closed)
         if c.folded:
             if self.s.promotions:
+                # an order converts the windows open at its time, before this event's own
+                # promotions open theirs
+                won = attribution.on_order(c.state, c.event) if isinstance(c.event, OrderEvent) else []
+                self.emit_outcomes(won, key, result.outputs)
                 decisions = self.policy.on_event(
                     c.state,
                     c.event,
@@ -332,7 +374,9 @@ class Pipeline:
                     thresholds=model.thresholds if model is not None and pred else None,
                 )
                 self.emit(decisions, key, result.outputs)
-                keep_in_outbox(c.state, c.event.event_id, decisions)
+                evicted = self._open_windows(c.state, key, partition, decisions)
+                self.emit_outcomes(evicted, key, result.outputs)
+                keep_in_outbox(c.state, c.event.event_id, decisions, won + evicted)
                 if isinstance(c.event, CartEvent) or any(d.retry_at is not None for d in decisions):
                     self.timers.track(partition, key, c.state)
             self._dirty[key] = (partition, c.state)
@@ -347,6 +391,18 @@ class Pipeline:
                 self.metrics.promotions.labels(d.record["kind"], str(d.record["holdout"]).lower()).inc()
             elif d.suppressed:
                 self.metrics.promotions_suppressed.labels(d.suppressed).inc()
+
+    def emit_outcomes(self, outcomes: list[dict[str, Any]], key: bytes, outputs: list[Output]) -> None:
+        for o in outcomes:
+            outputs.append(Output(self.s.topic_promotion_outcomes, key, orjson.dumps(o)))
+            kind, offer, holdout = o["kind"], attribution.offer_label(o["offer"]), str(o["holdout"]).lower()
+            converted = str(o["converted"]).lower()
+            self.metrics.outcomes.labels(kind, offer, holdout, converted, o["closed_by"]).inc()
+            if o["converted"]:
+                self.metrics.outcome_revenue.labels(kind, offer, holdout, "items").inc(o["revenue_items"])
+                self.metrics.outcome_revenue.labels(kind, offer, holdout, "order").inc(o["revenue_order"])
+                if o["discount_cost"]:
+                    self.metrics.outcome_discount.labels(kind, offer).inc(o["discount_cost"])
 
     # --- cart timers ----------------------------------------------------------------------------
     def due(self, partitions: set[int], wall: float) -> tuple[list[Output], list[Changed]]:
@@ -367,10 +423,11 @@ class Pipeline:
                     if not raw:
                         continue  # expired meanwhile
                     state = UserState.loads(raw)
-                    decisions = self._timers_due(state, key, p, now, now)
-                    if not decisions:
+                    decisions, closed = self._timers_due(state, key, p, now, now)
+                    if not decisions and not closed:
                         continue
                     self.emit(decisions, key, outputs)
+                    self.emit_outcomes(closed, key, outputs)
                     changed.append((p, key, state))
         return outputs, changed
 
@@ -403,15 +460,26 @@ OUTBOX = "outbox"
 KEEP_OUTBOX = 4  # event-driven promotion records kept per user for re-sending on redelivery
 
 
-def keep_in_outbox(state: UserState, event_id: str, decisions: list[Decision]) -> None:
-    """Remember the promotions an event decided, until that event can no longer be redelivered
-    unnoticed (it left the user's window of recent event ids)."""
-    new = [{"by": event_id, "record": d.record} for d in decisions if d.record is not None]
+def keep_in_outbox(
+    state: UserState,
+    event_id: str,
+    decisions: list[Decision],
+    outcomes: Sequence[dict[str, Any]] = (),
+) -> None:
+    """Remember the promotions and outcomes an event decided, until that event can no longer be
+    redelivered unnoticed (it left the user's window of recent event ids). Every entry of the
+    newest event is kept (an order can close several windows), older events' up to ``KEEP_OUTBOX``
+    entries in all."""
+    new: list[dict[str, Any]] = [{"by": event_id, "record": d.record} for d in decisions if d.record]
+    new += [{"by": event_id, "record": o, "outcome": True} for o in outcomes]
     box = state.promo.get(OUTBOX, [])
     if not new and not box:
         return
     recent = set(state.recent_ids)
-    box = [e for e in [*box, *new] if e["by"] in recent][-KEEP_OUTBOX:]
+    mine = [e for e in [*box, *new] if e["by"] == event_id]
+    older = [e for e in box if e["by"] != event_id and e["by"] in recent]
+    room = max(0, KEEP_OUTBOX - len(mine))
+    box = older[len(older) - room :] + mine if room else mine
     if box:
         state.promo[OUTBOX] = box
     else:

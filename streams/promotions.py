@@ -50,6 +50,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
+from streams.attribution import next_end
 from streams.records import CartEvent, ConsentEvent, ReviewEvent, ViewEvent
 from streams.settings import Settings
 from streams.state import TokenKind, UserState, word_pieces
@@ -139,6 +140,7 @@ class Decision:
     record: dict[str, Any] | None
     suppressed: str | None = None  # opt_out, order, frequency_cap, quiet_hours, duplicate
     retry_at: float | None = None  # cart abandonment or review recovery deferred by quiet hours
+    t: float | None = None  # event time of the decision (a record's attribution window starts here)
 
 
 @dataclass
@@ -365,7 +367,7 @@ class Policy:
             "expires_at": created + timedelta(seconds=self.s.promotion_ttl_s),
             "model_version": model_version,
         }
-        return Decision(record)
+        return Decision(record, t=trig.t)
 
     def _discount(self, sensitivity: float) -> dict[str, Any]:
         """A percent-off offer sized by price sensitivity (5 % up to ``max_discount_percent``)."""
@@ -462,13 +464,16 @@ class CartTimers:
         heapq.heappush(self.heaps.setdefault(partition, []), _Due(at, key))
 
     def track(self, partition: int, key: bytes, state: UserState) -> None:
-        """Set the timers of a user whose cart changed or who has a trigger waiting for the end
-        of quiet hours (or seed them from stored state)."""
+        """Set the timers of a user whose cart changed, who has a trigger waiting for the end of
+        quiet hours or a promotion's attribution window open (or seed them from stored state)."""
         cart = state.promo.get("cart")
         if cart and state.promo.get("done") != cart[1]:
             self.schedule(partition, key, cart[0] + self.after_s)
         for d in state.promo.get(DEFERRED, ()):
             self.schedule(partition, key, d["at"])
+        end = next_end(state)
+        if end is not None:
+            self.schedule(partition, key, end)
 
     def due(self, partition: int, now: float) -> list[bytes]:
         heap = self.heaps.get(partition)

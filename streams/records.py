@@ -302,4 +302,39 @@ class Promotion(_Output):
     model_version: str
 
 
-OUTPUT_TYPES: dict[str, type[BaseModel]] = {"recommendation": Recommendation, "promotion": Promotion}
+class PromotionOutcome(_Output):
+    """What a promotion achieved (``shop.promotion-outcomes``): the user's first order within its
+    attribution window, or none; one record per promotion id (``streams.attribution``)."""
+
+    promotion_id: Id = Field(description="The promotion this outcome belongs to.")
+    kind: Literal[
+        "cart_abandonment", "browse_abandonment", "review_recovery", "high_intent", "price_sensitivity"
+    ]
+    offer: Offer = Field(description="The offer as decided (after the discount budget).")
+    holdout: bool = Field(description="True: the promotion was logged for the holdout group, not sent.")
+    promoted_at: datetime = Field(description="Event time of the decision; the window starts here.")
+    window_end: datetime = Field(description="End of the attribution window (event time).")
+    converted: bool = Field(description="An order of the user fell inside the window.")
+    order_id: Id | None = Field(description="The converting order, else null.")
+    order_event_id: Id | None = Field(description="Event id of the converting order, else null.")
+    converted_at: datetime | None = Field(description="Event time of the converting order, else null.")
+    revenue_items: float = Field(
+        ge=0, description="The order's lines of the promoted items (quantity x price)."
+    )
+    revenue_order: float = Field(ge=0, description="The whole order: its total, else the sum of its lines.")
+    discount_cost: float = Field(
+        ge=0, description="The offer's percent of revenue_items for a sent percent_off offer, else 0."
+    )
+    currency: Currency | None = Field(description="The order's currency, when it gave one.")
+    closed_by: Literal["order", "window", "capacity"] = Field(
+        description="order: converted; window: the window ended without an order; capacity: closed early "
+        "because the user had too many open windows (leave these out of reports)."
+    )
+    model_version: str = Field(description="The model version (or rules) that decided the promotion.")
+
+
+OUTPUT_TYPES: dict[str, type[BaseModel]] = {
+    "recommendation": Recommendation,
+    "promotion": Promotion,
+    "promotion-outcome": PromotionOutcome,
+}

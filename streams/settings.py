@@ -26,6 +26,7 @@ TOPIC_FIELDS = (
     "topic_reviews",
     "topic_recommendations",
     "topic_promotions",
+    "topic_promotion_outcomes",
     "topic_deadletter",
     "topic_events_by_user",
     "topic_erasures",
@@ -106,6 +107,10 @@ class Settings(BaseSettings):
     )
     topic_recommendations: str = Field("shop.recommendations", description="Output: recommendations.")
     topic_promotions: str = Field("shop.promotions", description="Output: promotion triggers.")
+    topic_promotion_outcomes: str = Field(
+        "shop.promotion-outcomes",
+        description="Output: what each promotion achieved (an order within its attribution window, or none).",
+    )
     topic_deadletter: str = Field("shop.deadletter", description="Output: rejected input, raw bytes.")
     topic_events_by_user: str = Field(
         "shopstream.events-by-user",
@@ -278,6 +283,12 @@ class Settings(BaseSettings):
     )
     promotion_ttl_s: float = Field(
         172800.0, gt=0, description="A promotion expires this long after creation."
+    )
+    attribution_window_s: float = Field(
+        259200.0,
+        gt=0,
+        description="Event time after a promotion (sent or holdout) within which the user's first order "
+        "is attributed to it; its outcome goes to topic_promotion_outcomes.",
     )
     event_clock_tolerance_s: float = Field(
         300.0,

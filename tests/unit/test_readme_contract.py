@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from streams.records import Promotion, Recommendation
+from streams.records import Promotion, PromotionOutcome, Recommendation
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -24,7 +24,12 @@ def listed_fields(topic: str) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    ("topic", "record"), [("shop.recommendations", Recommendation), ("shop.promotions", Promotion)]
+    ("topic", "record"),
+    [
+        ("shop.recommendations", Recommendation),
+        ("shop.promotions", Promotion),
+        ("shop.promotion-outcomes", PromotionOutcome),
+    ],
 )
 def test_readme_lists_every_output_field(topic: str, record: type[BaseModel]) -> None:
     assert listed_fields(topic) == set(record.model_fields)
