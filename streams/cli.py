@@ -12,6 +12,7 @@ shopstream consent USER_ID --marketing on|off publish a marketing consent change
 shopstream demo                               all of the above on the shipped REES46 sample
 shopstream schemas [--check]                  write or check the JSON Schema files
 shopstream evaluate-promotions DATASET        the promotion policy replayed offline, model vs rules
+shopstream uplift-report [--file F]           uplift of promotions against the holdout, from their outcomes
 shopstream retrain --data SPEC --model-dir DIR  a challenger, published if not worse than the served model
 shopstream archive [convert DATASET|compact]  archive valid events as Parquet; convert a data set; compact
 """
@@ -160,6 +161,18 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from streams.demo import run_demo
 
     return run_demo(settings, kafka_script=KAFKA_SCRIPT, events=args.events)
+
+
+def cmd_uplift_report(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.uplift import render, run
+
+    rep = run(settings, args.file, Path(args.out))
+    print(render(rep))
+    print(
+        f"wrote {Path(args.out) / 'uplift.json'}"
+        + (f" and {rep['plot']}" if rep["plot"] else " (no plot: matplotlib not installed)")
+    )
+    return 0
 
 
 def cmd_evaluate_promotions(settings: Settings, args: argparse.Namespace) -> int:
@@ -372,6 +385,14 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="local Kafka + worker + the REES46 sample replayed")
     d.add_argument("--events", type=int, default=3000, help="sample events to replay")
     d.set_defaults(func=cmd_demo)
+    up = sub.add_parser(
+        "uplift-report", help="uplift of promotions against the holdout group, from their outcome records"
+    )
+    up.add_argument(
+        "--file", help="a JSON-lines file of outcome records (default: read the outcomes topic to its end)"
+    )
+    up.add_argument("--out", default="var/uplift", help="folder for uplift.json and uplift.png")
+    up.set_defaults(func=cmd_uplift_report)
     pe = sub.add_parser(
         "evaluate-promotions", help="replay a data set through the promotion policy: model vs rule-only"
     )

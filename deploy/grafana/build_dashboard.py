@@ -18,6 +18,30 @@ OK = '{job=~"$job",outcome="ok"}'
 NOT_OK = '{job=~"$job",outcome!="ok"}'
 HOLDOUT = '{job=~"$job",holdout="true"}'
 CARTS = '{job=~"$job",kind="cart_abandonment"}'
+LIFT_RANGE = "[7d]"  # lift is read over days: the holdout group is small (5 % by default)
+OUTCOMES = "shopstream_promotion_outcomes_total"
+REVENUE = "shopstream_promotion_revenue_total"
+
+
+def outcomes(by: str, **labels: str) -> str:
+    """Outcomes over ``LIFT_RANGE`` (those closed early for capacity left out), summed ``by``."""
+    sel = ",".join(['job=~"$job"', 'closed_by!="capacity"', *(f'{k}="{v}"' for k, v in labels.items())])
+    return f"sum by ({by}) (increase({OUTCOMES}{{{sel}}}{LIFT_RANGE}))"
+
+
+def conversion(by: str, holdout: str) -> str:
+    return f"({outcomes(by, holdout=holdout, converted='true')} / {outcomes(by, holdout=holdout)})"
+
+
+def revenue_per_outcome(by: str, holdout: str) -> str:
+    sel = f'{{job=~"$job",holdout="{holdout}",scope="order"}}'
+    return f"(sum by ({by}) (increase({REVENUE}{sel}{LIFT_RANGE})) / {outcomes(by, holdout=holdout)})"
+
+
+def discount_per_outcome(by: str) -> str:
+    cost = f"sum by ({by}) (increase(shopstream_promotion_discount_cost_total{J}{LIFT_RANGE}))"
+    none = f"(0 * {outcomes(by, holdout='false')})"  # no discount series for a kind: a cost of 0
+    return f"(({cost} or {none}) / {outcomes(by, holdout='false')})"
 
 
 def q(expr: str, legend: str = "") -> dict[str, Any]:
@@ -230,6 +254,63 @@ ROWS: list[tuple[str, list[dict[str, Any]]]] = [
                 [q(f"sum by (reason) (rate(shopstream_promotions_suppressed_total{J}{RI}))", "{{reason}}")],
                 "reqps",
                 description="Triggers held back: after an order, frequency cap, quiet hours, duplicate.",
+            ),
+        ],
+    ),
+    (
+        "Incremental lift",
+        [
+            panel(
+                "Conversion, treated and holdout (7d)",
+                [
+                    q(conversion("kind", "false"), "{{kind}} treated"),
+                    q(conversion("kind", "true"), "{{kind}} holdout"),
+                ],
+                "percentunit",
+                description="Share of promotions whose user ordered within the attribution window "
+                "(SHOPSTREAM_ATTRIBUTION_WINDOW_S), for promotions sent (treated) and logged for the "
+                "holdout group (not contacted), by kind.",
+            ),
+            panel(
+                "Incremental conversion (7d)",
+                [q(f"{conversion('kind', 'false')} - {conversion('kind', 'true')}", "{{kind}}")],
+                "percentunit",
+                description="Treated conversion minus holdout conversion: the orders the promotion caused, "
+                "per promotion. Noisy while the holdout side has few outcomes: read it over days.",
+            ),
+            panel(
+                "Net incremental revenue per promotion (7d)",
+                [
+                    q(
+                        f"{revenue_per_outcome('kind', 'false')} - {revenue_per_outcome('kind', 'true')}"
+                        f" - {discount_per_outcome('kind')}",
+                        "{{kind}}",
+                    )
+                ],
+                "short",
+                description="Order revenue per treated promotion minus per holdout promotion, less the "
+                "discount cost per treated promotion, in the orders' currency units.",
+            ),
+            panel(
+                "Conversion by offer (7d)",
+                [
+                    q(conversion("kind, offer", "false"), "{{kind}} {{offer}} treated"),
+                    q(conversion("kind, offer", "true"), "{{kind}} {{offer}} holdout"),
+                ],
+                "percentunit",
+                description="As the first panel, by offer (reminder, percent_off:N, service_recovery).",
+            ),
+            panel(
+                "Outcomes / s",
+                [
+                    q(
+                        f"sum by (kind, converted) (rate({OUTCOMES}{J}{RI}))",
+                        "{{kind}} converted={{converted}}",
+                    )
+                ],
+                "reqps",
+                description="Outcome records published to shop.promotion-outcomes: an order in the window "
+                "(converted=true) or the window's end.",
             ),
         ],
     ),

@@ -248,6 +248,11 @@ async def test_every_panel_query_returns_data_and_every_alert_rule_evaluates(
             records.append(
                 (settings.topic_views, None, event("view", ticker, "tick", 3600, item_id=items[0]))
             )
+        if wave == 3:  # both cart owners order after their promotion: a treated and a holdout outcome
+            for user in (held[1], sent[1]):
+                line = {"item_id": "sku", "quantity": 1, "unit_price": 9.0}
+                order = event("order", user, f"o-{user}", 3700, order_id=f"o-{user}", lines=[line])
+                records.append((settings.topic_orders, None, order))
         await produce(settings, records)
         t += 30
         await asyncio.sleep(1.5)
