@@ -26,6 +26,7 @@ promotion costs nothing (it was not sent). An order whose event time is before t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,13 +35,22 @@ from streams.state import UserState
 
 OPEN = "open"  # promo key: promotions whose attribution window is open
 KEEP_OPEN = 16  # open windows per user (frequency cap 3 a day over a 3-day window, and review recoveries)
+OnClose = Callable[[dict[str, Any], dict[str, Any]], None]  # (window entry, its outcome record)
 
 
 def open_window(
-    state: UserState, user: str, record: dict[str, Any], t: float, window_s: float
+    state: UserState,
+    user: str,
+    record: dict[str, Any],
+    t: float,
+    window_s: float,
+    arm: list[Any] | None = None,
+    on_close: OnClose | None = None,
 ) -> list[dict[str, Any]]:
-    """Open the attribution window of a promotion ``record`` decided at event time ``t``; returns
-    the outcomes of the windows this closes early (beyond ``KEEP_OPEN``, oldest first)."""
+    """Open the attribution window of a promotion ``record`` decided at event time ``t`` (``arm``:
+    the bandit's [context, percent], kept for learning from the outcome); returns the outcomes of
+    the windows this closes early (beyond ``KEEP_OPEN``, oldest first). ``on_close(entry,
+    outcome)`` is called for every window closed, here and in ``settle`` and ``on_order``."""
     entries: list[dict[str, Any]] = state.promo.setdefault(OPEN, [])
     if any(e["id"] == record["promotion_id"] for e in entries):
         return []
@@ -55,6 +65,7 @@ def open_window(
             "t": t,
             "until": t + window_s,
             "model": record["model_version"],
+            **({"b": arm} if arm is not None else {}),
         }
     )
     if len(entries) <= KEEP_OPEN:
@@ -62,7 +73,7 @@ def open_window(
     entries.sort(key=lambda e: (e["t"], e["id"]))
     over = entries[: len(entries) - KEEP_OPEN]
     del entries[: len(over)]
-    return [outcome(user, e, "capacity") for e in over]
+    return _closed(over, [outcome(user, e, "capacity") for e in over], on_close)
 
 
 def next_end(state: UserState) -> float | None:
@@ -70,7 +81,7 @@ def next_end(state: UserState) -> float | None:
     return min((e["until"] for e in state.promo.get(OPEN, ())), default=None)
 
 
-def settle(state: UserState, user: str, now: float) -> list[dict[str, Any]]:
+def settle(state: UserState, user: str, now: float, on_close: OnClose | None = None) -> list[dict[str, Any]]:
     """Close the windows that ended at or before event time ``now``; returns their outcome
     records, the earliest end first."""
     entries = state.promo.get(OPEN)
@@ -81,10 +92,10 @@ def settle(state: UserState, user: str, now: float) -> list[dict[str, Any]]:
         return []
     _keep(state, [e for e in entries if e["until"] > now])
     ended.sort(key=lambda e: (e["until"], e["id"]))
-    return [outcome(user, e, "window") for e in ended]
+    return _closed(ended, [outcome(user, e, "window") for e in ended], on_close)
 
 
-def on_order(state: UserState, order: OrderEvent) -> list[dict[str, Any]]:
+def on_order(state: UserState, order: OrderEvent, on_close: OnClose | None = None) -> list[dict[str, Any]]:
     """The outcomes an order converts: every window open at its event time that began at or before
     it (call ``settle`` at the order's time first, so a window that ended before it is closed)."""
     entries = state.promo.get(OPEN)
@@ -95,7 +106,7 @@ def on_order(state: UserState, order: OrderEvent) -> list[dict[str, Any]]:
     if not won:
         return []
     _keep(state, [e for e in entries if not e["t"] <= t < e["until"]])
-    return [outcome(order.user_id, e, "order", order) for e in won]
+    return _closed(won, [outcome(order.user_id, e, "order", order) for e in won], on_close)
 
 
 def outcome(
@@ -136,6 +147,20 @@ def offer_label(offer: dict[str, Any]) -> str:
     """A bounded metric label for an offer: ``reminder``, ``percent_off:10``, ..."""
     kind = str(offer["kind"])
     return f"{kind}:{float(offer.get('value', 0.0)):g}" if kind == "percent_off" else kind
+
+
+def reward(record: dict[str, Any]) -> float:
+    """The bandit's reward of an outcome: the order's revenue less the discount cost, 0 unconverted."""
+    return float(record["revenue_order"]) - float(record["discount_cost"]) if record["converted"] else 0.0
+
+
+def _closed(
+    entries: list[dict[str, Any]], records: list[dict[str, Any]], on_close: OnClose | None
+) -> list[dict[str, Any]]:
+    if on_close is not None:
+        for e, r in zip(entries, records, strict=True):
+            on_close(e, r)
+    return records
 
 
 def _keep(state: UserState, entries: list[dict[str, Any]]) -> None:

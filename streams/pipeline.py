@@ -266,7 +266,7 @@ class Pipeline:
             if d.retry_at is not None:
                 self.timers.schedule(p, key, d.retry_at)
         closed = self._open_windows(state, key, p, decisions)
-        closed += attribution.settle(state, user, now)
+        closed += attribution.settle(state, user, now, self._learner(p))
         end = attribution.next_end(state)
         if closed and end is not None:
             self.timers.schedule(p, key, end)
@@ -281,9 +281,25 @@ class Pipeline:
         for d in decisions:
             if d.record is not None and d.t is not None:
                 window = self.s.attribution_window_s
-                evicted += attribution.open_window(state, key.decode(), d.record, d.t, window)
+                evicted += attribution.open_window(
+                    state, key.decode(), d.record, d.t, window, d.learn, self._learner(p)
+                )
                 self.timers.schedule(p, key, d.t + window)
         return evicted
+
+    def _learner(self, p: int) -> attribution.OnClose | None:
+        """What teaches the bandit (when offers come from it): the net revenue of each treated
+        promotion's outcome, for the context and the offer delivered."""
+        bandit = self.policy.bandit
+        if bandit is None:
+            return None
+
+        def learn(entry: dict[str, Any], record: dict[str, Any]) -> None:
+            arm = entry.get("b")
+            if arm is not None and not record["holdout"] and record["closed_by"] != "capacity":
+                bandit.learn(p, arm[0], arm[1], attribution.reward(record))
+
+        return learn
 
     def _flush(self, segment: list[_Ctx], result: Result, wall: float) -> None:
         if not segment:
@@ -361,7 +377,10 @@ class Pipeline:
             if self.s.promotions:
                 # an order converts the windows open at its time, before this event's own
                 # promotions open theirs
-                won = attribution.on_order(c.state, c.event) if isinstance(c.event, OrderEvent) else []
+                learner = self._learner(partition)
+                won = (
+                    attribution.on_order(c.state, c.event, learner) if isinstance(c.event, OrderEvent) else []
+                )
                 self.emit_outcomes(won, key, result.outputs)
                 decisions = self.policy.on_event(
                     c.state,

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from streams.attribution import next_end
+from streams.bandit import Bandit, arms, context
 from streams.records import CartEvent, ConsentEvent, ReviewEvent, ViewEvent
 from streams.settings import Settings
 from streams.state import TokenKind, UserState, word_pieces
@@ -141,6 +142,7 @@ class Decision:
     suppressed: str | None = None  # opt_out, order, frequency_cap, quiet_hours, duplicate
     retry_at: float | None = None  # cart abandonment or review recovery deferred by quiet hours
     t: float | None = None  # event time of the decision (a record's attribution window starts here)
+    learn: list[Any] | None = None  # [bandit context, percent delivered] when the bandit chose the offer
 
 
 @dataclass
@@ -165,6 +167,11 @@ class Policy:
         self.default_tz = ZoneInfo(settings.default_timezone)
         start, _, end = settings.quiet_hours.partition("-")
         self.quiet = (int(start), int(end)) if start else None
+        self.bandit = (
+            Bandit(budget.table, arms(settings.max_discount_percent), settings.bandit_exploration)
+            if settings.offer_policy == "bandit"
+            else None
+        )
 
     # --- triggers ----------------------------------------------------------------------------
     def on_event(
@@ -223,8 +230,14 @@ class Policy:
             case CartEvent(action="remove") if scores["price_sensitivity"] >= s.price_sensitive:
                 sensitivity = scores["price_sensitivity"]
                 why = f"removed {event.item_id} from the cart; price sensitivity {sensitivity:.2f}"
+                sc = dict(scores)
                 offer = self._discount(sensitivity)
-                triggers.append(Trigger("price_sensitivity", eid, t, [event.item_id], why, scores, offer))
+                if self.bandit is not None:
+                    reminder = self.reminder_threshold(thresholds.reminder if thresholds else None)
+                    ctx = context("price_sensitivity", propensity, reminder, sensitivity)
+                    pid = promotion_id(event.user_id, "price_sensitivity", eid)
+                    offer = self._bandit_offer(partition, ctx, pid, sc)
+                triggers.append(Trigger("price_sensitivity", eid, t, [event.item_id], why, sc, offer))
         out = []
         for trig in triggers:
             deferrable = trig.kind in DEFERRED_KINDS
@@ -288,6 +301,10 @@ class Policy:
             scores["propensity"], scores["reminder_threshold"] = p, reminder
             likely_buyer = p >= reminder
         offer = {"kind": "reminder"} if likely_buyer else self._discount(scores["price_sensitivity"])
+        if self.bandit is not None:
+            reminder = self.reminder_threshold(state.promo.get(MODEL_REMINDER))
+            ctx = context("cart_abandonment", p, reminder, scores["price_sensitivity"])
+            offer = self._bandit_offer(partition, ctx, promotion_id(user, "cart_abandonment", anchor), scores)
         why = f"cart of {len(state.cart)} item(s) idle for {(now - since) / 60:.0f} min without an order"
         trig = Trigger("cart_abandonment", anchor, now, list(state.cart)[:10], why, scores, offer)
         decision = self._decide(state, user, trig, model_version, defer=True)
@@ -367,7 +384,17 @@ class Policy:
             "expires_at": created + timedelta(seconds=self.s.promotion_ttl_s),
             "model_version": model_version,
         }
-        return Decision(record, t=trig.t)
+        learn = trig.offer.get("bandit")
+        return Decision(record, t=trig.t, learn=list(learn) if learn is not None else None)
+
+    def _bandit_offer(self, partition: int, ctx: str, pid: str, scores: dict[str, float]) -> dict[str, Any]:
+        """The bandit's offer for a promotion id; its probability goes into ``scores``."""
+        assert self.bandit is not None
+        choice = self.bandit.choose(partition, ctx, pid)
+        scores["offer_probability"] = round(choice.probability, 6)
+        if choice.percent <= 0:
+            return {"kind": "reminder", "bandit": [ctx, 0.0]}
+        return {"kind": "percent_off", "value": choice.percent, "bandit": [ctx, choice.percent]}
 
     def _discount(self, sensitivity: float) -> dict[str, Any]:
         """A percent-off offer sized by price sensitivity (5 % up to ``max_discount_percent``)."""
@@ -383,6 +410,8 @@ class Policy:
         if rec and discount and not self.budget.try_spend(partition, t, value * rec["offer"]["value"] / 100):
             rec["offer"] = {"kind": "reminder", "value": 0.0}
             rec["reason"] = (rec["reason"] + "; discount budget spent")[:512]
+            if decision.learn is not None:  # the bandit learns what was delivered: a reminder
+                decision.learn = [decision.learn[0], 0.0]
         return decision
 
     def _recent_views(self, state: UserState, item: str, t: float) -> int:

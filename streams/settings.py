@@ -284,6 +284,19 @@ class Settings(BaseSettings):
     promotion_ttl_s: float = Field(
         172800.0, gt=0, description="A promotion expires this long after creation."
     )
+    offer_policy: Literal["rules", "bandit"] = Field(
+        "rules",
+        description="How offers are chosen: rules (a reminder for likely buyers, else a discount growing "
+        "with price sensitivity) or bandit (Thompson sampling over a reminder and 5 %-step discounts up to "
+        "max_discount_percent, learned from attributed outcomes; streams/bandit.py).",
+    )
+    bandit_exploration: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Share of bandit decisions spread evenly over the offers: every offer keeps at least "
+        "this share divided by the number of offers.",
+    )
     attribution_window_s: float = Field(
         259200.0,
         gt=0,
