@@ -137,6 +137,7 @@ class Replay:
     suppressed: Counter[str]
     scored: int  # events the model scored
     propensity: list[tuple[int, float]]  # (log position, propensity) of the events the model scored
+    outcomes: list[dict[str, Any]] = field(default_factory=list)  # attribution outcome records
 
 
 def replay_policy(
@@ -152,6 +153,7 @@ def replay_policy(
     pipeline = local_pipeline(settings, settings.discount_budget_per_day / partitions, clock=lambda: 0.0)
     timers, metrics = pipeline.timers, pipeline.metrics  # the clock: timers follow event time only
     promos: list[dict[str, Any]] = []
+    outcomes: list[dict[str, Any]] = []
     propensity: list[tuple[int, float]] = []
     all_parts = set(range(partitions))
     buffer: list[Message] = []
@@ -170,6 +172,9 @@ def replay_policy(
                 timers.observe(p, clock, 0.0)
             outputs += pipeline.due_carts(all_parts, 0.0)
         promos.extend(orjson.loads(o.value) for o in outputs if o.topic == settings.topic_promotions)
+        outcomes.extend(
+            orjson.loads(o.value) for o in outputs if o.topic == settings.topic_promotion_outcomes
+        )
 
     def next_due() -> float:
         return min((h[0].at for h in timers.heaps.values() if h), default=float("inf"))
@@ -205,7 +210,7 @@ def replay_policy(
         suppressed, scored = suppressed - before[0], scored - before[1]
     else:  # the period starts after the log
         suppressed, scored = Counter(), 0
-    return Replay(promos, suppressed, scored, propensity)
+    return Replay(promos, suppressed, scored, propensity, outcomes)
 
 
 def _samples(metrics: Metrics, name: str) -> list[tuple[dict[str, str], float]]:
@@ -360,7 +365,8 @@ def evaluate_promotions(
 ) -> dict[str, Any]:
     """The report's figures. ``since``: count from this instant (0: the whole log; None: the test
     period of the model or of ``dataset``, see ``period_start``)."""
-    settings = settings.model_copy(update={"holdout_percent": 0.0})
+    # the attribution window is the report's outcome window
+    settings = settings.model_copy(update={"holdout_percent": 0.0, "attribution_window_s": window})
     truth = ground_truth(events)
     if since is None:
         since, period = period_start(truth, dataset, model_dir)
@@ -396,12 +402,56 @@ def evaluate_promotions(
             "cart_abandonment": cart_report(
                 replay.promos, truth, window, settings.cart_abandon_after_s, since
             ),
+            "attributed": attributed(counted, replay.outcomes, truth.end),
             "seconds": round(time.perf_counter() - started, 1),
         }
         if folder is not None:
             out["policies"][name]["propensity_ranking"] = propensity_ranking(
                 events, replay.propensity, truth, horizon, since
             )
+    return out
+
+
+def attributed(
+    promos: list[dict[str, Any]], outcomes: list[dict[str, Any]], log_end: float
+) -> dict[str, dict[str, Any]]:
+    """Per kind, of the period's promotions whose attribution window ends inside the log
+    (``log_end``): converted (an order within the window) or not, with the converted orders'
+    revenue and discount cost (``streams.attribution``); the rest is censored whatever its outcome
+    (an order can convert a window early, a window without one closes only at its end: counting
+    the early conversions would inflate the rate), and closures for capacity are counted apart."""
+    by_id = {o["promotion_id"]: o for o in outcomes}
+    out: dict[str, dict[str, Any]] = {}
+    for p in promos:
+        row = out.setdefault(
+            p["kind"],
+            {
+                "promotions": 0,
+                "converted": 0,
+                "unconverted": 0,
+                "censored": 0,
+                "capacity": 0,
+                "revenue_order": 0.0,
+                "discount_cost": 0.0,
+            },
+        )
+        row["promotions"] += 1
+        o = by_id.get(p["promotion_id"])
+        if o is None or datetime.fromisoformat(o["window_end"]).timestamp() > log_end:
+            row["censored"] += 1
+        elif o["closed_by"] == "capacity":
+            row["capacity"] += 1
+        elif o["converted"]:
+            row["converted"] += 1
+            row["revenue_order"] += o["revenue_order"]
+            row["discount_cost"] += o["discount_cost"]
+        else:
+            row["unconverted"] += 1
+    for row in out.values():
+        closed = row["converted"] + row["unconverted"]
+        row["conversion"] = row["converted"] / closed if closed else None
+        row["revenue_order"] = round(row["revenue_order"], 2)
+        row["discount_cost"] = round(row["discount_cost"], 2)
     return out
 
 
@@ -444,6 +494,23 @@ def report(results: dict[str, Any], name: str) -> str:
             f"| {c['discounts']} | {c['discount_spend']:.2f} | {c['discounts_to_buyers']} "
             f"| {c['discount_spend_on_buyers']:.2f} | {c['reminders_to_buyers']} |"
         )
+    lines += [
+        "",
+        "Attributed conversions (the user's first order within the outcome window after a promotion of "
+        "the period; promotions whose window runs past the end of the log are censored; nobody here "
+        "received a promotion, so these are natural purchases, not the effect of an offer):",
+        "",
+        "| policy | kind | promotions | converted | not converted | censored | conversion "
+        "| order revenue | discount cost |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for pol, r in results["policies"].items():
+        for kind, a in sorted(r["attributed"].items()):
+            lines.append(
+                f"| {pol} | {kind} | {a['promotions']} | {a['converted']} | {a['unconverted']} "
+                f"| {a['censored']} | {pct(a['conversion'])} | {a['revenue_order']:.2f} "
+                f"| {a['discount_cost']:.2f} |"
+            )
     pols = results["policies"]
     if "model" in pols:
         saved = (

@@ -166,3 +166,24 @@ def test_the_command_scores_the_test_period_by_default(capsys: pytest.CaptureFix
     text = capsys.readouterr().out
     assert "(the whole log)" in text and "the 0 before the period" in text
     assert main(["evaluate-promotions", "rees46-demo", "--since", "last week"]) == 1
+
+
+def test_attributed_conversions_count_orders_in_the_window_and_censor_open_windows() -> None:
+    settings = Settings(quiet_hours="", cart_abandon_after_s=3600.0)
+    # triggers at 60 (abandoner, late) and 90 min (changer); late orders at 120 min; the log ends at 16 h
+    two_hours = evaluate_promotions(EVENTS, settings, None, window=2 * 3600)["policies"]["rule-only"]
+    assert two_hours["attributed"]["cart_abandonment"] == {
+        "promotions": 3,
+        "converted": 1,
+        "unconverted": 2,
+        "censored": 0,
+        "capacity": 0,
+        "revenue_order": 0.0,  # the orders carry no prices
+        "discount_cost": 0.0,
+        "conversion": 1 / 3,
+    }
+    day = evaluate_promotions(EVENTS, settings, None, window=24 * 3600)
+    a = day["policies"]["rule-only"]["attributed"]["cart_abandonment"]
+    # every window runs past the end of the log: censored, the early conversion too (no 100 %)
+    assert (a["converted"], a["unconverted"], a["censored"], a["conversion"]) == (0, 0, 3, None)
+    assert "| rule-only | cart_abandonment | 3 | 0 | 0 | 3 | - |" in report(day, "synthetic")
