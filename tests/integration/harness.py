@@ -29,7 +29,7 @@ from aiokafka.errors import (
 from aiokafka.structs import ConsumerRecord
 
 from streams.admin import ensure_topics
-from streams.settings import Settings
+from streams.settings import TOPIC_FIELDS, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 KAFKA_SCRIPT = ROOT / "deploy" / "kafka" / "local-kafka.sh"
@@ -51,19 +51,8 @@ def isolated_env(bootstrap: str, workdir: Path, **extra: str) -> dict[str, str]:
         "SHOPSTREAM_DATA_DIR": str(workdir / "data"),
         "SHOPSTREAM_WEB_PORT": str(free_port()),
     }
-    for name in (
-        "searches",
-        "views",
-        "carts",
-        "orders",
-        "reviews",
-        "recommendations",
-        "promotions",
-        "deadletter",
-        "events_by_user",
-        "erasures",
-        "consents",
-    ):
+    for topic in TOPIC_FIELDS:  # every topic of the settings, so a new one cannot be shared by tests
+        name = topic.removeprefix("topic_")
         env[f"SHOPSTREAM_TOPIC_{name.upper()}"] = f"t-{tag}.{name}"
     env.update(extra)
     return env

@@ -108,6 +108,10 @@ class NoLoss:
     promotions_missing: list[str] = field(default_factory=list)  # decided by the recomputation, not sent
     promotions_unexpected: list[str] = field(default_factory=list)  # sent, never decided by it
     uncommitted: int = 0  # by-user records the group had not committed when the checks ran
+    outcome_ids: int = 0
+    outcomes_missing: list[str] = field(default_factory=list)  # converted by the recomputation, not sent
+    outcomes_unexpected: list[str] = field(default_factory=list)  # for a promotion nothing decides
+    outcome_conflicts: list[Any] = field(default_factory=list)  # one promotion, different outcomes
 
     def problems(self) -> list[str]:
         out = []
@@ -119,6 +123,11 @@ class NoLoss:
             out.append(f"promotions no recomputation decides: {self.promotions_unexpected[:10]}")
         if self.uncommitted:
             out.append(f"{self.uncommitted} by-user records never committed (a stalled partition)")
+        if self.outcomes_missing:
+            out.append(f"promotion outcomes lost: {self.outcomes_missing[:10]}")
+        if self.outcomes_unexpected:
+            out.append(f"outcomes of promotions no recomputation decides: {self.outcomes_unexpected[:10]}")
+        out += [f"one promotion, different outcomes: {c}" for c in self.outcome_conflicts]
         out += [f"promotion id reused for another promotion: {c}" for c in self.promotion_conflicts]
         out += [f"user table differs from the recomputation: {u}" for u in self.table_mismatches]
         return out
@@ -130,6 +139,8 @@ class NoLoss:
             f"{len(self.promotion_conflicts)} reused for another promotion; "
             f"{self.users_checked} users checked, {len(self.table_mismatches)} table mismatches; "
             f"promotions: {len(self.promotions_missing)} lost, {len(self.promotions_unexpected)} unexpected; "
+            f"{self.outcome_ids} outcomes, {len(self.outcomes_missing)} lost, "
+            f"{len(self.outcomes_unexpected)} unexpected, {len(self.outcome_conflicts)} conflicting; "
             f"{self.uncommitted} uncommitted"
         )
 
@@ -187,9 +198,12 @@ async def recompute_users(settings: Settings) -> tuple[dict[str, UserState], Cou
     return users, tokens
 
 
-async def recompute_promotions(settings: Settings) -> tuple[set[str], set[str]]:
+async def recompute_promotions(settings: Settings) -> tuple[set[str], set[str], set[str]]:
     """The promotion ids a one-by-one run of the worker's pipeline over the by-user topic decides:
-    (certain, possible). Event-driven ones and carts due by the newest event time are certain.
+    (certain, possible), and the ids of the event-driven promotions an order converts in that run
+    (their outcomes are certain: a window converts on the user's first order after it, and the
+    by-user topic keeps each user's order). Event-driven ones and carts due by the newest event
+    time are certain.
 
     Possible besides: the abandonment of any cart a user left holding items. The worker's clock
     runs on with the wall clock between events (so carts come due in quiet traffic), so whether a
@@ -198,6 +212,7 @@ async def recompute_promotions(settings: Settings) -> tuple[set[str], set[str]]:
     pipeline = local_pipeline(settings, settings.discount_budget_per_day / settings.partitions)
     ids: set[str] = set()
     carts: set[str] = set()
+    converted: set[str] = set()
     newest = 0.0
     records = await read_to_end(settings, [settings.topic_events_by_user])
     for r in sorted(records, key=lambda r: (r.partition, r.offset)):  # each partition in its order
@@ -205,6 +220,10 @@ async def recompute_promotions(settings: Settings) -> tuple[set[str], set[str]]:
         for out in pipeline.process([msg]).outputs:
             if out.topic == settings.topic_promotions:
                 ids.add(orjson.loads(out.value)["promotion_id"])
+            if out.topic == settings.topic_promotion_outcomes:
+                o = orjson.loads(out.value)
+                if o["closed_by"] == "order" and o["kind"] != "cart_abandonment":
+                    converted.add(o["promotion_id"])
         ev = event_adapter.validate_json(r.value or b"")
         newest = max(newest, ev.event_time.timestamp())
         if ev.type == "cart" and UserState.loads(pipeline.users[msg.key]).cart:
@@ -217,7 +236,7 @@ async def recompute_promotions(settings: Settings) -> tuple[set[str], set[str]]:
         return {orjson.loads(o.value)["promotion_id"] for o in pipeline.due_carts(parts, 0.0)}
 
     certain = ids | due_at(newest)
-    return certain, certain | carts
+    return certain, certain | carts, converted
 
 
 async def uncommitted(settings: Settings, timeout: float = 120.0) -> int:
@@ -283,7 +302,11 @@ async def no_loss(
     per_id: dict[str, set[tuple[str, str, str]]] = {}
     for p in promos:  # a repeated id is the same promotion re-sent: consumers deduplicate on it
         per_id.setdefault(p["promotion_id"], set()).add((p["kind"], p["user_id"], p["trigger_event_id"]))
-    certain, possible = await recompute_promotions(settings)
+    certain, possible, converted = await recompute_promotions(settings)
+    outcomes = values(await read_to_end(settings, [settings.topic_promotion_outcomes]))
+    per_outcome: dict[str, set[tuple[bool, str | None]]] = {}
+    for o in outcomes:  # re-sent after a redelivery: the same outcome again
+        per_outcome.setdefault(o["promotion_id"], set()).add((o["converted"], o["order_id"]))
     return NoLoss(
         events_in=len(wanted),
         answered=len(set(ids) & wanted),
@@ -296,6 +319,10 @@ async def no_loss(
         promotions_missing=sorted(certain - set(per_id)),
         promotions_unexpected=sorted(set(per_id) - possible),
         uncommitted=behind,
+        outcome_ids=len(per_outcome),
+        outcomes_missing=sorted(converted - set(per_outcome)),
+        outcomes_unexpected=sorted(set(per_outcome) - possible),
+        outcome_conflicts=[sorted(s, key=str) for s in per_outcome.values() if len(s) > 1],
     )
 
 
