@@ -2,22 +2,25 @@
 
 Publishes a real data set (default: the Taobao time slice, keyed by user; ``--copies`` k: k copies
 with suffixed user, event, order and session ids, interleaved in event time) to fresh topics once,
-then drains that same backlog with each of these, ``--repeat`` rounds, interleaved (c, d and e
-rotate their order each round), every run printed, then the median of each:
+then drains that same backlog with each of these, ``--repeat`` rounds, interleaved (c, d, e, g and
+h rotate their order each round), every run printed, then the median of each:
   (a) transport ceiling: a bare aiokafka consume -> produce loop, no work;
   (b) work ceiling: a minimal aiokafka loop running the worker's own per-batch work
       (``streams.pipeline``: fold state, baseline, onnxruntime top-K in micro-batches, filters,
       promotion policy) on in-memory tables, no faust, no changelogs;
   (c) typical faust: ``bench/typical_faust.py``, one agent with a Table, onnxruntime at batch 1 and
       a per-event ``await topic.send`` (what a straightforward faust app does);
-  (d) the shopstream worker (faust, two hops, three changelogged tables, micro-batching);
+  (d) the shopstream worker (faust, three changelogged tables, micro-batching; the input is keyed
+      by user id, so events are scored where they are read: direct input);
   (e) a plain Quix Streams app doing the same job (``bench/quix_peer.py``: validation, group_by
       user, fold into RocksDB state with changelog, onnxruntime at batch 1; no baseline, no
       promotions), skipped with a note where quixstreams is not installed (``pip install '.[bench]'``);
+  (g) the same Quix app without group_by (keyed input, state keyed by the input key): the peer of (d);
+  (h) the worker with SHOPSTREAM_DIRECT_INPUT=false: every event takes the by-user hop (the peer of e);
   (f) ``--processes`` workers in one group, once at the end (``--processes 1``: not run).
 Every run has its own consumer group, state and output/internal topics. Events/s are counted from
 the first to the last output. CPU per event: (a), (b) this process (with the counting consumer);
-(c)-(f) the app process's own (user + system, /proc, sampled every 0.25 s) between its first and
+(c)-(h) the app process's own (user + system, /proc, sampled every 0.25 s) between its first and
 last output, and in brackets including start-up (imports, model load, group join). Records per
 event: every record the app wrote (outputs, dead letters, by-user or repartition hop, changelogs),
 counted from the end offsets of its topics after it stopped.
@@ -67,6 +70,8 @@ NAMES = {
     "c": "(c) typical faust agent (Table, ONNX batch 1)",
     "d": "(d) shopstream worker",
     "e": "(e) Quix Streams peer (state, ONNX batch 1)",
+    "g": "(g) Quix Streams peer, keyed input (no group_by)",
+    "h": "(h) shopstream worker, all through the hop",
     "f": "(f) shopstream workers in one group",
 }
 
@@ -323,10 +328,13 @@ async def one(kind: str, env: dict[str, str], work: Path, name: str, n: int, arg
         return await run_app(
             kind, settings, v, argv, work / f"{name}.log", n, lambda t: t.startswith(typical)
         )
-    if kind == "e":
+    if kind in "eg":
         argv = [sys.executable, str(ROOT / "bench" / "quix_peer.py")]
+        v["QUIX_PEER_KEYED"] = "1" if kind == "g" else "0"
         group = f"__{settings.app_id}-quix--"
         return await run_app(kind, settings, v, argv, work / f"{name}.log", n, lambda t: group in t)
+    if kind == "h":
+        v["SHOPSTREAM_DIRECT_INPUT"] = "false"
     return await run_worker(kind, settings, v, n, work / f"{name}.log", args.processes if kind == "f" else 1)
 
 
@@ -350,7 +358,9 @@ async def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=1, help="interleaved rounds of a-e")
     ap.add_argument("--processes", type=int, default=2, help="workers in one group for (f); 1: no (f)")
-    ap.add_argument("--apps", default="abcde", help="which of a-e to run each round (default: all)")
+    ap.add_argument(
+        "--apps", default="abdgeh", help="which of a-e, g, h to run each round (default: all but c)"
+    )
     args = ap.parse_args()
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"shopstream-ceilings-{uuid.uuid4().hex[:6]}"
@@ -372,10 +382,11 @@ async def main() -> None:
         f"{args.partitions} partitions, model {args.model}, batch {args.batch}"
     )
     print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, broker {bootstrap}")
-    apps = [a for a in "cde" if a in args.apps]
-    if "e" in apps and importlib.util.find_spec("quixstreams") is None:
-        print("(e) skipped: quixstreams is not installed (pip install '.[bench]')")
-        apps.remove("e")
+    apps = [a for a in "cdgeh" if a in args.apps]
+    if importlib.util.find_spec("quixstreams") is None:
+        for kind in {"e", "g"} & set(apps):
+            print(f"({kind}) skipped: quixstreams is not installed (pip install '.[bench]')")
+            apps.remove(kind)
     runs: list[Run] = []
     for i in range(1, args.repeat + 1):
         if "a" in args.apps:
@@ -418,11 +429,14 @@ def summary(runs: list[Run], repeat: int) -> None:
         print(f"d: worker / work ceiling = {med['d'] / med['b']:.2f} (events/s, target >= 0.60)")
     if "d" in med and "c" in med:
         print(f"c: worker / typical faust = {med['d'] / med['c']:.2f} (events/s, target >= 2)")
-    if "d" in med and "e" in med:
-        print(
-            f"e: worker / Quix peer = {med['d'] / med['e']:.2f} (events/s, target >= 1); CPU per event "
-            f"{cpu['d'] / cpu['e']:.2f} (target <= 1)"
-        )
+    for peer in "ge":
+        if "d" in med and peer in med:
+            print(
+                f"{peer}: worker / Quix peer ({peer}) = {med['d'] / med[peer]:.2f} (events/s, target >= 1); "
+                f"CPU per event {cpu['d'] / cpu[peer]:.2f} (target <= 1)"
+            )
+    if "h" in med and "e" in med:
+        print(f"h: worker, all through the hop / Quix peer (e): CPU per event {cpu['h'] / cpu['e']:.2f}")
     if "f" in med:
         print(
             f"f: group / 1 worker = {med['f'] / med['d']:.2f} on {os.cpu_count()} cores (broker shares them)"

@@ -6,7 +6,8 @@ input on ``SHOPSTREAM_TOPIC_DEADLETTER`` (raw bytes, reason in headers).
 
     one dataframe per input topic: validate (``EventDecoder``, the worker's) ─┐ concat
       ├─▶ rejected ─▶ dead-letter topic                                       │
-      └─▶ group_by user id (Quix's repartition topic: the worker's by-user hop)
+      └─▶ group_by user id (Quix's repartition topic: the worker's by-user hop; with
+          QUIX_PEER_KEYED=1 none: input keyed by user id, like the worker's direct input)
             ─▶ fold into per-user state (``UserState.apply``; Quix RocksDB state + changelog)
             ─▶ score with onnxruntime at batch 1 (``load_artifact``, top-K, the worker's exclusions
                and per-category cap) ─▶ recommendations topic
@@ -24,6 +25,7 @@ Run by ``bench/ceilings.py`` as variant (e), with the worker's SHOPSTREAM_* envi
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import tempfile
 import time
@@ -114,9 +116,12 @@ def main() -> None:
     )
     dead_letters = app.topic(settings.topic_deadletter, value_serializer="bytes")
     # one dataframe per topic (each knows the event type its topic carries), concatenated: one
-    # group_by, so one repartition topic and one state store for all of a user's events
+    # group_by, so one repartition topic and one state store for all of a user's events; with
+    # QUIX_PEER_KEYED=1 (input keyed by user id, the topics co-partitioned) no group_by: the state
+    # of the concatenated dataframe is keyed by the input key, like the worker's direct input
+    keyed = os.environ.get("QUIX_PEER_KEYED") == "1"
     frames = [
-        app.dataframe(app.topic(name, value_deserializer="bytes")).apply(
+        app.dataframe(app.topic(name, key_deserializer="str", value_deserializer="bytes")).apply(
             functools.partial(check, decoder, etype)
         )
         for name, etype in settings.input_topics.items()
@@ -128,9 +133,9 @@ def main() -> None:
         dead_letters
     )
 
-    events = checked.filter(lambda v: "user_id" in v).group_by(
-        "user_id", key_serializer="str", key_deserializer="str"
-    )
+    events = checked.filter(lambda v: "user_id" in v)
+    if not keyed:
+        events = events.group_by("user_id", key_serializer="str", key_deserializer="str")
     events = events.apply(functools.partial(recommend, settings, model), stateful=True)
     events.to_topic(recommendations)
     app.run()

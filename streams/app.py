@@ -259,10 +259,21 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
     routed = Deliveries(settings.delivery_timeout_s)  # the router's own: it runs beside the scorer
     forwarder = Publisher(app.producer._ensure_producer, routed)
 
+    # by-user partitions this worker may score input on directly: added when assigned, removed
+    # (under ``work``) when revoked, so a batch never scores for a partition given up meanwhile
+    direct_parts: set[int] = set()
+
     async def route(events: list[EventT]) -> None:
-        """Validate input messages and forward them keyed by user id, or dead-letter them."""
+        """Validate input messages; score those already on their user's partition here (direct
+        input), forward the rest keyed by user id, dead-letter the invalid ones."""
         ok: dict[str, int] = {}
         forwards = []
+        candidates: list[tuple[Message, Any]] = []
+        # direct input: a message on partition p of an input topic whose user's state lives in
+        # partition p of ``users`` is scored here when this worker owns that partition. faust
+        # assigns partition p of co-partitioned topics (same partition count) to one worker, so
+        # with inputs of SHOPSTREAM_PARTITIONS partitions keyed by user id (murmur2) that is every
+        # message; the ownership check keeps it right should an input's partition count differ
         for e in events:
             msg = e.message
             try:
@@ -270,17 +281,39 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
             except RejectedInput as exc:
                 routed.add(await deadletters.send(msg, exc), deadletters.topic)
                 continue
-            forwards.append((by_user_name, ev.user_id.encode(), msg.value, msg.headers, msg.timestamp))
+            key = ev.user_id.encode()
             ok[msg.topic] = ok.get(msg.topic, 0) + 1
-        await forwarder.publish(forwards)
-        metrics.delivered.inc(await routed.confirm())
+            if settings.direct_input and user_partition(key, settings.partitions) == msg.partition:
+                candidates.append((Message(msg.partition, key, msg.value, msg.timestamp, ev), msg))
+            else:
+                forwards.append((by_user_name, key, msg.value, msg.headers, msg.timestamp))
+        if not candidates:
+            await forward(forwards)
+        else:
+            async with work:
+                local = [(m, src) for m, src in candidates if m.partition in direct_parts]
+                for m, src in candidates:
+                    if m.partition not in direct_parts:
+                        forwards.append((by_user_name, m.key, m.value, src.headers, m.timestamp))
+                await forward(forwards)
+                if local:
+                    metrics.routed.labels("direct").inc(len(local))
+                    await score_locked([m for m, _ in local], [src for _, src in local])
         for topic, n in ok.items():
             metrics.events.labels(topic, "ok").inc(n)
 
+    async def forward(forwards: list[Any]) -> None:
+        """Hand the forwards to the producer and await them, with the batch's dead letters."""
+        if forwards:
+            metrics.routed.labels("hop").inc(len(forwards))
+            await forwarder.publish(forwards)
+        metrics.delivered.inc(await routed.confirm())
+
     @app.agent(sources, name="route_by_user")
     async def route_by_user(stream: StreamT) -> None:
-        """Re-key input by user id in micro-batches; a batch is acked once every forward and dead
-        letter of it is confirmed by the broker."""
+        """Validate input in micro-batches, score what is on its user's partition, re-key the rest
+        by user id; a batch is acked once every output, forward and dead letter of it is
+        confirmed by the broker."""
         async for events in stream.take_events(settings.batch_max, within=settings.batch_wait_ms / 1000):
             await run_batch("routing a batch", route, list(events))
 
@@ -368,6 +401,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
                 await confirm()
             except DeliveryFailed as exc:
                 exit_fatally("writing the state of revoked partitions", exc)
+            direct_parts.difference_update(gone)
         forget(gone)
 
     def assigned() -> set[int]:
@@ -388,31 +422,39 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
             await confirm()  # their changelog writes
 
     async def handle(events: list[EventT]) -> None:
-        """Score a batch of by-user events; publish and confirm every output before returning
-        (faust acks the batch's events, and so may commit their offsets, only after that)."""
+        """Score a batch of by-user events (forwarded by a router)."""
+        batch = [
+            Message(e.message.partition, e.message.key, e.message.value, e.message.timestamp) for e in events
+        ]
+        await score(batch, [e.message for e in events])
+
+    async def score(batch: list[Message], sources: list[Any]) -> None:
         async with work:
-            batch = [
-                Message(e.message.partition, e.message.key, e.message.value, e.message.timestamp)
-                for e in events
-            ]
-            partitions = {m.partition for m in batch}
-            await seed(partitions)
-            result = pipeline.process(batch)
-            for i, exc in result.failed:
-                deliveries.add(await deadletters.send(events[i].message, exc), deadletters.topic)
-            await publish(result.outputs)
-            now_ms = int(time.time() * 1000)
-            erased = set(result.erased)
-            for m in batch:
-                if (m.partition, m.key) not in erased:
-                    expiry.touch(m.partition, m.key, now_ms)
-            for p, key in erased:
-                expiry.forget(p, key)
-            if sum(len(wb.pending) for wb, _ in changelogs) >= settings.checkpoint_max_keys:
-                await write_pending()  # early: bounds the memory; always safe (streams.writeback)
-            await confirm()
-            if settings.promotions:  # carts that came due in the event time this batch moved past
-                await fire_due(partitions)
+            await score_locked(batch, sources)
+
+    async def score_locked(batch: list[Message], sources: list[Any]) -> None:
+        """Score a batch of events on their user's partitions, holding ``work``; publish and
+        confirm every output before returning (faust acks the batch's events, and so may commit
+        their offsets, only after that). ``sources[i]``: the consumed message of ``batch[i]``,
+        for its dead letter."""
+        partitions = {m.partition for m in batch}
+        await seed(partitions)
+        result = pipeline.process(batch)
+        for i, exc in result.failed:
+            deliveries.add(await deadletters.send(sources[i], exc), deadletters.topic)
+        await publish(result.outputs)
+        now_ms = int(time.time() * 1000)
+        erased = set(result.erased)
+        for m in batch:
+            if (m.partition, m.key) not in erased:
+                expiry.touch(m.partition, m.key, now_ms)
+        for p, key in erased:
+            expiry.forget(p, key)
+        if sum(len(wb.pending) for wb, _ in changelogs) >= settings.checkpoint_max_keys:
+            await write_pending()  # early: bounds the memory; always safe (streams.writeback)
+        await confirm()
+        if settings.promotions:  # carts that came due in the event time this batch moved past
+            await fire_due(partitions)
 
     @app.agent(by_user, name="score_event")
     async def score_event(stream: StreamT) -> None:
@@ -507,6 +549,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
     @app.on_partitions_assigned.connect
     async def count_assignment(sender: Any, assigned: set[Any], **kwargs: Any) -> None:
         health["assigned"] = True
+        direct_parts.update(tp.partition for tp in assigned if tp.topic == by_user_name)
         metrics.rebalances.inc()
 
     def readiness() -> tuple[bool, dict[str, Any]]:

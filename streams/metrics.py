@@ -33,6 +33,13 @@ class Metrics:
             ["topic", "outcome"],
             registry=registry,
         )
+        self.routed = Counter(
+            "shopstream_events_routed_total",
+            "Valid input events by how they reached their user's state: scored where they were read "
+            "(direct) or forwarded through the by-user topic (hop).",
+            ["path"],
+            registry=registry,
+        )
         self.duplicates = Counter(
             "shopstream_duplicate_events_total",
             "Events whose event_id was already folded into the user's state (redeliveries).",

@@ -162,6 +162,13 @@ class Settings(BaseSettings):
         "this long; otherwise the worker exits unacked and its input is redelivered after the restart.",
     )
 
+    direct_input: bool = Field(
+        True,
+        description="Score an input message on the worker that reads it when it already sits on its "
+        "user's partition (input topics with SHOPSTREAM_PARTITIONS partitions, keyed by user id with "
+        "Kafka's default murmur2 partitioner); the rest, and everything when false, takes the hop "
+        "through the by-user topic.",
+    )
     commit_interval_s: float = Field(
         2.0,
         gt=0,

@@ -107,7 +107,7 @@ class NoLoss:
     table_mismatches: list[str] = field(default_factory=list)
     promotions_missing: list[str] = field(default_factory=list)  # decided by the recomputation, not sent
     promotions_unexpected: list[str] = field(default_factory=list)  # sent, never decided by it
-    uncommitted: int = 0  # by-user records the group had not committed when the checks ran
+    uncommitted: int = 0  # input and by-user records the group had not committed when the checks ran
     outcome_ids: int = 0
     outcomes_missing: list[str] = field(default_factory=list)  # converted by the recomputation, not sent
     outcomes_unexpected: list[str] = field(default_factory=list)  # for a promotion nothing decides
@@ -122,7 +122,7 @@ class NoLoss:
         if self.promotions_unexpected:
             out.append(f"promotions no recomputation decides: {self.promotions_unexpected[:10]}")
         if self.uncommitted:
-            out.append(f"{self.uncommitted} by-user records never committed (a stalled partition)")
+            out.append(f"{self.uncommitted} input or by-user records never committed (a stalled partition)")
         if self.outcomes_missing:
             out.append(f"promotion outcomes lost: {self.outcomes_missing[:10]}")
         if self.outcomes_unexpected:
@@ -176,34 +176,69 @@ async def answer_all(
     )
 
 
-async def recompute_users(settings: Settings) -> tuple[dict[str, UserState], Counter[str]]:
-    """The users the workers' input makes, and the tokens each was given in all.
+def scored_here(settings: Settings, record: Any, user_id: str) -> bool:
+    """Whether the worker scored this record: every by-user record, and an input record on its
+    user's partition (direct input; the others were forwarded through the by-user topic)."""
+    return record.topic == settings.topic_events_by_user or (
+        settings.direct_input and user_partition(user_id.encode(), settings.partitions) == record.partition
+    )
 
-    The scoring agent reads the by-user topic; each event is folded once, in publishing order."""
-    topics = [settings.topic_events_by_user]
+
+async def scored_events(settings: Settings) -> list[tuple[ConsumerRecord[bytes, bytes], Any]]:
+    """Every event the workers scored, once each: (the record they read it from, the event)."""
+    out = []
+    seen: set[str] = set()
+    topics = [settings.topic_events_by_user, *settings.input_topics]
+    for r in sorted(await read_to_end(settings, topics), key=lambda r: (r.topic, r.partition, r.offset)):
+        try:
+            ev = event_adapter.validate_json(r.value or b"")
+        except ValueError:  # dead-lettered by the router
+            continue
+        if ev.event_id not in seen and scored_here(settings, r, ev.user_id):
+            seen.add(ev.event_id)
+            out.append((r, ev))
+    return out
+
+
+async def recompute_users(settings: Settings) -> tuple[dict[str, UserState], Counter[str]]:
+    """The users the workers' input makes, and the tokens each was given in all (each event
+    folded once; the comparison does not depend on the order, see ``differs``)."""
     users: dict[str, UserState] = {}
     tokens: Counter[str] = Counter()
-    seen: set[str] = set()
-    for r in sorted(await read_to_end(settings, topics), key=lambda r: (r.timestamp, r.topic, r.offset)):
-        ev = event_adapter.validate_json(r.value or b"")
-        routed = r.topic == settings.topic_events_by_user
-        if ev.event_id in seen or not (
-            routed or user_partition(ev.user_id.encode(), settings.partitions) == r.partition
-        ):
-            continue
-        seen.add(ev.event_id)
+    for _, ev in sorted(await scored_events(settings), key=lambda re: (re[0].timestamp, re[0].topic)):
         tokens[ev.user_id] += len(
             users.setdefault(ev.user_id, UserState()).apply(ev, 0, settings.sequence_length) or ()
         )
     return users, tokens
 
 
+async def scoring_order(settings: Settings) -> list[ConsumerRecord[bytes, bytes]]:
+    """The scored events in the order the workers folded them into each user's state.
+
+    Through the by-user topic that is its order in each partition. With direct input a user's
+    events come from several input topics, interleaved as the worker fetched them, which no
+    input topic records; the recommendations topic does: one recommendation per event, published
+    in the order the worker scored them, on the user's partition. An event scored again after a
+    restart (its state was not yet in the changelog) counts where it was scored last: the state
+    restored from the changelog was folded without it."""
+    events = await scored_events(settings)
+    if not any(r.topic != settings.topic_events_by_user for r, _ in events):
+        return [r for r, _ in sorted(events, key=lambda re: (re[0].partition, re[0].offset))]
+    last: dict[str, tuple[int, int]] = {}
+    for rec in await read_to_end(settings, [settings.topic_recommendations]):
+        if rec.value is not None:
+            last[orjson.loads(rec.value)["event_id"]] = (rec.partition, rec.offset)
+    missing = [ev.event_id for _, ev in events if ev.event_id not in last]
+    assert not missing, f"{len(missing)} scored events have no recommendation, e.g. {missing[:3]}"
+    return [r for r, ev in sorted(events, key=lambda re: last[re[1].event_id])]
+
+
 async def recompute_promotions(settings: Settings) -> tuple[set[str], set[str], set[str]]:
-    """The promotion ids a one-by-one run of the worker's pipeline over the by-user topic decides:
-    (certain, possible), and the ids of the event-driven promotions an order converts in that run
-    (their outcomes are certain: a window converts on the user's first order after it, and the
-    by-user topic keeps each user's order). Event-driven ones and carts due by the newest event
-    time are certain.
+    """The promotion ids a one-by-one run of the worker's pipeline over the scored events, in the
+    order the workers folded them (``scoring_order``), decides: (certain, possible), and the ids
+    of the event-driven promotions an order converts in that run (their outcomes are certain: a
+    window converts on the user's first order after it). Event-driven ones and carts due by the
+    newest event time are certain.
 
     Possible besides: the abandonment of any cart a user left holding items. The worker's clock
     runs on with the wall clock between events (so carts come due in quiet traffic), so whether a
@@ -214,9 +249,10 @@ async def recompute_promotions(settings: Settings) -> tuple[set[str], set[str], 
     carts: set[str] = set()
     converted: set[str] = set()
     newest = 0.0
-    records = await read_to_end(settings, [settings.topic_events_by_user])
-    for r in sorted(records, key=lambda r: (r.partition, r.offset)):  # each partition in its order
-        msg = Message(r.partition, r.key or b"", r.value or b"", None)
+    for r in await scoring_order(settings):
+        ev = event_adapter.validate_json(r.value or b"")
+        key = ev.user_id.encode()
+        msg = Message(user_partition(key, settings.partitions), key, r.value or b"", None)
         for out in pipeline.process([msg]).outputs:
             if out.topic == settings.topic_promotions:
                 ids.add(orjson.loads(out.value)["promotion_id"])
@@ -224,7 +260,6 @@ async def recompute_promotions(settings: Settings) -> tuple[set[str], set[str], 
                 o = orjson.loads(out.value)
                 if o["closed_by"] == "order" and o["kind"] != "cart_abandonment":
                     converted.add(o["promotion_id"])
-        ev = event_adapter.validate_json(r.value or b"")
         newest = max(newest, ev.event_time.timestamp())
         if ev.type == "cart" and UserState.loads(pipeline.users[msg.key]).cart:
             carts.add(promotion_id(ev.user_id, "cart_abandonment", ev.event_id))
@@ -240,9 +275,11 @@ async def recompute_promotions(settings: Settings) -> tuple[set[str], set[str], 
 
 
 async def uncommitted(settings: Settings, timeout: float = 120.0) -> int:
-    """By-user records past the group's committed offsets, once they stop moving or reach the end."""
+    """Input and by-user records past the group's committed offsets, once they stop moving or
+    reach the end."""
+    topics = [settings.topic_events_by_user, *settings.input_topics, *settings.control_topics]
     async with group_clients(settings) as (admin, consumer):
-        end = await consumer.end_offsets(await partitions_of(consumer, [settings.topic_events_by_user]))
+        end = await consumer.end_offsets(await partitions_of(consumer, topics))
         deadline = time.monotonic() + timeout
         while True:
             behind = await uncommitted_before(admin, settings.app_id, end)
@@ -351,8 +388,13 @@ def live_events(settings: Settings) -> list[Event]:
 # --- the tests ----------------------------------------------------------------------------------
 
 
-async def test_kill_9_mid_stream_then_restart_loses_nothing(kafka_bootstrap: str, tmp_path: Path) -> None:
-    settings = settings_of(env := demo_env(kafka_bootstrap, tmp_path))
+@pytest.mark.parametrize("direct", ["true", "false"], ids=["direct-input", "by-user-hop"])
+async def test_kill_9_mid_stream_then_restart_loses_nothing(
+    kafka_bootstrap: str, tmp_path: Path, direct: str
+) -> None:
+    """Input keyed by user id: scored where it is read (direct input), or every event through the
+    by-user topic."""
+    settings = settings_of(env := demo_env(kafka_bootstrap, tmp_path, SHOPSTREAM_DIRECT_INPUT=direct))
     await ensure_topics(settings)
     events = live_events(settings)
     wanted = {e["event_id"] for e in events}

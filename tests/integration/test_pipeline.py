@@ -211,7 +211,7 @@ async def test_by_user_topic_with_wrong_partition_count_is_refused(
 
 
 def metric(port: int, name: str) -> float:
-    """The value of an unlabelled metric on the worker's /metrics page."""
+    """The value of a metric (``name{label="value"}`` for a labelled one) on the worker's /metrics page."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         for line in resp.read().decode().splitlines():
             if line.startswith(name + " "):
@@ -259,6 +259,13 @@ async def _rekeyed(settings: Settings, worker: WorkerProcess) -> None:
         != user_partition(v["user_id"].encode(), settings.partitions)
     )
     assert 0 < off < len(sent)
+    # the ones already on their user's partition were scored where they were read (direct input),
+    # the others took the by-user hop
+    routed = {
+        path: metric(settings.web_port, f'shopstream_events_routed_total{{path="{path}"}}')
+        for path in ("direct", "hop")
+    }
+    assert routed == {"direct": len(sent) - off, "hop": off}
     # each user's state holds all of its events, whichever path they took
     for u in {v["user_id"] for v in sent}:
         with urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/users/{u}/", timeout=10) as resp:
