@@ -163,11 +163,14 @@ class Settings(BaseSettings):
     )
 
     direct_input: bool = Field(
-        True,
+        False,
         description="Score an input message on the worker that reads it when it already sits on its "
         "user's partition (input topics with SHOPSTREAM_PARTITIONS partitions, keyed by user id with "
-        "Kafka's default murmur2 partitioner); the rest, and everything when false, takes the hop "
-        "through the by-user topic.",
+        "Kafka's default murmur2 partitioner) instead of forwarding it through the by-user topic: about "
+        "a third less CPU per event. The trade: the by-user topic keeps one durable order of a user's "
+        "events from all input topics; without it, the events read again after a crash may interleave "
+        "across topics differently than the first time, so a promotion sent before the crash may not "
+        "be decided again and its outcome is then never joined.",
     )
     commit_interval_s: float = Field(
         2.0,

@@ -9,6 +9,7 @@ import asyncio
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from streams.errors import ConfigurationError
 from streams.settings import Settings
 
 
@@ -16,20 +17,22 @@ async def end_offsets(settings: Settings, topic: str) -> dict[TopicPartition, in
     consumer = AIOKafkaConsumer(**settings.kafka_client_options(), enable_auto_commit=False)
     await consumer.start()
     try:
-        parts = await _partitions(consumer, topic)
+        parts = await topic_partitions(consumer, topic)
         return dict(await consumer.end_offsets(parts))
     finally:
         await consumer.stop()
 
 
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """The partitions of ``topic``, refreshing the metadata for up to 10 s (a topic just created
+    may not be in it yet); ConfigurationError (a clean CLI error) when it does not exist."""
     for _ in range(50):
         found = consumer.partitions_for_topic(topic)
         if found:
             return [TopicPartition(topic, p) for p in sorted(found)]
         await consumer._client.force_metadata_update()
         await asyncio.sleep(0.2)
-    raise RuntimeError(f"topic {topic} not found")
+    raise ConfigurationError(f"topic {topic} not found (create the topics with `shopstream topics`)")
 
 
 def format_record(
@@ -56,7 +59,7 @@ async def tail(
     await consumer.start()
     n = 0
     try:
-        parts = await _partitions(consumer, topic)
+        parts = await topic_partitions(consumer, topic)
         consumer.assign(parts)
         if start is not None:
             for tp in parts:

@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from streams.attribution import offer_label
 from streams.settings import Settings
+from streams.tail import topic_partitions
 
 BOOTSTRAP = 1000  # user resamples per interval
 
@@ -177,13 +178,7 @@ async def read_topic(settings: Settings, topic: str) -> list[dict[str, Any]]:
     await consumer.start()
     out: list[dict[str, Any]] = []
     try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        if not parts:
-            await consumer._client.force_metadata_update()
-            parts = consumer.partitions_for_topic(topic) or set()
-        if not parts:
-            raise ValueError(f"topic {topic} does not exist on {settings.kafka_bootstrap_servers}")
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        tps = await topic_partitions(consumer, topic)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         end = await consumer.end_offsets(tps)

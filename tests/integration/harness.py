@@ -190,6 +190,30 @@ async def collect(
     return out
 
 
+async def read_to_end(
+    settings: Settings, topics: Sequence[str], timeout: float = 120.0
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record of ``topics`` up to their end offsets as of the call (not a quiet period: a
+    busy machine only makes it slower)."""
+    out: list[ConsumerRecord[bytes, bytes]] = []
+    deadline = time.monotonic() + timeout
+    consumer = AIOKafkaConsumer(**settings.kafka_client_options(), enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = await partitions_of(consumer, topics)
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        for tp in tps:
+            while await consumer.position(tp) < end[tp]:
+                assert time.monotonic() < deadline, f"{tp} not read to its end in {timeout:.0f}s"
+                for records in (await consumer.getmany(tp, timeout_ms=500)).values():
+                    out.extend(r for r in records if r.offset < end[tp])
+    finally:
+        await consumer.stop()
+    return out
+
+
 def values(records: list[ConsumerRecord[bytes, bytes]]) -> list[dict[str, Any]]:
     return [orjson.loads(r.value) for r in records if r.value is not None]
 
@@ -246,11 +270,19 @@ async def uncommitted_before(admin: AIOKafkaAdminClient, group: str, end: dict[T
     """Messages before the ``end`` offsets that ``group`` has not committed (no commit: from 0).
     While the group's coordinator is not ready (a broker started a moment ago is still creating
     ``__consumer_offsets``) nothing counts as committed: callers poll until it is."""
+    return sum((await uncommitted_by_partition(admin, group, end)).values())
+
+
+async def uncommitted_by_partition(
+    admin: AIOKafkaAdminClient, group: str, end: dict[TopicPartition, int]
+) -> dict[TopicPartition, int]:
+    """``uncommitted_before`` per partition (only the partitions with something uncommitted)."""
     try:
         done = await admin.list_consumer_group_offsets(group, partitions=list(end))
     except (GroupCoordinatorNotAvailableError, GroupLoadInProgressError, NotCoordinatorForGroupError):
-        return int(sum(end.values()))
-    return int(sum(end[tp] - max(done[tp].offset if tp in done else 0, 0) for tp in end))
+        return {tp: n for tp, n in end.items() if n}
+    behind = {tp: end[tp] - max(done[tp].offset if tp in done else 0, 0) for tp in end}
+    return {tp: n for tp, n in behind.items() if n}
 
 
 # --- a private broker ---------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from tests.integration.harness import (
     isolated_env,
     partitions_of,
     produce,
+    read_to_end,
     settings_of,
     uncommitted_before,
     values,
@@ -139,9 +140,7 @@ async def test_outcomes_are_joined_once_per_promotion_across_a_crash(
             worker=second,
         )
         await all_committed(settings)
-        outcomes = values(
-            await collect(settings, settings.topic_promotion_outcomes, lambda rs: False, timeout=3)
-        )
+        outcomes = values(await read_to_end(settings, [settings.topic_promotion_outcomes]))
     finally:
         second.stop()
     by_id: dict[str, dict[str, Any]] = {}

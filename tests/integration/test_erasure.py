@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import time
 import urllib.request
 import uuid
 from collections import Counter
@@ -22,7 +21,6 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka.structs import ConsumerRecord
 
 from streams.admin import ensure_topics
 from streams.baseline import VERSION as BASELINE
@@ -35,7 +33,7 @@ from tests.integration.harness import (
     isolated_env,
     produce,
     quiet_promotions,
-    reading_from_start,
+    read_to_end,
     settings_of,
     user_state,
     values,
@@ -68,22 +66,6 @@ async def shopstream(env: dict[str, str], *args: str) -> str:
     out, err = await asyncio.wait_for(proc.communicate(), timeout=180)
     assert proc.returncode == 0, err.decode(errors="replace")
     return out.decode()
-
-
-async def read_to_end(
-    settings: Settings, topic: str, timeout: float = 120.0
-) -> list[ConsumerRecord[bytes, bytes]]:
-    """Every record of ``topic`` up to its end offsets as of now."""
-    out: list[ConsumerRecord[bytes, bytes]] = []
-    deadline = time.monotonic() + timeout
-    async with reading_from_start(settings, topic, deadline) as (consumer, tps):
-        end = await consumer.end_offsets(tps)
-        for tp in tps:
-            while await consumer.position(tp) < end[tp]:
-                assert time.monotonic() < deadline, f"{topic} not read to its end in {timeout:.0f}s"
-                for records in (await consumer.getmany(tp, timeout_ms=500)).values():
-                    out.extend(r for r in records if r.offset < end[tp])
-    return out
 
 
 def metric(port: int, line: str) -> float:
@@ -212,27 +194,27 @@ async def test_forget_and_opt_out_hold_through_outputs_changelogs_and_recovery(
 
     # every output is the expected one: one recommendation per behaviour event, for its user; none
     # for the requests; U appears only in the answers to U's events before the erasure
-    recs = values(await read_to_end(settings, settings.topic_recommendations))
+    recs = values(await read_to_end(settings, [settings.topic_recommendations]))
     assert Counter(r["event_id"] for r in recs) == Counter(set(sent))
     for r in recs:
         assert (r["user_id"], r["event_type"]) == sent[r["event_id"]], r
         assert r["source"] == "baseline" and r["model_version"] == BASELINE and len(r["items"]) <= 10
     for topic in (settings.topic_recommendations, settings.topic_promotions, settings.topic_deadletter):
-        for rec in await read_to_end(settings, topic):
+        for rec in await read_to_end(settings, [topic]):
             if gone.encode() in (rec.value or b"") + (rec.key or b""):
                 assert topic == settings.topic_recommendations, rec
                 assert orjson.loads(rec.value or b"")["event_id"] in {"g-view", "g-search", "g-cart"}
-    assert await read_to_end(settings, settings.topic_deadletter) == []
+    assert await read_to_end(settings, [settings.topic_deadletter]) == []
 
     # the users changelog ends in a tombstone for U, or never held U at all (U's events and the
     # erasure came between two checkpoints: nothing of U was written); the other tables never
     # held U's id
     changelog = f"{settings.app_id}-users-changelog"
-    last = {r.key: r.value for r in await read_to_end(settings, changelog)}
+    last = {r.key: r.value for r in await read_to_end(settings, [changelog])}
     assert last.get(gone.encode()) is None
     assert all(last[u.encode()] is not None for u in users if u != gone)
     for table in ("items", "budget"):
-        for rec in await read_to_end(settings, f"{settings.app_id}-{table}-changelog"):
+        for rec in await read_to_end(settings, [f"{settings.app_id}-{table}-changelog"]):
             assert gone.encode() not in (rec.key or b"") + (rec.value or b""), table
     # logs carry no user ids
     for u in users:

@@ -22,7 +22,6 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.structs import ConsumerRecord
@@ -45,8 +44,9 @@ from tests.integration.harness import (
     group_clients,
     isolated_env,
     partitions_of,
+    read_to_end,
     settings_of,
-    uncommitted_before,
+    uncommitted_by_partition,
     values,
 )
 
@@ -107,7 +107,8 @@ class NoLoss:
     table_mismatches: list[str] = field(default_factory=list)
     promotions_missing: list[str] = field(default_factory=list)  # decided by the recomputation, not sent
     promotions_unexpected: list[str] = field(default_factory=list)  # sent, never decided by it
-    uncommitted: int = 0  # input and by-user records the group had not committed when the checks ran
+    # input and by-user records the group had not committed when the checks ran, by partition
+    uncommitted: dict[str, int] = field(default_factory=dict)
     outcome_ids: int = 0
     outcomes_missing: list[str] = field(default_factory=list)  # converted by the recomputation, not sent
     outcomes_unexpected: list[str] = field(default_factory=list)  # for a promotion nothing decides
@@ -122,7 +123,10 @@ class NoLoss:
         if self.promotions_unexpected:
             out.append(f"promotions no recomputation decides: {self.promotions_unexpected[:10]}")
         if self.uncommitted:
-            out.append(f"{self.uncommitted} input or by-user records never committed (a stalled partition)")
+            out.append(
+                f"{sum(self.uncommitted.values())} input or by-user records never committed (a stalled "
+                f"partition): {self.uncommitted}"
+            )
         if self.outcomes_missing:
             out.append(f"promotion outcomes lost: {self.outcomes_missing[:10]}")
         if self.outcomes_unexpected:
@@ -141,26 +145,8 @@ class NoLoss:
             f"promotions: {len(self.promotions_missing)} lost, {len(self.promotions_unexpected)} unexpected; "
             f"{self.outcome_ids} outcomes, {len(self.outcomes_missing)} lost, "
             f"{len(self.outcomes_unexpected)} unexpected, {len(self.outcome_conflicts)} conflicting; "
-            f"{self.uncommitted} uncommitted"
+            f"{sum(self.uncommitted.values())} uncommitted"
         )
-
-
-async def read_to_end(settings: Settings, topics: Sequence[str]) -> Records:
-    """Every record of ``topics``, up to their end offsets when this is called."""
-    consumer = AIOKafkaConsumer(**settings.kafka_client_options(), enable_auto_commit=False)
-    await consumer.start()
-    out: Records = []
-    try:
-        tps = await partitions_of(consumer, topics)
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                out.extend(records)
-    finally:
-        await consumer.stop()
-    return out
 
 
 async def answer_all(
@@ -274,17 +260,17 @@ async def recompute_promotions(settings: Settings) -> tuple[set[str], set[str], 
     return certain, certain | carts, converted
 
 
-async def uncommitted(settings: Settings, timeout: float = 120.0) -> int:
-    """Input and by-user records past the group's committed offsets, once they stop moving or
-    reach the end."""
+async def uncommitted(settings: Settings, timeout: float = 120.0) -> dict[str, int]:
+    """Input and by-user records past the group's committed offsets (``topic[partition]`` -> how
+    many), once none are left or ``timeout`` passed."""
     topics = [settings.topic_events_by_user, *settings.input_topics, *settings.control_topics]
     async with group_clients(settings) as (admin, consumer):
         end = await consumer.end_offsets(await partitions_of(consumer, topics))
         deadline = time.monotonic() + timeout
         while True:
-            behind = await uncommitted_before(admin, settings.app_id, end)
-            if behind == 0 or time.monotonic() > deadline:
-                return behind
+            behind = await uncommitted_by_partition(admin, settings.app_id, end)
+            if not behind or time.monotonic() > deadline:
+                return {f"{tp.topic}[{tp.partition}] (end {end[tp]})": n for tp, n in behind.items()}
             await asyncio.sleep(1.0)
 
 

@@ -223,8 +223,9 @@ async def test_events_on_another_partition_than_their_users_are_rekeyed(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     """Events keyed by something else than the user id reach the partition that owns the user
-    through the by-user topic, and each user's state holds all of its events."""
-    env = isolated_env(kafka_bootstrap, tmp_path)
+    through the by-user topic, and each user's state holds all of its events (direct input on:
+    the ones already on their user's partition are scored where they are read)."""
+    env = isolated_env(kafka_bootstrap, tmp_path, SHOPSTREAM_DIRECT_INPUT="true")
     settings = settings_of(env)
     await ensure_topics(settings)
     worker = WorkerProcess(env, tmp_path / "worker.log").start()
