@@ -6,8 +6,11 @@ In: an output topic. Out: one line per record on stdout; dead letters show their
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Sequence
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import ConsumerRecord
 
 from streams.errors import ConfigurationError
 from streams.settings import Settings
@@ -33,6 +36,31 @@ async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[Topic
         await consumer._client.force_metadata_update()
         await asyncio.sleep(0.2)
     raise ConfigurationError(f"topic {topic} not found (create the topics with `shopstream topics`)")
+
+
+async def read_to_end(
+    settings: Settings, topics: Sequence[str], timeout: float | None = None
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record of ``topics`` up to their end offsets as of the call (TimeoutError when that
+    takes longer than ``timeout`` seconds)."""
+    out: list[ConsumerRecord[bytes, bytes]] = []
+    deadline = None if timeout is None else time.monotonic() + timeout
+    consumer = AIOKafkaConsumer(**settings.kafka_client_options(), enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [tp for topic in topics for tp in await topic_partitions(consumer, topic)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        for tp in tps:
+            while await consumer.position(tp) < end[tp]:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"{tp} not read to its end offset {end[tp]} in {timeout:.0f}s")
+                for records in (await consumer.getmany(tp, timeout_ms=500)).values():
+                    out.extend(r for r in records if r.offset < end[tp])
+    finally:
+        await consumer.stop()
+    return out
 
 
 def format_record(

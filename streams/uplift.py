@@ -23,11 +23,10 @@ from typing import Any
 
 import numpy as np
 import orjson
-from aiokafka import AIOKafkaConsumer
 
 from streams.attribution import offer_label
 from streams.settings import Settings
-from streams.tail import topic_partitions
+from streams.tail import read_to_end
 
 BOOTSTRAP = 1000  # user resamples per interval
 
@@ -174,21 +173,7 @@ def read_file(path: Path) -> list[dict[str, Any]]:
 
 async def read_topic(settings: Settings, topic: str) -> list[dict[str, Any]]:
     """Every record of ``topic`` up to its end offsets as of now."""
-    consumer = AIOKafkaConsumer(**settings.kafka_client_options(), enable_auto_commit=False)
-    await consumer.start()
-    out: list[dict[str, Any]] = []
-    try:
-        tps = await topic_partitions(consumer, topic)
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        for tp in tps:
-            while await consumer.position(tp) < end[tp]:
-                for records in (await consumer.getmany(tp, timeout_ms=1000)).values():
-                    out.extend(orjson.loads(r.value) for r in records if r.offset < end[tp] and r.value)
-    finally:
-        await consumer.stop()
-    return out
+    return [orjson.loads(r.value) for r in await read_to_end(settings, [topic]) if r.value]
 
 
 def run(settings: Settings, source: str | None, out_dir: Path) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import ConsumerRecord
 
+from streams import tail
 from streams.admin import ensure_topics
 from streams.settings import TOPIC_FIELDS, Settings
 
@@ -195,23 +196,7 @@ async def read_to_end(
 ) -> list[ConsumerRecord[bytes, bytes]]:
     """Every record of ``topics`` up to their end offsets as of the call (not a quiet period: a
     busy machine only makes it slower)."""
-    out: list[ConsumerRecord[bytes, bytes]] = []
-    deadline = time.monotonic() + timeout
-    consumer = AIOKafkaConsumer(**settings.kafka_client_options(), enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tps = await partitions_of(consumer, topics)
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        for tp in tps:
-            while await consumer.position(tp) < end[tp]:
-                assert time.monotonic() < deadline, f"{tp} not read to its end in {timeout:.0f}s"
-                for records in (await consumer.getmany(tp, timeout_ms=500)).values():
-                    out.extend(r for r in records if r.offset < end[tp])
-    finally:
-        await consumer.stop()
-    return out
+    return await tail.read_to_end(settings, topics, timeout)
 
 
 def values(records: list[ConsumerRecord[bytes, bytes]]) -> list[dict[str, Any]]:

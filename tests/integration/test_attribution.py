@@ -25,6 +25,7 @@ from streams.admin import ensure_topics
 from streams.promotions import in_holdout
 from streams.records import PromotionOutcome
 from streams.settings import Settings
+from streams.uplift import read_topic
 from tests.integration.harness import (
     WorkerProcess,
     collect,
@@ -141,6 +142,7 @@ async def test_outcomes_are_joined_once_per_promotion_across_a_crash(
         )
         await all_committed(settings)
         outcomes = values(await read_to_end(settings, [settings.topic_promotion_outcomes]))
+        assert await read_topic(settings, settings.topic_promotion_outcomes) == outcomes  # uplift-report's
     finally:
         second.stop()
     by_id: dict[str, dict[str, Any]] = {}
