@@ -170,7 +170,10 @@ def scored_here(settings: Settings, record: Any, user_id: str) -> bool:
     )
 
 
-async def scored_events(settings: Settings) -> list[tuple[ConsumerRecord[bytes, bytes], Any]]:
+Scored = list[tuple[ConsumerRecord[bytes, bytes], Any]]  # (the record an event was read from, the event)
+
+
+async def scored_events(settings: Settings) -> Scored:
     """Every event the workers scored, once each: (the record they read it from, the event)."""
     out = []
     seen: set[str] = set()
@@ -186,20 +189,20 @@ async def scored_events(settings: Settings) -> list[tuple[ConsumerRecord[bytes, 
     return out
 
 
-async def recompute_users(settings: Settings) -> tuple[dict[str, UserState], Counter[str]]:
-    """The users the workers' input makes, and the tokens each was given in all (each event
+def recompute_users(events: Scored, sequence_length: int) -> tuple[dict[str, UserState], Counter[str]]:
+    """The users the scored ``events`` make, and the tokens each was given in all (each event
     folded once; the comparison does not depend on the order, see ``differs``)."""
     users: dict[str, UserState] = {}
     tokens: Counter[str] = Counter()
-    for _, ev in sorted(await scored_events(settings), key=lambda re: (re[0].timestamp, re[0].topic)):
+    for _, ev in sorted(events, key=lambda re: (re[0].timestamp, re[0].topic)):
         tokens[ev.user_id] += len(
-            users.setdefault(ev.user_id, UserState()).apply(ev, 0, settings.sequence_length) or ()
+            users.setdefault(ev.user_id, UserState()).apply(ev, 0, sequence_length) or ()
         )
     return users, tokens
 
 
-async def scoring_order(settings: Settings) -> list[ConsumerRecord[bytes, bytes]]:
-    """The scored events in the order the workers folded them into each user's state.
+async def scoring_order(settings: Settings, events: Scored) -> Scored:
+    """The scored ``events`` in the order the workers folded them into each user's state.
 
     Through the by-user topic that is its order in each partition. With direct input a user's
     events come from several input topics, interleaved as the worker fetched them, which no
@@ -207,19 +210,18 @@ async def scoring_order(settings: Settings) -> list[ConsumerRecord[bytes, bytes]
     in the order the worker scored them, on the user's partition. An event scored again after a
     restart (its state was not yet in the changelog) counts where it was scored last: the state
     restored from the changelog was folded without it."""
-    events = await scored_events(settings)
     if not any(r.topic != settings.topic_events_by_user for r, _ in events):
-        return [r for r, _ in sorted(events, key=lambda re: (re[0].partition, re[0].offset))]
+        return sorted(events, key=lambda re: (re[0].partition, re[0].offset))
     last: dict[str, tuple[int, int]] = {}
     for rec in await read_to_end(settings, [settings.topic_recommendations]):
         if rec.value is not None:
             last[orjson.loads(rec.value)["event_id"]] = (rec.partition, rec.offset)
     missing = [ev.event_id for _, ev in events if ev.event_id not in last]
     assert not missing, f"{len(missing)} scored events have no recommendation, e.g. {missing[:3]}"
-    return [r for r, ev in sorted(events, key=lambda re: last[re[1].event_id])]
+    return sorted(events, key=lambda re: last[re[1].event_id])
 
 
-async def recompute_promotions(settings: Settings) -> tuple[set[str], set[str], set[str]]:
+async def recompute_promotions(settings: Settings, events: Scored) -> tuple[set[str], set[str], set[str]]:
     """The promotion ids a one-by-one run of the worker's pipeline over the scored events, in the
     order the workers folded them (``scoring_order``), decides: (certain, possible), and the ids
     of the event-driven promotions an order converts in that run (their outcomes are certain: a
@@ -235,8 +237,7 @@ async def recompute_promotions(settings: Settings) -> tuple[set[str], set[str], 
     carts: set[str] = set()
     converted: set[str] = set()
     newest = 0.0
-    for r in await scoring_order(settings):
-        ev = event_adapter.validate_json(r.value or b"")
+    for r, ev in await scoring_order(settings, events):
         key = ev.user_id.encode()
         msg = Message(user_partition(key, settings.partitions), key, r.value or b"", None)
         for out in pipeline.process([msg]).outputs:
@@ -308,7 +309,8 @@ async def no_loss(
     each user is asked of the workers in turn (a worker forwards a key it does not own to its
     owner)."""
     ids = Counter(v["event_id"] for v in values(recs))
-    expected, tokens = await recompute_users(settings)
+    events = await scored_events(settings)
+    expected, tokens = recompute_users(events, settings.sequence_length)
     users = sorted(expected)
     if sample:
         users = users[:: max(1, len(users) // sample)]
@@ -325,7 +327,7 @@ async def no_loss(
     per_id: dict[str, set[tuple[str, str, str]]] = {}
     for p in promos:  # a repeated id is the same promotion re-sent: consumers deduplicate on it
         per_id.setdefault(p["promotion_id"], set()).add((p["kind"], p["user_id"], p["trigger_event_id"]))
-    certain, possible, converted = await recompute_promotions(settings)
+    certain, possible, converted = await recompute_promotions(settings, events)
     outcomes = values(await read_to_end(settings, [settings.topic_promotion_outcomes]))
     per_outcome: dict[str, set[tuple[bool, str | None]]] = {}
     for o in outcomes:  # re-sent after a redelivery: the same outcome again
