@@ -21,6 +21,26 @@ markers), the next record is taken and no gap is marked committable: the commit 
 the last record processed, the worker reports itself not ready and then not alive
 (``streams.progress``), and a restart reads from the last commit: slower, never lossy.
 
+Records handed on and then dropped. faust clears every stream queue whenever it resumes the flow
+(``FlowControlEvent.resume``), and its recovery resumes the stream partitions and the fetcher
+before its last seek to the committed offsets and that last resume (faust-streaming#596): records
+handed on in between are dropped unprocessed. The consumer's count of what it handed on then runs
+ahead of what any stream will ack. Where the partition had a committed offset, the commit stalled
+at the first dropped record (a partition never committed again, its events answered twice after
+the next rebalance). Where it had none (a partition taken over from a worker killed before its
+first commit), faust's head-of-run check does not apply and the group committed past the dropped
+records: events no worker folded (issue: two workers, one killed, 321 of 3,000 unanswered; in
+another run promotions lost). The fixes, all here:
+- ``perform_seek`` seeks every partition it positioned to its committed offset again afterwards, so
+  the position and the next offset to hand on agree with what the streams will ack;
+- every record handed on is tracked (``HandedOn``) by a weak reference until a stream acks it; one
+  released unacked was dropped, and the fetch loop seeks back to it and reads it again (logged,
+  counted in ``shopstream_records_refetched_total``);
+- the fetch loop hands nothing on after one of its own awaits if the flow stopped or the
+  generation changed meanwhile (a record of the revoked assignment);
+- ``_new_offset`` commits only a run of acks that starts at the committed offset: faust's check
+  lets a run start one past it and so commits over a record still in flight (faust-streaming#606).
+
 A second addition, for the worker's write-back tables (``streams.writeback``): ``commit`` first
 enters ``checkpoint()``, an async context the worker installs. It takes the lock that batches and
 timers hold, writes the pending table changes and awaits their changelog acknowledgements; faust
@@ -36,7 +56,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import types
-from collections.abc import Coroutine, Generator
+import weakref
+from collections import deque
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 from faust.transport.consumer import CONSUMER_FETCHING
@@ -48,8 +70,97 @@ from streams.errors import DeliveryFailed
 log = logging.getLogger(__name__)
 
 
+class _Handed:
+    __slots__ = ("acked", "message", "offset")
+
+    def __init__(self, offset: int, message: weakref.ref[Any]) -> None:
+        self.offset = offset
+        self.message = message
+        self.acked = False
+
+
+class HandedOn:
+    """The records handed on to streams, per partition, until acked: the oldest one released
+    unacked (a queue cleared under it) is where reading must start again.
+
+    In: ``hand(tp, offset, message)`` for each record handed on, in order; ``ack(tp, offset)`` as
+    streams ack them; ``forget(tp, from_offset)`` when the partition is revoked or sought back.
+    Out: ``dropped()``, per partition, the offset of the oldest record released without an ack.
+    Messages are held by weak references: while a queue, a buffer or a batch holds a record it
+    is on its way; once nothing does and no ack came, it was dropped."""
+
+    def __init__(self) -> None:
+        self._handed: dict[Any, deque[_Handed]] = {}
+        self._by_offset: dict[Any, dict[int, _Handed]] = {}
+
+    def hand(self, tp: Any, offset: int, message: Any) -> None:
+        entry = _Handed(offset, weakref.ref(message))
+        q = self._handed.get(tp)
+        if q is None:
+            q = self._handed[tp] = deque()
+            self._by_offset[tp] = {}
+        q.append(entry)
+        self._by_offset[tp][offset] = entry
+
+    def ack(self, tp: Any, offset: int) -> None:
+        by_offset = self._by_offset.get(tp)
+        entry = by_offset.get(offset) if by_offset is not None else None
+        if entry is not None:
+            entry.acked = True
+
+    def forget(self, tp: Any, from_offset: int | None = None) -> None:
+        """Drop the entries of ``tp`` (from ``from_offset`` on): they will be handed on again."""
+        q = self._handed.get(tp)
+        if q is None:
+            return
+        if from_offset is None:
+            del self._handed[tp], self._by_offset[tp]
+            return
+        by_offset = self._by_offset[tp]
+        kept = deque(e for e in q if e.offset < from_offset)
+        for e in q:
+            if e.offset >= from_offset and by_offset.get(e.offset) is e:
+                del by_offset[e.offset]
+        self._handed[tp] = kept
+
+    def dropped(self) -> dict[Any, int]:
+        """Partitions with a record released unacked -> the offset of the oldest such record.
+        Acked records at the head are let go on the way; a record still referenced ends the
+        search in its partition (the ones after it are on their way too, or dropped after it)."""
+        out: dict[Any, int] = {}
+        for tp, q in self._handed.items():
+            by_offset = self._by_offset[tp]
+            while q:
+                head = q[0]
+                if head.acked:
+                    q.popleft()
+                    if by_offset.get(head.offset) is head:
+                        del by_offset[head.offset]
+                    continue
+                if head.message() is None:
+                    out[tp] = head.offset
+                break
+        return out
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._handed.values())
+
+
+def first_unacked_run_end(acked: list[int], committed: int | None) -> int | None:
+    """The offset to commit for ``acked`` (sorted, unique) past ``committed``: one past the run of
+    consecutive acked offsets that starts at ``committed`` (None: at the first acked offset, no
+    commit yet); None when the run does not start there (the head is still in flight)."""
+    if not acked or (committed is not None and acked[0] > committed):
+        return None
+    end = 0
+    while end + 1 < len(acked) and acked[end + 1] == acked[end] + 1:
+        end += 1
+    return acked[end] + 1
+
+
 class ShopstreamConsumer(Consumer):  # type: ignore[misc]
     on_jump: Any = None  # called with (tp, expected offset, offset) for each offset jump
+    on_refetch: Any = None  # called with (tp, offset) for each dropped record read again
     # () -> async context manager: pending state written and confirmed on entry, held until exit
     checkpoint: Any = None
 
@@ -74,20 +185,60 @@ class ShopstreamConsumer(Consumer):  # type: ignore[misc]
         """Never called by ``_drain_messages`` below; kept inert should faust call it elsewhere."""
 
     _expected: dict[Any, int]  # acking partition -> next offset to hand on
+    _handed_on: HandedOn
     _n_acked: int  # faust's count of acks since the last commit
 
     async def on_partitions_revoked(self, revoked: set[Any]) -> None:
         for tp in revoked:
             self._expected_offsets().pop(tp, None)
+            self._handed().forget(tp)
         await super().on_partitions_revoked(revoked)
 
+    async def on_partitions_assigned(self, assigned: set[Any], generation_id: int = 0) -> None:
+        """Forget what was handed on for the assigned partitions: records handed on after their
+        revocation began (the fetch loop was mid-fetch) belong to the old assignment; reading
+        starts afresh at the committed offset."""
+        for tp in assigned:
+            self._expected_offsets().pop(tp, None)
+            self._handed().forget(tp)
+        await super().on_partitions_assigned(assigned, generation_id)
+
     async def perform_seek(self) -> None:
+        """faust's seek to the committed offsets, then the same seek again for every partition
+        it found a committed offset for: the fetcher may have run during faust's seek (its
+        recovery resumes the stream partitions first), and what it handed on meanwhile is
+        cleared from the queues when faust resumes the flow right after (faust-streaming#596)."""
         await super().perform_seek()
-        self._expected_offsets().update({tp: o for tp, o in self._read_offset.items() if o is not None})
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        assigned = self.assignment()
+        for tp, offset in list(self._read_offset.items()):
+            if offset is not None and tp in assigned and acks_enabled_for(tp.topic):
+                await self.seek(tp, offset)
 
     async def seek(self, partition: Any, offset: int) -> None:
         await super().seek(partition, offset)
         self._expected_offsets()[partition] = offset
+        self._handed().forget(partition, offset)
+
+    def ack(self, message: Any) -> bool:
+        self._handed().ack(message.tp, message.offset)
+        return bool(super().ack(message))
+
+    def _new_offset(self, tp: Any) -> int | None:
+        """faust's offset to commit, with the head of the run checked exactly: it must start at
+        the committed offset (faust lets it start one past it, faust-streaming#606). No gaps
+        are ever marked (``_add_gap``), so faust's gap handling has nothing to add here."""
+        acked = self._acked[tp]
+        if not acked:
+            return None
+        acked.sort()
+        new = first_unacked_run_end(acked, self._committed_offset[tp])
+        if new is None:
+            return None
+        done = [o for o in acked if o < new]
+        del acked[: len(done)]
+        self._acked_index[tp].difference_update(done)
+        return new
 
     def _expected_offsets(self) -> dict[Any, int]:
         try:
@@ -95,6 +246,40 @@ class ShopstreamConsumer(Consumer):  # type: ignore[misc]
         except AttributeError:
             self._expected = {}
             return self._expected
+
+    def _handed(self) -> HandedOn:
+        try:
+            return self._handed_on
+        except AttributeError:
+            self._handed_on = HandedOn()
+            return self._handed_on
+
+    async def _seek_back_dropped(self, expected: dict[Any, int], rewound: dict[Any, int]) -> None:
+        """Seek each partition with a record handed on and dropped unprocessed back to it."""
+        handed = self._handed()
+        dropped = handed.dropped()
+        if not dropped:
+            return
+        assigned = self.assignment()
+        for tp, offset in dropped.items():
+            want = expected.get(tp)
+            if tp not in assigned or want is None:
+                handed.forget(tp)  # revoked: the next owner starts from the committed offset
+                continue
+            if offset >= want:  # already sought back before it (perform_seek)
+                handed.forget(tp, offset)
+                continue
+            log.warning(
+                "%s[%d]: record %d was handed to a stream and dropped unprocessed (a queue cleared "
+                "by faust); seeking back to it",
+                tp.topic,
+                tp.partition,
+                offset,
+            )
+            if self.on_refetch is not None:
+                self.on_refetch(tp, offset)
+            rewound[tp] = offset
+            await self.seek(tp, offset)
 
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - runs in the worker
         """faust-streaming 0.15.3's fetch loop, with one change for the topics whose offsets are
@@ -112,10 +297,13 @@ class ShopstreamConsumer(Consumer):  # type: ignore[misc]
         acks_enabled_for = self.app.topics.acks_enabled_for
         commit_every = self._commit_every
         rewound: dict[Any, int] = {}  # partition -> offset it was sought back to
+        handed = self._handed()
+        app = self.app
         n = 0
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 self.diag.set_flag(CONSUMER_FETCHING)
+                await self._seek_back_dropped(expected, rewound)
                 ait = getmany(timeout=1.0)
                 await self.sleep(0)
                 if self.should_stop:
@@ -126,6 +314,10 @@ class ShopstreamConsumer(Consumer):  # type: ignore[misc]
                     if n > 100:
                         await asyncio.sleep(0)
                         n = 0
+                        # faust's getmany checked the flow and the generation before it yielded
+                        # this record; a rebalance may have begun during the sleep
+                        if not self.flow_active or message.generation_id != app.consumer_generation_id:
+                            break
                     if tp in skip:
                         continue
                     offset = message.offset
@@ -141,6 +333,7 @@ class ShopstreamConsumer(Consumer):  # type: ignore[misc]
                             continue
                         rewound.pop(tp, None)
                         expected[tp] = offset + 1
+                        handed.hand(tp, offset, message)
                     else:
                         r_offset = read_offset[tp]
                         if r_offset is not None and offset < r_offset:
@@ -148,6 +341,8 @@ class ShopstreamConsumer(Consumer):  # type: ignore[misc]
                     if commit_every is not None and self._n_acked >= commit_every:
                         self._n_acked = 0
                         await self.commit()
+                        if not self.flow_active or message.generation_id != app.consumer_generation_id:
+                            break  # a rebalance began: the assignment starts these partitions afresh
                     handing = callback(message)
                     try:  # the usual case: handed on without waiting, so nothing to wait on
                         waiting_on = handing.send(None)
@@ -219,11 +414,17 @@ async def _finish(coro: Coroutine[Any, Any, Any], waiting_on: Any) -> Any:
     return await _resume(coro, waiting_on)
 
 
-def install(app: Any, on_jump: Any = None, checkpoint: Any = None) -> None:
+def install(
+    app: Any,
+    on_jump: Callable[[Any, int, int], None] | None = None,
+    checkpoint: Any = None,
+    on_refetch: Callable[[Any, int], None] | None = None,
+) -> None:
     """Make ``app`` create its consumer from ``ShopstreamConsumer`` (before it is first used),
     with this app's hooks (a class of its own: several apps may live in one process)."""
     hooks = {
         "on_jump": staticmethod(on_jump) if on_jump is not None else None,
         "checkpoint": staticmethod(checkpoint) if checkpoint is not None else None,
+        "on_refetch": staticmethod(on_refetch) if on_refetch is not None else None,
     }
     app.transport.Consumer = type("ShopstreamConsumer", (ShopstreamConsumer,), hooks)

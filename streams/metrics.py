@@ -142,6 +142,13 @@ class Metrics:
             ["model_version"],
             registry=registry,
         )
+        self.records_refetched = Counter(
+            "shopstream_records_refetched_total",
+            "Records handed to a stream and dropped unprocessed (faust clears its queues when it resumes "
+            "the flow after a rebalance): sought back to and read again, never committed past.",
+            ["topic"],
+            registry=registry,
+        )
         self.offset_jumps = Counter(
             "shopstream_offset_jumps_total",
             "Fetched records whose offset jumped past unread ones (a stale record after a rebalance): "

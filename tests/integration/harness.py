@@ -110,6 +110,15 @@ class StreamsProcess:
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
 
+    def notable(self, n: int = 60) -> str:
+        """The log's last ``n`` warnings, errors and rebalance lines (what a failed check reads)."""
+        if not self.log.exists():
+            return ""
+        marks = ("WARNING", "ERROR", "CRITICAL", "assigned", "revoked", "Seek")
+        lines = self.log.read_text(errors="replace").splitlines()
+        lines = [ln for ln in lines if any(m in ln for m in marks)]
+        return "\n".join(lines[-n:])
+
 
 class WorkerProcess(StreamsProcess):
     """``python -m streams worker``: a stream worker."""
