@@ -617,9 +617,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         """Every asyncio task of the worker with where it waits: what to look at when it stalls."""
         out = []
         for task in asyncio.all_tasks():
-            frames = [
-                f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in task.get_stack(limit=12)
-            ]
+            frames = [f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in awaiting(task)]
             out.append({"task": task.get_name(), "coro": repr(task.get_coro())[:200], "stack": frames})
         return web.json(out)
 
@@ -640,6 +638,20 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         return web.json({"ready": ok, **checks}, status=200 if ok else 503)
 
     return app
+
+
+def awaiting(task: asyncio.Task[Any], limit: int = 40) -> list[Any]:
+    """The frames a task waits in, outermost first: its coroutine, the one that awaits, and so on
+    down the chain (``Task.get_stack`` gives one frame for a suspended coroutine)."""
+    frames: list[Any] = []
+    coro: Any = task.get_coro()
+    step = ("cr_await", "gi_yieldfrom", "ag_await")
+    while coro is not None and len(frames) < limit:
+        frame = next((f for a in ("cr_frame", "gi_frame", "ag_frame") if (f := getattr(coro, a, None))), None)
+        if frame is not None:
+            frames.append(frame)
+        coro = next((c for a in step if (c := getattr(coro, a, None))), None)
+    return frames or list(task.get_stack(limit=limit))
 
 
 def estimate_keys(table: Any) -> int:

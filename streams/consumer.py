@@ -34,8 +34,12 @@ another run promotions lost). The fixes, all here:
 - ``perform_seek`` seeks every partition it positioned to its committed offset again afterwards, so
   the position and the next offset to hand on agree with what the streams will ack;
 - every record handed on is tracked (``HandedOn``) by a weak reference until a stream acks it; one
-  released unacked was dropped, and the fetch loop seeks back to it and reads it again (logged,
-  counted in ``shopstream_records_refetched_total``);
+  released unacked was dropped. When faust clears the queues (its flow control's ``clear``, which
+  ``resume`` calls) the oldest dropped record of each partition becomes at once the next one to
+  hand on, so no later record is handed on before it (that would fold a user's events out of
+  order), and the fetch loop seeks back to it (logged, counted in
+  ``shopstream_records_refetched_total``); a record released unacked at any other time is found
+  by the fetch loop;
 - the fetch loop hands nothing on after one of its own awaits if the flow stopped or the
   generation changed meanwhile (a record of the revoked assignment);
 - ``_new_offset`` commits only a run of acks that starts at the committed offset: faust's check
@@ -123,10 +127,12 @@ class HandedOn:
                 del by_offset[e.offset]
         self._handed[tp] = kept
 
-    def dropped(self) -> dict[Any, int]:
+    def dropped(self, everywhere: bool = False) -> dict[Any, int]:
         """Partitions with a record released unacked -> the offset of the oldest such record.
-        Acked records at the head are let go on the way; a record still referenced ends the
-        search in its partition (the ones after it are on their way too, or dropped after it)."""
+        Acked records at the head are let go on the way. A record still referenced ends the
+        search in its partition (cheap, for every fetch), unless ``everywhere``: then records
+        behind it are looked at too (once a queue was cleared, while older records still wait
+        in a stream's buffer)."""
         out: dict[Any, int] = {}
         for tp, q in self._handed.items():
             by_offset = self._by_offset[tp]
@@ -139,6 +145,10 @@ class HandedOn:
                     continue
                 if head.message() is None:
                     out[tp] = head.offset
+                elif everywhere:
+                    gone = next((e.offset for e in q if not e.acked and e.message() is None), None)
+                    if gone is not None:
+                        out[tp] = gone
                 break
         return out
 
@@ -186,6 +196,7 @@ class ShopstreamConsumer(Consumer):  # type: ignore[misc]
 
     _expected: dict[Any, int]  # acking partition -> next offset to hand on
     _handed_on: HandedOn
+    _rewinds: dict[Any, int]  # partition -> dropped offset to seek back to (queues cleared)
     _n_acked: int  # faust's count of acks since the last commit
 
     async def on_partitions_revoked(self, revoked: set[Any]) -> None:
@@ -198,10 +209,42 @@ class ShopstreamConsumer(Consumer):  # type: ignore[misc]
         """Forget what was handed on for the assigned partitions: records handed on after their
         revocation began (the fetch loop was mid-fetch) belong to the old assignment; reading
         starts afresh at the committed offset."""
+        self._watch_queue_clearing()
         for tp in assigned:
             self._expected_offsets().pop(tp, None)
             self._handed().forget(tp)
+            self._pending_rewinds().pop(tp, None)
         await super().on_partitions_assigned(assigned, generation_id)
+
+    def _watch_queue_clearing(self) -> None:
+        """Have faust's flow control tell this consumer each time it clears the stream queues."""
+        flow = self.app.flow_control
+        if getattr(flow, "shopstream_watched", False):
+            return
+        clear = flow.clear
+
+        def clear_then_rewind() -> None:
+            clear()
+            self.on_queues_cleared()
+
+        flow.clear = clear_then_rewind  # resume() calls self.clear()
+        flow.shopstream_watched = True
+
+    def on_queues_cleared(self) -> None:
+        """faust dropped what its stream queues held: from now on each partition's next record
+        to hand on is its oldest dropped one, at once, so that no later record is handed on
+        before it is read again (the fetch loop seeks back to it)."""
+        expected = self._expected_offsets()
+        handed = self._handed()
+        rewinds = self._pending_rewinds()
+        for tp, offset in handed.dropped(everywhere=True).items():
+            want = expected.get(tp)
+            handed.forget(tp, offset)
+            if want is None or offset >= want:
+                continue  # revoked, or already sought back before it (perform_seek)
+            expected[tp] = offset
+            rewinds[tp] = offset
+            self._refetching(tp, offset)
 
     async def perform_seek(self) -> None:
         """faust's seek to the committed offsets, then the same seek again for every partition
@@ -254,30 +297,45 @@ class ShopstreamConsumer(Consumer):  # type: ignore[misc]
             self._handed_on = HandedOn()
             return self._handed_on
 
+    def _pending_rewinds(self) -> dict[Any, int]:
+        try:
+            return self._rewinds
+        except AttributeError:
+            self._rewinds = {}
+            return self._rewinds
+
+    def _refetching(self, tp: Any, offset: int) -> None:
+        log.warning(
+            "%s[%d]: record %d was handed to a stream and dropped unprocessed (a queue cleared by "
+            "faust); reading again from it",
+            tp.topic,
+            tp.partition,
+            offset,
+        )
+        if self.on_refetch is not None:
+            self.on_refetch(tp, offset)
+
     async def _seek_back_dropped(self, expected: dict[Any, int], rewound: dict[Any, int]) -> None:
-        """Seek each partition with a record handed on and dropped unprocessed back to it."""
+        """Seek each partition with a record handed on and dropped unprocessed back to it: the
+        ones found when faust cleared the queues (``on_queues_cleared``), and any released
+        unacked since."""
         handed = self._handed()
+        rewinds = self._pending_rewinds()
         dropped = handed.dropped()
-        if not dropped:
+        if not (dropped or rewinds):
             return
         assigned = self.assignment()
         for tp, offset in dropped.items():
             want = expected.get(tp)
-            if tp not in assigned or want is None:
-                handed.forget(tp)  # revoked: the next owner starts from the committed offset
-                continue
-            if offset >= want:  # already sought back before it (perform_seek)
-                handed.forget(tp, offset)
-                continue
-            log.warning(
-                "%s[%d]: record %d was handed to a stream and dropped unprocessed (a queue cleared "
-                "by faust); seeking back to it",
-                tp.topic,
-                tp.partition,
-                offset,
-            )
-            if self.on_refetch is not None:
-                self.on_refetch(tp, offset)
+            handed.forget(tp, offset)
+            if tp not in assigned or want is None or offset >= want:
+                continue  # revoked, or already sought back before it (perform_seek)
+            expected[tp] = rewinds[tp] = offset
+            self._refetching(tp, offset)
+        for tp, offset in list(rewinds.items()):
+            del rewinds[tp]
+            if tp not in assigned or expected.get(tp) != offset:
+                continue  # revoked, or sought elsewhere since
             rewound[tp] = offset
             await self.seek(tp, offset)
 
@@ -298,6 +356,7 @@ class ShopstreamConsumer(Consumer):  # type: ignore[misc]
         commit_every = self._commit_every
         rewound: dict[Any, int] = {}  # partition -> offset it was sought back to
         handed = self._handed()
+        rewinds = self._pending_rewinds()
         app = self.app
         n = 0
         try:
@@ -326,7 +385,8 @@ class ShopstreamConsumer(Consumer):  # type: ignore[misc]
                         if want is not None and offset < want:
                             continue  # handed on before (faust: "DROPPED MESSAGE ROFF")
                         if want is not None and offset > want and rewound.get(tp) != want:
-                            self._jumped(tp, want, offset)
+                            if rewinds.pop(tp, None) != want:  # else: on_queues_cleared said why
+                                self._jumped(tp, want, offset)
                             rewound[tp] = want
                             skip.add(tp)
                             await self.seek(tp, want)

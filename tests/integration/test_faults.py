@@ -505,6 +505,17 @@ def owners(port: int, settings: Settings) -> dict[int, set[int]]:
     }
 
 
+def stuck_tasks(port: int) -> str:
+    """Where a live worker's tasks wait (``/debug/tasks``), the ones in our code or faust's
+    consumer first: what a check that found a worker wedged reports."""
+    status, tasks = get_json(f"http://127.0.0.1:{port}/debug/tasks")
+    if status != 200 or not tasks:
+        return f"(no /debug/tasks on port {port}: {status})"
+    ours = ("/streams/", "/faust/", "/aiokafka/")
+    mine = [t for t in tasks if any(m in f for f in t["stack"] for m in ours) and "debug_tasks" not in str(t)]
+    return "\n".join(f"{t['task']}: {' -> '.join(f.rpartition('/')[2] for f in t['stack'])}" for t in mine)
+
+
 async def until(check: Any, what: str, worker: WorkerProcess, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -557,7 +568,10 @@ async def test_two_workers_one_killed_and_restarted_loses_nothing(
             ]
 
         taken_over = await collect(settings, settings.topic_recommendations, a_answers, worker=b)
-        assert a_answers(taken_over), "no event of the killed worker's partitions was left to answer"
+        assert a_answers(taken_over), (
+            f"worker b answered none of a's partitions {sorted(a_parts)} after the kill:\n"
+            f"{b.notable()}\n{stuck_tasks(ports[1])}"
+        )
         next_answer_s = (min(a_answers(taken_over)) - kill_ms) / 1000
 
         restarted = time.monotonic()
@@ -573,7 +587,12 @@ async def test_two_workers_one_killed_and_restarted_loses_nothing(
         recs = await answer_all(settings, wanted, worker=b)
         assert a.alive(), a.tail()
         checks = await no_loss(settings, wanted, recs, ports)
-        assert not checks.problems(), (checks.problems(), a.notable(), b.notable())
+        assert not checks.problems(), (
+            checks.problems(),
+            a.notable(),
+            b.notable(),
+            *(stuck_tasks(p) for p in ports),
+        )
         print(
             f"\nworker a (partitions {sorted(a_parts)}) killed; worker b answered a's next event "
             f"{next_answer_s:.1f}s after the kill; a ready {ready_s:.1f}s after its restart; "

@@ -115,26 +115,63 @@ def test_forget_from_an_offset_keeps_what_came_before() -> None:
     assert handed.dropped() == {} and len(handed) == 0
 
 
-def test_the_fetch_loop_seeks_back_to_a_dropped_record_of_an_assigned_partition_only() -> None:
-    """``_seek_back_dropped``: an assigned partition is sought back to its oldest dropped record;
-    a revoked one and one already sought back before it are only forgotten."""
+def test_after_a_queue_clear_the_oldest_dropped_record_is_found_behind_one_still_waiting() -> None:
+    handed = HandedOn()
+    waiting = Msg("t0", 0)  # in a stream's buffer
+    handed.hand("t0", 0, waiting)
+    for o in (1, 2, 3):  # in the queue faust clears
+        handed.hand("t0", o, Msg("t0", o))
+    assert handed.dropped() == {}  # the cheap look stops at the record still waiting
+    assert handed.dropped(everywhere=True) == {"t0": 1}
+
+
+def bare_consumer(assigned: set[Any]) -> tuple[Any, list[tuple[Any, int]], list[tuple[Any, int]]]:
+    """A ``ShopstreamConsumer`` whose seeks and refetch reports are recorded."""
     c: Any = object.__new__(ShopstreamConsumer)
     c._handed_on = HandedOn()
-    sought: list[tuple[TP, int]] = []
-    refetched: list[tuple[TP, int]] = []
-    mine, gone, behind = TP("t", 0), TP("t", 1), TP("t", 2)
+    c._expected = {}
+    sought: list[tuple[Any, int]] = []
+    refetched: list[tuple[Any, int]] = []
 
-    async def seek(tp: TP, offset: int) -> None:
+    async def seek(tp: Any, offset: int) -> None:
         sought.append((tp, offset))
 
     c.seek = seek
-    c.assignment = lambda: {mine, behind}
+    c.assignment = lambda: assigned
     c.on_refetch = lambda tp, offset: refetched.append((tp, offset))
-    for tp in (mine, gone, behind):
+    return c, sought, refetched
+
+
+def test_a_queue_clear_lowers_the_next_offset_at_once_then_the_fetch_loop_seeks_back() -> None:
+    """``on_queues_cleared``: no record after a dropped one is handed on before it is read
+    again (the next offset to hand on drops to it in the clear itself); the fetch loop then
+    seeks there. A partition sought back before the dropped record (perform_seek) and a
+    revoked one (no next offset) are left alone."""
+    mine, behind, gone = TP("t", 0), TP("t", 1), TP("t", 2)
+    c, sought, refetched = bare_consumer({mine, behind})
+    waiting = Msg("t", 4)
+    c._handed_on.hand(mine, 4, waiting)  # still in a stream's buffer
+    for tp in (mine, behind, gone):
         for o in (7, 8):
-            c._handed_on.hand(tp, o, Msg(str(tp), o))  # released at once: dropped
-    expected = {mine: 9, gone: 9, behind: 7}  # behind: perform_seek already sought back to 7
+            c._handed_on.hand(tp, o, Msg("t", o))  # released at once: the cleared queue
+    c._expected.update({mine: 9, behind: 7})  # behind: perform_seek already sought back to 7
+    c.on_queues_cleared()
+    assert c._expected == {mine: 7, behind: 7} and refetched == [(mine, 7)]
+    assert c._rewinds == {mine: 7} and len(c._handed_on) == 1  # only the waiting record
     rewound: dict[Any, int] = {}
-    asyncio.run(c._seek_back_dropped(expected, rewound))
-    assert sought == [(mine, 7)] and refetched == [(mine, 7)] and rewound == {mine: 7}
-    assert c._handed_on.dropped() == {mine: 7}  # the fake seek does not forget; the real one does
+    asyncio.run(c._seek_back_dropped(c._expected, rewound))
+    assert sought == [(mine, 7)] and rewound == {mine: 7} and c._rewinds == {}
+
+
+def test_the_fetch_loop_seeks_back_to_a_record_released_unacked_on_an_assigned_partition_only() -> None:
+    mine, gone = TP("t", 0), TP("t", 1)
+    c, sought, refetched = bare_consumer({mine})
+    c._rewinds = {}
+    for tp in (mine, gone):
+        for o in (7, 8):
+            c._handed_on.hand(tp, o, Msg("t", o))
+    c._expected.update({mine: 9, gone: 9})
+    rewound: dict[Any, int] = {}
+    asyncio.run(c._seek_back_dropped(c._expected, rewound))
+    assert sought == [(mine, 7)] and rewound == {mine: 7} and refetched == [(mine, 7)]
+    assert len(c._handed_on) == 0  # gone (revoked): forgotten, its next owner reads it
