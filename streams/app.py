@@ -621,6 +621,12 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
             out.append({"task": task.get_name(), "coro": repr(task.get_coro())[:200], "stack": frames})
         return web.json(out)
 
+    @app.page("/debug/consumer")
+    async def debug_consumer(web: Any, request: Any) -> Any:
+        """Per assigned partition, where fetching stands in faust and in aiokafka: what to read
+        when a partition stops moving."""
+        return web.json(app.consumer.state())
+
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
         """The process is alive: its event loop answers and, when it has input waiting, its

@@ -428,6 +428,50 @@ class ShopstreamConsumer(Consumer):  # type: ignore[misc]
         finally:
             self.diag.unset_flag(CONSUMER_FETCHING)
 
+    def state(self) -> dict[str, Any]:
+        """Where fetching stands, per assigned partition (``/debug/consumer``): what a stalled
+        partition is read against. faust's view (active, paused, buffered; committed, read and
+        next offsets to hand on) beside aiokafka's (position, awaiting an offset reset, paused,
+        last fetched highwater)."""
+        faust_active = self._active_partitions or set()
+        expected = self._expected_offsets()
+        try:
+            kafka = self._thread._ensure_consumer()
+            subscription = kafka._subscription.subscription
+            kassignment = subscription.assignment if subscription is not None else None
+        except Exception:  # not started yet, or stopped
+            kassignment = None
+        parts = []
+        for tp in sorted(self.assignment()):
+            row: dict[str, Any] = {
+                "topic": tp.topic,
+                "partition": tp.partition,
+                "active": tp in faust_active,
+                "paused": tp in self._paused_partitions,
+                "buffered": tp in self._buffered_partitions,
+                "committed": self._committed_offset.get(tp),
+                "read": self._read_offset.get(tp),
+                "next": expected.get(tp),
+                "highwater": self.highwater(tp),
+            }
+            ks = kassignment.state_value(tp) if kassignment is not None else None
+            if ks is not None:
+                row["kafka"] = {
+                    "position": ks._position,
+                    "awaiting_reset": ks.awaiting_reset,
+                    "paused": ks.paused,
+                    "highwater": ks.highwater,
+                }
+            parts.append(row)
+        return {
+            "flow_active": self.flow_active,
+            "flow_control_active": self.app.flow_control.is_active(),
+            "in_recovery": self.app.in_recovery,
+            "generation": self.app.consumer_generation_id,
+            "handed_unacked": len(self._handed()),
+            "partitions": parts,
+        }
+
     def _jumped(self, tp: Any, expected: int, offset: int) -> None:
         log.warning(
             "%s[%d]: fetched offset %d where %d was next; seeking back so that nothing in between "

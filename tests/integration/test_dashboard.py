@@ -274,6 +274,18 @@ async def test_every_panel_query_returns_data_and_every_alert_rule_evaluates(
         "model_loaded": True,
         "progressing": True,
     }
+    fetching = get(f"{base}/debug/consumer")
+    assert (fetching["flow_active"], fetching["in_recovery"]) == (True, False), fetching
+    views = [p for p in fetching["partitions"] if p["topic"] == settings.topic_views]
+    assert sorted(p["partition"] for p in views) == list(range(settings.partitions)), fetching
+    for p in views:  # one worker: it fetches every partition, none waits on a reset or a pause
+        assert (p["active"], p["paused"], p["kafka"]["awaiting_reset"], p["kafka"]["paused"]) == (
+            True,
+            False,
+            False,
+            False,
+        ), p
+        assert p["kafka"]["position"] is not None, p
 
     queries = panel_queries()
     assert len(queries) >= 20

@@ -507,13 +507,20 @@ def owners(port: int, settings: Settings) -> dict[int, set[int]]:
 
 def stuck_tasks(port: int) -> str:
     """Where a live worker's tasks wait (``/debug/tasks``), the ones in our code or faust's
-    consumer first: what a check that found a worker wedged reports."""
+    consumer, and where its fetching stands per partition (``/debug/consumer``): what a check
+    that found a worker wedged reports."""
     status, tasks = get_json(f"http://127.0.0.1:{port}/debug/tasks")
     if status != 200 or not tasks:
         return f"(no /debug/tasks on port {port}: {status})"
     ours = ("/streams/", "/faust/", "/aiokafka/")
     mine = [t for t in tasks if any(m in f for f in t["stack"] for m in ours) and "debug_tasks" not in str(t)]
-    return "\n".join(f"{t['task']}: {' -> '.join(f.rpartition('/')[2] for f in t['stack'])}" for t in mine)
+    where = "\n".join(f"{t['task']}: {' -> '.join(f.rpartition('/')[2] for f in t['stack'])}" for t in mine)
+    status, state = get_json(f"http://127.0.0.1:{port}/debug/consumer")
+    if status != 200 or not isinstance(state, dict):
+        return f"{where}\n(no /debug/consumer on port {port}: {status})"
+    parts = state.pop("partitions")
+    rows = "\n".join(str(p) for p in parts if "changelog" not in p["topic"])
+    return f"{where}\nconsumer: {state}\n{rows}"
 
 
 async def until(check: Any, what: str, worker: WorkerProcess, timeout: float = 90.0) -> None:
