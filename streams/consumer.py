@@ -198,10 +198,13 @@ class ShopstreamConsumer(Consumer):  # type: ignore[misc]
     _handed_on: HandedOn
     _rewinds: dict[Any, int]  # partition -> dropped offset to seek back to (queues cleared)
     _n_acked: int  # faust's count of acks since the last commit
+    _never_committed: set[Any]  # assigned partitions the last seek_to_committed found no offset for
+    _first: dict[Any, int]  # never-committed partition -> first offset it was sought to
 
     async def on_partitions_revoked(self, revoked: set[Any]) -> None:
         for tp in revoked:
             self._expected_offsets().pop(tp, None)
+            self._first_offsets().pop(tp, None)
             self._handed().forget(tp)
         await super().on_partitions_revoked(revoked)
 
@@ -212,6 +215,7 @@ class ShopstreamConsumer(Consumer):  # type: ignore[misc]
         self._watch_queue_clearing()
         for tp in assigned:
             self._expected_offsets().pop(tp, None)
+            self._first_offsets().pop(tp, None)
             self._handed().forget(tp)
             self._pending_rewinds().pop(tp, None)
         await super().on_partitions_assigned(assigned, generation_id)
@@ -246,17 +250,46 @@ class ShopstreamConsumer(Consumer):  # type: ignore[misc]
             rewinds[tp] = offset
             self._refetching(tp, offset)
 
+    async def seek_to_committed(self) -> Any:
+        committed = await super().seek_to_committed()
+        self._never_committed = {tp for tp, offset in committed.items() if offset is None}
+        return committed
+
     async def perform_seek(self) -> None:
         """faust's seek to the committed offsets, then the same seek again for every partition
         it found a committed offset for: the fetcher may have run during faust's seek (its
         recovery resumes the stream partitions first), and what it handed on meanwhile is
-        cleared from the queues when faust resumes the flow right after (faust-streaming#596)."""
+        cleared from the queues when faust resumes the flow right after (faust-streaming#596).
+
+        A partition without a committed offset is sought to its first offset (the worker's
+        ``auto_offset_reset``, earliest), where faust leaves it wherever fetching got to: records
+        aiokafka returned while faust had the partition paused, or while the flow was stopped,
+        were consumed from aiokafka and dropped by faust's ``getmany`` unseen, and without this
+        seek no stream ever read them (a partition taken over from a worker killed before its
+        first commit went unanswered; faust-streaming#166)."""
+        self._never_committed = set()
         await super().perform_seek()
         acks_enabled_for = self.app.topics.acks_enabled_for
         assigned = self.assignment()
         for tp, offset in list(self._read_offset.items()):
             if offset is not None and tp in assigned and acks_enabled_for(tp.topic):
                 await self.seek(tp, offset)
+        fresh = sorted(tp for tp in self._never_committed if tp in assigned and acks_enabled_for(tp.topic))
+        if fresh:
+            starts = await self.earliest_offsets(*fresh)
+            for tp in fresh:
+                await self.seek(tp, starts[tp])
+                self._first_offsets()[tp] = starts[tp]
+
+    async def _getmany(self, active_partitions: Any, timeout: float) -> Any:
+        """faust's fetch with a copy of its set of active partitions: aiokafka reads the set
+        while it waits for records, faust pauses partitions by emptying that very set, and
+        aiokafka takes an empty set for "every partition" (``fetched_records``: ``if partitions
+        and tp not in partitions``): it then returned the records of every assigned partition,
+        changelogs included, and faust dropped all those it had paused."""
+        if active_partitions is not None:
+            active_partitions = set(active_partitions)
+        return await super()._getmany(active_partitions=active_partitions, timeout=timeout)
 
     async def seek(self, partition: Any, offset: int) -> None:
         await super().seek(partition, offset)
@@ -269,13 +302,18 @@ class ShopstreamConsumer(Consumer):  # type: ignore[misc]
 
     def _new_offset(self, tp: Any) -> int | None:
         """faust's offset to commit, with the head of the run checked exactly: it must start at
-        the committed offset (faust lets it start one past it, faust-streaming#606). No gaps
-        are ever marked (``_add_gap``), so faust's gap handling has nothing to add here."""
+        the committed offset (faust lets it start one past it, faust-streaming#606), or, for a
+        partition never committed, at the first offset ``perform_seek`` sought it to (faust
+        lets it start anywhere). No gaps are ever marked (``_add_gap``), so faust's gap
+        handling has nothing to add here."""
         acked = self._acked[tp]
         if not acked:
             return None
         acked.sort()
-        new = first_unacked_run_end(acked, self._committed_offset[tp])
+        committed = self._committed_offset[tp]
+        if committed is None:
+            committed = self._first_offsets().get(tp)
+        new = first_unacked_run_end(acked, committed)
         if new is None:
             return None
         done = [o for o in acked if o < new]
@@ -296,6 +334,13 @@ class ShopstreamConsumer(Consumer):  # type: ignore[misc]
         except AttributeError:
             self._handed_on = HandedOn()
             return self._handed_on
+
+    def _first_offsets(self) -> dict[Any, int]:
+        try:
+            return self._first
+        except AttributeError:
+            self._first = {}
+            return self._first
 
     def _pending_rewinds(self) -> dict[Any, int]:
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections import defaultdict
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import pytest
@@ -175,3 +176,61 @@ def test_the_fetch_loop_seeks_back_to_a_record_released_unacked_on_an_assigned_p
     asyncio.run(c._seek_back_dropped(c._expected, rewound))
     assert sought == [(mine, 7)] and rewound == {mine: 7} and refetched == [(mine, 7)]
     assert len(c._handed_on) == 0  # gone (revoked): forgotten, its next owner reads it
+
+
+def test_a_partition_never_committed_is_sought_to_its_first_offset_and_the_rest_to_their_commits() -> None:
+    """``perform_seek``: faust seeks only the partitions with a committed offset; the records
+    aiokafka returned for the others while faust had them paused were dropped unseen, so those
+    start again at their first offset (the reset policy, earliest). Changelogs (no acks) are
+    the recovery's, not touched."""
+    committed_tp, fresh_tp, trimmed_tp, changelog = TP("t", 0), TP("t", 1), TP("t", 2), TP("t-changelog", 1)
+    c, sought, _ = bare_consumer({committed_tp, fresh_tp, trimmed_tp, changelog})
+    c._read_offset = defaultdict(lambda: None)
+    c._committed_offset = defaultdict(lambda: None)
+    c.app = SimpleNamespace(topics=SimpleNamespace(acks_enabled_for=lambda topic: "changelog" not in topic))
+    asked: list[tuple[Any, ...]] = []
+
+    async def seek_to_committed() -> dict[Any, int | None]:
+        return {committed_tp: 40, fresh_tp: None, trimmed_tp: None, changelog: None}
+
+    async def earliest_offsets(*tps: Any) -> dict[Any, int]:
+        asked.append(tps)
+        return {fresh_tp: 0, trimmed_tp: 12}  # 12: retention deleted the first records
+
+    c._thread = SimpleNamespace(seek_to_committed=seek_to_committed, earliest_offsets=earliest_offsets)
+    asyncio.run(c.perform_seek())
+    assert asked == [(fresh_tp, trimmed_tp)]
+    assert sought == [(committed_tp, 40), (fresh_tp, 0), (trimmed_tp, 12)]
+    assert c._committed_offset[committed_tp] == 40 and c._committed_offset[fresh_tp] is None
+    assert c._first == {fresh_tp: 0, trimmed_tp: 12}
+
+
+def test_a_partition_never_committed_commits_only_a_run_from_its_first_offset() -> None:
+    """Without a committed offset faust commits from the first ack, wherever it is: records
+    before it that were dropped unseen would be committed over. After ``perform_seek`` the run
+    must start at the offset the partition was sought to."""
+    c = consumer(None, [5, 6, 7])
+    c._first = {"t0": 0}
+    assert c._new_offset("t0") is None  # 0-4 not processed yet
+    c._acked["t0"] += [0, 1, 2, 3, 4]
+    assert c._new_offset("t0") == 8
+    c = consumer(None, [5, 6, 7])  # never sought (no seek_to_committed yet): faust's rule
+    assert c._new_offset("t0") == 8
+
+
+def test_aiokafka_is_handed_a_copy_of_the_active_partitions() -> None:
+    """``_getmany``: faust pauses a partition by emptying its set of active partitions in place,
+    and aiokafka reads an empty set as "every partition": the set it waits with is a copy."""
+    tp0, tp1 = TP("t", 0), TP("t", 1)
+    c: Any = object.__new__(ShopstreamConsumer)
+    active = {tp0, tp1}
+    seen: list[set[Any] | None] = []
+
+    async def getmany(partitions: set[Any] | None, timeout: float) -> dict[Any, list[Any]]:
+        active.clear()  # faust pauses them while aiokafka waits
+        seen.append(partitions)
+        return {}
+
+    c._thread = SimpleNamespace(getmany=getmany)
+    asyncio.run(c._getmany(active_partitions=active, timeout=1.0))
+    assert seen == [{tp0, tp1}] and seen[0] is not active
