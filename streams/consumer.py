@@ -45,6 +45,21 @@ another run promotions lost). The fixes, all here:
 - ``_new_offset`` commits only a run of acks that starts at the committed offset: faust's check
   lets a run start one past it and so commits over a record still in flight (faust-streaming#606).
 
+Records taken from aiokafka and dropped unseen. faust pauses a partition only in its own set of
+active partitions: aiokafka keeps fetching it, and faust's ``getmany`` drops what aiokafka returns
+for a partition not in that set (or returns while the flow is stopped) after aiokafka has moved
+its position past them. faust's last seek to the committed offsets repairs that, except for a
+partition without a committed offset, which it leaves where it is (aiokafka's
+``seek_to_committed`` skips it): a partition taken over from a worker killed before its first
+commit was then never read from its start, and with all its records already fetched, never
+answered at all (issue: worker b answered none of a's partitions; faust-streaming#166 reports the
+same symptom). And aiokafka is handed faust's very set of active partitions, which faust empties in
+place when it pauses them, while aiokafka takes an empty set for "every partition". The fixes:
+- ``perform_seek`` seeks every acking partition without a committed offset to its first offset
+  (the worker's reset policy, earliest), and ``_new_offset`` then commits for it only a run of
+  acks that starts there;
+- ``_getmany`` hands aiokafka a copy of the set.
+
 A second addition, for the worker's write-back tables (``streams.writeback``): ``commit`` first
 enters ``checkpoint()``, an async context the worker installs. It takes the lock that batches and
 timers hold, writes the pending table changes and awaits their changelog acknowledgements; faust
