@@ -293,8 +293,35 @@ class ShopstreamConsumer(Consumer):  # type: ignore[misc]
         if fresh:
             starts = await self.earliest_offsets(*fresh)
             for tp in fresh:
+                position = self._kafka_position(tp)
+                if position is not None and position > starts[tp]:
+                    log.warning(
+                        "%s[%d]: no committed offset, and fetching had got to %d past the first "
+                        "offset %d with nothing handed on since the seek; reading from %d",
+                        tp.topic,
+                        tp.partition,
+                        position,
+                        starts[tp],
+                        starts[tp],
+                    )
+                    if self.on_refetch is not None:
+                        self.on_refetch(tp, starts[tp])
                 await self.seek(tp, starts[tp])
                 self._first_offsets()[tp] = starts[tp]
+
+    def _kafka_position(self, tp: Any) -> int | None:
+        """aiokafka's position for ``tp`` as it stands (None: unknown, or awaiting its reset)."""
+        states = self._kafka_states()
+        state = states.state_value(tp) if states is not None else None
+        return state._position if state is not None and state.has_valid_position else None
+
+    def _kafka_states(self) -> Any:
+        """aiokafka's per-partition fetch states of the current assignment (None: none yet)."""
+        try:
+            subscription = self._thread._ensure_consumer()._subscription.subscription
+        except Exception:  # not started yet, or stopped
+            return None
+        return subscription.assignment if subscription is not None else None
 
     async def _getmany(self, active_partitions: Any, timeout: float) -> Any:
         """faust's fetch with a copy of its set of active partitions: aiokafka reads the set
@@ -495,12 +522,7 @@ class ShopstreamConsumer(Consumer):  # type: ignore[misc]
         last fetched highwater)."""
         faust_active = self._active_partitions or set()
         expected = self._expected_offsets()
-        try:
-            kafka = self._thread._ensure_consumer()
-            subscription = kafka._subscription.subscription
-            kassignment = subscription.assignment if subscription is not None else None
-        except Exception:  # not started yet, or stopped
-            kassignment = None
+        kassignment = self._kafka_states()
         parts = []
         for tp in sorted(self.assignment()):
             row: dict[str, Any] = {

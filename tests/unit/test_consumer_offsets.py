@@ -184,7 +184,7 @@ def test_a_partition_never_committed_is_sought_to_its_first_offset_and_the_rest_
     start again at their first offset (the reset policy, earliest). Changelogs (no acks) are
     the recovery's, not touched."""
     committed_tp, fresh_tp, trimmed_tp, changelog = TP("t", 0), TP("t", 1), TP("t", 2), TP("t-changelog", 1)
-    c, sought, _ = bare_consumer({committed_tp, fresh_tp, trimmed_tp, changelog})
+    c, sought, refetched = bare_consumer({committed_tp, fresh_tp, trimmed_tp, changelog})
     c._read_offset = defaultdict(lambda: None)
     c._committed_offset = defaultdict(lambda: None)
     c.app = SimpleNamespace(topics=SimpleNamespace(acks_enabled_for=lambda topic: "changelog" not in topic))
@@ -197,10 +197,22 @@ def test_a_partition_never_committed_is_sought_to_its_first_offset_and_the_rest_
         asked.append(tps)
         return {fresh_tp: 0, trimmed_tp: 12}  # 12: retention deleted the first records
 
-    c._thread = SimpleNamespace(seek_to_committed=seek_to_committed, earliest_offsets=earliest_offsets)
+    # aiokafka's positions: fetching got to 30 on fresh_tp (records faust dropped unseen),
+    # trimmed_tp still waits for its offset reset
+    positions = {fresh_tp: 30, trimmed_tp: None}
+    states = SimpleNamespace(
+        state_value=lambda tp: SimpleNamespace(
+            _position=positions[tp], has_valid_position=positions[tp] is not None
+        )
+    )
+    kafka = SimpleNamespace(_subscription=SimpleNamespace(subscription=SimpleNamespace(assignment=states)))
+    c._thread = SimpleNamespace(
+        seek_to_committed=seek_to_committed, earliest_offsets=earliest_offsets, _ensure_consumer=lambda: kafka
+    )
     asyncio.run(c.perform_seek())
     assert asked == [(fresh_tp, trimmed_tp)]
     assert sought == [(committed_tp, 40), (fresh_tp, 0), (trimmed_tp, 12)]
+    assert refetched == [(fresh_tp, 0)]  # reported (log, metric) where records were dropped
     assert c._committed_offset[committed_tp] == 40 and c._committed_offset[fresh_tp] is None
     assert c._first == {fresh_tp: 0, trimmed_tp: 12}
 
