@@ -181,9 +181,9 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
     )
     install_consumer(
         app,
-        on_jump=lambda tp, _a, _b: metrics.offset_jumps.labels(tp.topic).inc(),
+        on_jump=metrics.offset_jumped,
         checkpoint=lambda: checkpoint(),  # defined below, with the tables and the lock it takes
-        on_refetch=lambda tp, _offset: metrics.records_refetched.labels(tp.topic).inc(),
+        on_refetch=metrics.refetching,
     )
     install_producer(app)  # its metadata is never narrowed to the topics sent to (streams.producer)
     # faust's buffer of table writes sent through faust (``ConfirmedTable``): the worker's own

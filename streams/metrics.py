@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -144,8 +144,10 @@ class Metrics:
         )
         self.records_refetched = Counter(
             "shopstream_records_refetched_total",
-            "Records handed to a stream and dropped unprocessed (faust clears its queues when it resumes "
-            "the flow after a rebalance): sought back to and read again, never committed past.",
+            "Seeks back to a record dropped unprocessed, per partition and time: handed to a stream and "
+            "cleared from its queue (faust clears its queues when it resumes the flow after a rebalance), "
+            "or, on a partition never committed, taken from aiokafka and dropped by faust while paused. "
+            "Read again from there, never committed past.",
             ["topic"],
             registry=registry,
         )
@@ -229,6 +231,14 @@ class Metrics:
             registry=registry,
         )
         self.start_time.set_to_current_time()
+
+    def offset_jumped(self, tp: Any, expected: int, offset: int) -> None:
+        """The consumer's ``on_jump``: ``tp`` fetched ``offset`` where ``expected`` was next."""
+        self.offset_jumps.labels(tp.topic).inc()
+
+    def refetching(self, tp: Any, offset: int) -> None:
+        """The consumer's ``on_refetch``: ``tp`` is sought back to a record dropped unprocessed."""
+        self.records_refetched.labels(tp.topic).inc()
 
     def watch_models(self, models: ModelWatcher, clock: Callable[[], float] = time.time) -> None:
         """Export the served model's age and the model folder's last retrain decisions, from what

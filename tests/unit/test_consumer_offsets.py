@@ -15,8 +15,10 @@ from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from streams.consumer import HandedOn, ShopstreamConsumer, first_unacked_run_end
+from streams.metrics import Metrics
 
 
 class TP(NamedTuple):
@@ -246,3 +248,28 @@ def test_aiokafka_is_handed_a_copy_of_the_active_partitions() -> None:
     c._thread = SimpleNamespace(getmany=getmany)
     asyncio.run(c._getmany(active_partitions=active, timeout=1.0))
     assert seen == [{tp0, tp1}] and seen[0] is not active
+
+
+def test_jumps_and_refetches_are_counted_per_topic() -> None:
+    """The worker's hooks (``Metrics.offset_jumped``, ``Metrics.refetching``): one count per seek
+    back, by topic, whichever way the consumer found the records to read again."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    views, carts = TP("views", 0), TP("carts", 3)
+    c, _, _ = bare_consumer({views, carts})
+    c.on_refetch, c.on_jump = metrics.refetching, metrics.offset_jumped
+    c._rewinds = {}
+    for o in (7, 8):
+        c._handed_on.hand(views, o, Msg("views", o))  # released at once: a cleared queue
+    c._expected.update({views: 9})
+    c.on_queues_cleared()
+    c._jumped(carts, 4, 9)
+    c._jumped(carts, 9, 12)
+
+    def count(name: str, topic: str) -> float | None:
+        return registry.get_sample_value(name, {"topic": topic})
+
+    assert count("shopstream_records_refetched_total", "views") == 1.0
+    assert count("shopstream_records_refetched_total", "carts") is None
+    assert count("shopstream_offset_jumps_total", "carts") == 2.0
+    assert count("shopstream_offset_jumps_total", "views") is None
