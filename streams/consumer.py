@@ -296,12 +296,13 @@ class ShopstreamConsumer(Consumer):  # type: ignore[misc]
                 position = self._kafka_position(tp)
                 if position is not None and position > starts[tp]:
                     log.warning(
-                        "%s[%d]: no committed offset, and fetching had got to %d past the first "
-                        "offset %d with nothing handed on since the seek; reading from %d",
+                        "%s[%d]: no committed offset, and fetching had got to %d before faust's seek; "
+                        "reading again from the first offset %d (what faust took from aiokafka while "
+                        "it had the partition paused was dropped unseen; what it handed on is cleared "
+                        "with the queues)",
                         tp.topic,
                         tp.partition,
                         position,
-                        starts[tp],
                         starts[tp],
                     )
                     if self.on_refetch is not None:
