@@ -213,7 +213,6 @@ class ShopstreamConsumer(Consumer):  # type: ignore[misc]
     _handed_on: HandedOn
     _rewinds: dict[Any, int]  # partition -> dropped offset to seek back to (queues cleared)
     _n_acked: int  # faust's count of acks since the last commit
-    _never_committed: set[Any]  # assigned partitions the last seek_to_committed found no offset for
     _first: dict[Any, int]  # never-committed partition -> first offset it was sought to
 
     async def on_partitions_revoked(self, revoked: set[Any]) -> None:
@@ -265,11 +264,6 @@ class ShopstreamConsumer(Consumer):  # type: ignore[misc]
             rewinds[tp] = offset
             self._refetching(tp, offset)
 
-    async def seek_to_committed(self) -> Any:
-        committed = await super().seek_to_committed()
-        self._never_committed = {tp for tp, offset in committed.items() if offset is None}
-        return committed
-
     async def perform_seek(self) -> None:
         """faust's seek to the committed offsets, then the same seek again for every partition
         it found a committed offset for: the fetcher may have run during faust's seek (its
@@ -282,14 +276,15 @@ class ShopstreamConsumer(Consumer):  # type: ignore[misc]
         were consumed from aiokafka and dropped by faust's ``getmany`` unseen, and without this
         seek no stream ever read them (a partition taken over from a worker killed before its
         first commit went unanswered; faust-streaming#166)."""
-        self._never_committed = set()
-        await super().perform_seek()
+        await super().perform_seek()  # sets the read offset of every assigned partition: None where no commit
         acks_enabled_for = self.app.topics.acks_enabled_for
         assigned = self.assignment()
-        for tp, offset in list(self._read_offset.items()):
-            if offset is not None and tp in assigned and acks_enabled_for(tp.topic):
+        ours = [tp for tp in assigned if acks_enabled_for(tp.topic)]
+        fresh = sorted(tp for tp in ours if self._read_offset.get(tp) is None)
+        for tp in ours:
+            offset = self._read_offset.get(tp)
+            if offset is not None:
                 await self.seek(tp, offset)
-        fresh = sorted(tp for tp in self._never_committed if tp in assigned and acks_enabled_for(tp.topic))
         if fresh:
             starts = await self.earliest_offsets(*fresh)
             for tp in fresh:
