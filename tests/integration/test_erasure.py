@@ -124,8 +124,11 @@ async def test_forget_and_opt_out_hold_through_outputs_changelogs_and_recovery(
         event(settings, "view", others[1], "b-view", 0, item_id="sku-1"),
         event(settings, "review", others[1], "b-review", 1, item_id="sku-1", rating=5, text="great shoes"),
     ]
-    # while opted out: three views of one item (browse abandonment) and a cart that comes due
-    opted_out = [*views(optout, "o-a", 100, "sku-5"), cart(optout, "o-cart", 130, "sku-5")]
+    # while opted out: three views of one item (browse abandonment), then a cart that comes due;
+    # published one after the other, since events of two input topics may arrive in either order
+    # (a cart processed before the third view would leave no browse trigger to suppress)
+    browsed_out = views(optout, "o-a", 100, "sku-5")
+    carted_out = [cart(optout, "o-cart", 130, "sku-5")]
     tick = [event(settings, "view", ticker, "t-view", 800, item_id="sku-9")]  # clocks past every cart
     opted_in = views(optout, "o-b", 900, "sku-6")
     after_restart = [event(settings, "view", gone, "g-again", 1000, item_id="sku-7")]
@@ -155,7 +158,8 @@ async def test_forget_and_opt_out_hold_through_outputs_changelogs_and_recovery(
         await user_state(port, gone, lambda s: s is None)
         await user_state(port, optout, lambda s: s and s["promo"].get("consent", [True])[0] is False)
 
-        await publish(opted_out, first)
+        await publish(browsed_out, first)
+        await publish(carted_out, first)
         await publish(tick, first)
 
         def kept_promoted(rs: list[Any]) -> bool:
