@@ -92,10 +92,22 @@ async def test_outcomes_are_joined_once_per_promotion_across_a_crash(
             settings, "cart", user, f"{user}-c", 0, action="add", item_id="sku-1", quantity=2, unit_price=30.0
         )
 
+    async def publish(records: list[Record], worker: WorkerProcess) -> None:
+        """Produce, and wait until every event is answered: the next records are read after
+        these (the partition's event-time clock, which any user's event moves, closes windows
+        and fires carts, so an event of another input topic must not overtake these)."""
+        ids = {orjson.loads(raw)["event_id"] for _, _, raw in records}
+        await produce(settings, records)
+
+        def answered(rs: list[Any]) -> bool:
+            return ids <= {v["event_id"] for v in values(rs)}
+
+        await collect(settings, settings.topic_recommendations, answered, timeout=180, worker=worker)
+
     first = WorkerProcess(env, tmp_path / "worker-1.log").start()
     try:
         # carts, then a view after they came due: the promotions are decided at DUE_S
-        await produce(settings, [cart(u) for u in users])
+        await publish([cart(u) for u in users], first)
         await produce(
             settings, [event(settings, "view", u, f"{u}-v", DUE_S + 100, item_id="sku-9") for u in users]
         )
@@ -132,7 +144,8 @@ async def test_outcomes_are_joined_once_per_promotion_across_a_crash(
             for u in (treated, holdout)
         ]
         late = event(settings, "view", spare, f"{spare}-late", DUE_S + WINDOW_S + 60, item_id="sku-9")
-        await produce(settings, [*orders, late])
+        await publish(orders, second)  # in the window: before the late view moves the clock past it
+        await produce(settings, [late])
         await collect(
             settings,
             settings.topic_promotion_outcomes,

@@ -74,10 +74,10 @@ async def test_restarted_worker_recovers_tables_from_changelog(kafka_bootstrap: 
         await produce(
             settings,
             [
-                (settings.topic_views, None, event("view", "erin", "r2", item_id="sku-2")),
-                (settings.topic_views, None, event("view", "erin", "r5", item_id="sku-3")),
+                (settings.topic_views, b"erin", event("view", "erin", "r2", item_id="sku-2")),
+                (settings.topic_views, b"erin", event("view", "erin", "r5", item_id="sku-3")),
             ],
-        )
+        )  # keyed by user, as shops do: r2 is read before r5 (key None: a random partition each)
         recs = await collect(
             settings,
             settings.topic_recommendations,
