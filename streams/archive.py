@@ -1,13 +1,17 @@
-"""The event archive: validated input events and promotions, kept as Parquet files for training.
+"""The event archive: validated input events, promotions and their outcomes, kept as Parquet files
+for training and for reports past the topics' retention.
 
-In: messages of the five input topics and the promotions topic, read by an aiokafka consumer of its
-own group (``<app id>-archive``, auto-commit off); or, for ``shopstream archive convert``, the
-contract events of a public data set. Inputs pass the worker's decoder (``streams.decode``, built
-from the same settings), promotions the output contract (``records.Promotion``); what fails is
-counted by reason and skipped (the worker dead-letters it; the archive has nothing to add).
-Out: ``{root}/{events|promotions}/date=YYYY-MM-DD/hour=HH/part-<unique>.parquet``, by the UTC date
-and hour of the event time (a promotion's ``created_at``), columns ``SCHEMA``. The buffer rolls into
-files when it holds ``archive_roll_bytes`` or its oldest row is ``archive_roll_s`` old.
+In: messages of the five input topics, the promotions topic and the promotion-outcomes topic, read
+by an aiokafka consumer of its own group (``<app id>-archive``, auto-commit off); or, for
+``shopstream archive convert``, the contract events of a public data set. Inputs pass the worker's
+decoder (``streams.decode``, built from the same settings), promotions and outcomes their output
+contracts (``records.Promotion``, ``records.PromotionOutcome``); what fails is counted by reason
+and skipped (the worker dead-letters it; the archive has nothing to add).
+Out: ``{root}/{events|promotions|outcomes}/date=YYYY-MM-DD/hour=HH/part-<unique>.parquet``, by the
+UTC date and hour of the event time (a promotion's ``created_at``, an outcome's ``promoted_at``:
+the outcomes of the promotions decided in a period are read together), columns ``SCHEMA``. The
+buffer rolls into files when it holds ``archive_roll_bytes`` or its oldest row is
+``archive_roll_s`` old.
 
 Durability: offsets are committed only after every file holding the consumed rows is in place. A
 local file is written under a hidden temporary name in its folder, flushed and fsynced, renamed,
@@ -37,7 +41,7 @@ from collections import Counter as Tally
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import pyarrow as pa
@@ -51,7 +55,7 @@ from pydantic import ValidationError
 from streams.archive_read import ERASURES, SCHEMA, Row, epoch_ms, open_root
 from streams.decode import AnyEvent, EventDecoder, rejection
 from streams.errors import RejectedInput, RejectReason
-from streams.records import Promotion
+from streams.records import Promotion, PromotionOutcome
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,6 +70,12 @@ def event_row(ev: AnyEvent, payload: str, topic: str, partition: int, offset: in
 
 def promotion_row(p: Promotion, payload: str, topic: str, partition: int, offset: int) -> Row:
     return Row(p.promotion_id, p.user_id, p.kind, epoch_ms(p.created_at), payload, topic, partition, offset)
+
+
+def outcome_row(o: PromotionOutcome, payload: str, topic: str, partition: int, offset: int) -> Row:
+    """Keyed by promotion id (one outcome per promotion: readers keep the first copy), at the
+    promotion's decision time."""
+    return Row(o.promotion_id, o.user_id, o.kind, epoch_ms(o.promoted_at), payload, topic, partition, offset)
 
 
 @dataclass(frozen=True)
@@ -198,11 +208,15 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def decode_promotion(raw: bytes | None) -> Promotion:
+Output = TypeVar("Output", Promotion, PromotionOutcome)
+
+
+def decode_output(raw: bytes | None, record: type[Output]) -> Output:
+    """An output record (a promotion or an outcome) checked against its contract."""
     if not raw:
         raise RejectedInput(RejectReason.EMPTY, "message has no value")
     try:
-        return Promotion.model_validate_json(raw)
+        return record.model_validate_json(raw)
     except ValidationError as exc:
         raise rejection(exc) from None
 
@@ -311,8 +325,9 @@ class Archiver(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is 
         self.decoder = EventDecoder.from_settings(settings)
         self.types = settings.input_topics
         self.promotions = settings.topic_promotions
+        self.outcomes = settings.topic_promotion_outcomes
         self.erasures = settings.topic_erasures
-        self.topics = [*self.types, self.promotions, self.erasures]
+        self.topics = archived_topics(settings)
         self.writer, self.metrics, self.consumer = writer, metrics, consumer
         self.positions: dict[Any, int] = {}  # TopicPartition -> offset after the last message taken
         self.committed: dict[Any, int] = {}
@@ -334,8 +349,11 @@ class Archiver(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is 
         where = (record.topic, record.partition, record.offset)
         try:
             if record.topic == self.promotions:
-                promotion = decode_promotion(record.value)
+                promotion = decode_output(record.value, Promotion)
                 self.writer.add("promotions", promotion_row(promotion, text_of(record.value), *where))
+            elif record.topic == self.outcomes:
+                outcome = decode_output(record.value, PromotionOutcome)
+                self.writer.add("outcomes", outcome_row(outcome, text_of(record.value), *where))
             elif record.topic == self.erasures:
                 request = self.decoder.decode_input(record.value, "erasure")
                 self.writer.add_erasure(request.user_id, request.event_time)
@@ -452,6 +470,16 @@ class Archiver(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is 
             self._quiet += 1
 
 
+def archived_topics(settings: Settings) -> list[str]:
+    """What the archiver reads: the inputs, promotions, their outcomes and erasure requests."""
+    return [
+        *settings.input_topics,
+        settings.topic_promotions,
+        settings.topic_promotion_outcomes,
+        settings.topic_erasures,
+    ]
+
+
 async def archive_forever(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """``shopstream archive``: its own consumer group, metrics on ``archive_metrics_port``; returns
     after SIGTERM or SIGINT (or ``stop``) once what it held is written and committed."""
@@ -468,7 +496,7 @@ async def archive_forever(settings: Settings, stop: asyncio.Event | None = None)
         server, _ = start_http_server(
             settings.archive_metrics_port, settings.web_host, registry=metrics.registry
         )
-    topics = [*settings.input_topics, settings.topic_promotions, settings.topic_erasures]
+    topics = archived_topics(settings)
     group = f"{settings.app_id}-archive"
     await ensure_topics(settings, topics)
     consumer = AIOKafkaConsumer(

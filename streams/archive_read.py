@@ -1,14 +1,16 @@
 """The event archive's file layout, and reading it back: deduped, with erasures applied.
 
-Layout (``streams.archive`` writes it): ``{root}/{events|promotions}/date=YYYY-MM-DD/hour=HH/
-part-<unique>.parquet`` by the UTC date and hour of the event time, columns ``SCHEMA``.
+Layout (``streams.archive`` writes it): ``{root}/{events|promotions|outcomes}/date=YYYY-MM-DD/
+hour=HH/part-<unique>.parquet`` by the UTC date and hour of the event time (a promotion's
+``created_at``, an outcome's ``promoted_at``), columns ``SCHEMA``.
 
 In: an archive root (a folder or any fsspec URL) as ``streams.archive`` writes it, an optional
 time range, and the erasure list ``{root}/_erasures/*.jsonl`` (one ``{"user_id": ...,
 "erased_at": "<ISO-8601 UTC>"}`` a line; a user's events at or before ``erased_at`` are dropped).
-Out: the archived payloads (contract event dicts, or promotion dicts) in event-time order, ties in
-archive order (files by name, which is their write order, then rows), each ``event_id`` once: the
-first copy is kept (a crash before a commit archives a message twice).
+Out: the archived payloads (contract event dicts, promotion or outcome dicts) in event-time order,
+ties in archive order (files by name, which is their write order, then rows), each ``event_id``
+(promotions and outcomes: ``promotion_id``) once: the first copy is kept (a crash before a commit
+archives a message twice; an outcome re-sent after a redelivery is the same record).
 
 Also the data spec of ``shopstream train --data archive:DIR`` and its split by calendar days: the
 last day of the data tests, the day before validates, the rest trains. No torch here.
@@ -32,17 +34,17 @@ from streams.errors import ConfigurationError
 
 SCHEMA = pa.schema(
     [
-        ("event_id", pa.string()),  # promotions: promotion_id
+        ("event_id", pa.string()),  # promotions, outcomes: promotion_id
         ("user_id", pa.string()),
-        ("type", pa.string()),  # promotions: kind
-        ("event_time", pa.timestamp("ms", tz="UTC")),  # promotions: created_at
+        ("type", pa.string()),  # promotions, outcomes: kind
+        ("event_time", pa.timestamp("ms", tz="UTC")),  # promotions: created_at; outcomes: promoted_at
         ("payload", pa.string()),  # the message as received (validated JSON)
         ("topic", pa.string()),
         ("partition", pa.int32()),  # -1: converted from a data set, not read from Kafka
         ("offset", pa.int64()),  # converted: the event's position in the data set
     ]
 )
-STREAMS = ("events", "promotions")
+STREAMS = ("events", "promotions", "outcomes")
 ERASURES = "_erasures"  # the erasure list's folder under the root
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MS = timedelta(milliseconds=1)

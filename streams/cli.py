@@ -12,7 +12,7 @@ shopstream consent USER_ID --marketing on|off publish a marketing consent change
 shopstream demo                               all of the above on the shipped REES46 sample
 shopstream schemas [--check]                  write or check the JSON Schema files
 shopstream evaluate-promotions DATASET        the promotion policy replayed offline, model vs rules
-shopstream uplift-report [--file F]           uplift of promotions against the holdout, from their outcomes
+shopstream uplift-report [--file F | --archive] uplift of promotions against the holdout, from their outcomes
 shopstream retrain --data SPEC --model-dir DIR  a challenger, published if not worse than the served model
 shopstream archive [convert DATASET|compact]  archive valid events as Parquet; convert a data set; compact
 """
@@ -166,7 +166,7 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_uplift_report(settings: Settings, args: argparse.Namespace) -> int:
     from streams.uplift import render, run
 
-    rep = run(settings, args.file, Path(args.out))
+    rep = run(settings, args.file, Path(args.out), args.archive, args.since, args.until)
     print(render(rep))
     print(
         f"wrote {Path(args.out) / 'uplift.json'}"
@@ -391,6 +391,16 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--file", help="a JSON-lines file of outcome records (default: read the outcomes topic to its end)"
     )
+    up.add_argument(
+        "--archive",
+        nargs="?",
+        const="",
+        metavar="ROOT",
+        help="read the outcomes the archiver kept (default root: SHOPSTREAM_ARCHIVE_DIR), past the "
+        "topic's retention",
+    )
+    up.add_argument("--since", help="with --archive: promotions decided at or after this time (ISO-8601)")
+    up.add_argument("--until", help="with --archive: promotions decided before this time (ISO-8601)")
     up.add_argument("--out", default="var/uplift", help="folder for uplift.json and uplift.png")
     up.set_defaults(func=cmd_uplift_report)
     pe = sub.add_parser(

@@ -1,7 +1,9 @@
 """Uplift of promotions against the holdout group, from their outcome records.
 
 In: ``shop.promotion-outcomes`` records (``streams.records.PromotionOutcome``), read from the topic
-up to its end offsets as of the start of the report, or from a JSON-lines file. Out: per promotion
+up to its end offsets as of the start of the report, from the archive (``shopstream archive`` keeps
+them past the topic's retention, erased users dropped; optionally only the promotions decided in
+``[since, until)``), or from a JSON-lines file. Out: per promotion
 kind and offer, for treated (sent) and holdout (logged, not sent) promotions: outcomes, users,
 conversion rate and order revenue per promotion; the incremental conversion (treated minus
 holdout) and the incremental revenue net of the discount cost, each with a 95 % interval that
@@ -24,7 +26,9 @@ from typing import Any
 import numpy as np
 import orjson
 
+from streams.archive_read import read_events
 from streams.attribution import offer_label
+from streams.errors import ConfigurationError
 from streams.settings import Settings
 from streams.tail import read_to_end
 
@@ -176,13 +180,26 @@ async def read_topic(settings: Settings, topic: str) -> list[dict[str, Any]]:
     return [orjson.loads(r.value) for r in await read_to_end(settings, [topic]) if r.value]
 
 
-def run(settings: Settings, source: str | None, out_dir: Path) -> dict[str, Any]:
-    """``shopstream uplift-report``: the report of a file (``source``) or of the outcomes topic."""
-    outcomes = (
-        read_file(Path(source))
-        if source
-        else asyncio.run(read_topic(settings, settings.topic_promotion_outcomes))
-    )
+def run(
+    settings: Settings,
+    source: str | None,
+    out_dir: Path,
+    archive: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+) -> dict[str, Any]:
+    """``shopstream uplift-report``: the report of a file (``source``), of the archive's outcomes
+    (``archive``: its root; the promotions decided in ``[since, until)``) or of the outcomes topic."""
+    if source and archive is not None:
+        raise ConfigurationError("uplift-report reads a file or the archive, not both")
+    if (since or until) and archive is None:
+        raise ConfigurationError("--since and --until select from the archive: add --archive")
+    if source:
+        outcomes = read_file(Path(source))
+    elif archive is not None:
+        outcomes = read_events(archive or settings.archive_dir, since, until, stream="outcomes")
+    else:
+        outcomes = asyncio.run(read_topic(settings, settings.topic_promotion_outcomes))
     rep = report(outcomes)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "uplift.json").write_text(orjson.dumps(rep, option=orjson.OPT_INDENT_2).decode())

@@ -1,9 +1,10 @@
-"""The archiver on a real broker: every valid event and promotion published is in the archive,
-once after dedupe, rejected input is counted and left out, and a kill -9 loses nothing.
+"""The archiver on a real broker: every valid event, promotion and promotion outcome published is
+in the archive, once after dedupe, rejected input is counted and left out, and a kill -9 loses
+nothing.
 
 The expected archive is computed one by one from what the test published (the shipped REES46
-sample as ``shopstream replay`` publishes it, plus invalid messages, a redelivered event and
-promotions), never from counts alone.
+sample as ``shopstream replay`` publishes it, plus invalid messages, a redelivered event,
+promotions and their outcomes), never from counts alone.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from streams.admin import ensure_topics
-from streams.archive import ROW_OVERHEAD
+from streams.archive import ROW_OVERHEAD, archived_topics
 from streams.archive_read import archive_files, read_events
-from streams.records import Offer, Promotion
+from streams.records import Offer, Promotion, PromotionOutcome
 from streams.replay import replay
 from streams.settings import Settings
 from streams.sources.datasets import Event, load
@@ -55,12 +56,12 @@ def archive_env(kafka_bootstrap: str, tmp_path: Path) -> Iterator[tuple[Settings
         SHOPSTREAM_METRICS_INTERVAL_S="0.5",
     )
     settings = settings_of(env)
-    asyncio.run(ensure_topics(settings, [*settings.input_topics, settings.topic_promotions]))
+    asyncio.run(ensure_topics(settings, topics_of(settings)))
     yield settings, env
 
 
 def topics_of(settings: Settings) -> list[str]:
-    return [*settings.input_topics, settings.topic_promotions]
+    return [t for t in archived_topics(settings) if t != settings.topic_erasures]
 
 
 async def behind(settings: Settings) -> int:
@@ -126,6 +127,36 @@ def promotions(n: int) -> list[dict[str, Any]]:
     ]
 
 
+def outcomes(promos: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An outcome per promotion, converted for the even ones."""
+    out = []
+    for i, p in enumerate(promos):
+        at = datetime.fromisoformat(p["created_at"])
+        won = i % 2 == 0
+        out.append(
+            PromotionOutcome(
+                promotion_id=p["promotion_id"],
+                user_id=p["user_id"],
+                kind=p["kind"],
+                offer=Offer(kind="reminder"),
+                holdout=False,
+                promoted_at=at,
+                window_end=at + timedelta(days=3),
+                converted=won,
+                order_id=f"o-{i}" if won else None,
+                order_event_id=f"oe-{i}" if won else None,
+                converted_at=at + timedelta(minutes=5) if won else None,
+                revenue_items=10.0 if won else 0.0,
+                revenue_order=12.0 if won else 0.0,
+                discount_cost=0.0,
+                currency=None,
+                closed_by="order" if won else "window",
+                model_version="v1",
+            ).model_dump(mode="json")
+        )
+    return out
+
+
 def invalid(settings: Settings, first: Event) -> list[tuple[str, bytes | None, bytes | None]]:
     """One message per reason the archive must count and leave out."""
     view = {**first, "type": "view", "item_id": "x"}
@@ -137,6 +168,7 @@ def invalid(settings: Settings, first: Event) -> list[tuple[str, bytes | None, b
         (orders, b"k", orjson.dumps({**view, "event_id": "wrong-topic"})),  # wrong_topic
         (views, b"k", orjson.dumps({**view, "event_id": "old", "event_time": "1999-01-01T00:00:00Z"})),
         (settings.topic_promotions, b"k", b'{"promotion_id": "p-broken"}'),  # schema
+        (settings.topic_promotion_outcomes, b"k", b'{"promotion_id": "p-broken"}'),  # schema
     ]
 
 
@@ -149,6 +181,8 @@ def test_archive_holds_every_valid_event_and_promotion_once(
     again = events[10]  # a producer's retry: the same event twice on its topic
     topic_of = {etype: topic for topic, etype in settings.input_topics.items()}
     more = [(settings.topic_promotions, b"k", orjson.dumps(p)) for p in [*promos, promos[0]]]
+    results = outcomes(promos)  # and one re-sent after a redelivery
+    more += [(settings.topic_promotion_outcomes, b"k", orjson.dumps(o)) for o in [*results, results[1]]]
     more.append((topic_of[again["type"]], b"k", orjson.dumps(again)))
     asyncio.run(produce(settings, [*invalid(settings, events[0]), *more]))
 
@@ -176,13 +210,15 @@ def test_archive_holds_every_valid_event_and_promotion_once(
     got_promos = read_events(root, stream="promotions")
     assert sorted(p["promotion_id"] for p in got_promos) == [p["promotion_id"] for p in promos]
     assert {p["promotion_id"]: p for p in got_promos} == {p["promotion_id"]: p for p in promos}
+    assert read_events(root, stream="outcomes") == results  # each once, by decision time
 
     rejected = {
         dict(labels)["reason"]: v for (name, labels), v in seen.items() if name.endswith("rejected_total")
     }
-    assert rejected == {"invalid_json": 1, "empty": 1, "schema": 2, "wrong_topic": 1, "impossible_value": 1}
+    assert rejected == {"invalid_json": 1, "empty": 1, "schema": 3, "wrong_topic": 1, "impossible_value": 1}
     assert seen[("shopstream_archive_events_total", (("stream", "events"),))] == 3001  # the retry too
     assert seen[("shopstream_archive_events_total", (("stream", "promotions"),))] == 6
+    assert seen[("shopstream_archive_events_total", (("stream", "outcomes"),))] == 6
     assert seen[("shopstream_archive_files_total", (("stream", "events"),))] == len(archive_files(root))
     assert seen[("shopstream_archive_bytes_total", (("stream", "events"),))] == sum(
         os.path.getsize(p) for p in archive_files(root)

@@ -31,7 +31,7 @@ from streams.archive_read import (
 )
 from streams.decode import EventDecoder
 from streams.errors import ConfigurationError, ShopstreamError
-from streams.records import Offer, Promotion
+from streams.records import Offer, Promotion, PromotionOutcome
 from streams.settings import Settings
 from tests.fuzzing import VALID
 
@@ -237,7 +237,7 @@ class FakeConsumer:
 
 
 SETTINGS = Settings()
-TOPICS = [*SETTINGS.input_topics, SETTINGS.topic_promotions]
+TOPICS = [*SETTINGS.input_topics, SETTINGS.topic_promotions, SETTINGS.topic_promotion_outcomes]
 
 
 def record(topic: str, offset: int, value: bytes | None) -> Any:
@@ -320,6 +320,86 @@ def test_offsets_are_committed_only_after_the_files_are_in_place(tmp_path: Path)
     assert registry.get_sample_value("shopstream_archive_events_total", {"stream": "events"}) == 5
     assert registry.get_sample_value("shopstream_archive_files_total", {"stream": "promotions"}) == 1
     assert registry.get_sample_value("shopstream_archive_commit_age_seconds") == 0.0  # nothing pending
+
+
+def outcome(pid: str, user: str, at: datetime, converted: bool, holdout: bool = False) -> dict[str, Any]:
+    return PromotionOutcome(
+        promotion_id=pid,
+        user_id=user,
+        kind="cart_abandonment",
+        offer=Offer(kind="percent_off", value=10.0),
+        holdout=holdout,
+        promoted_at=at,
+        window_end=at + timedelta(days=3),
+        converted=converted,
+        order_id="o-" + pid if converted else None,
+        order_event_id="e-" + pid if converted else None,
+        converted_at=at + timedelta(hours=1) if converted else None,
+        revenue_items=20.0 if converted else 0.0,
+        revenue_order=25.0 if converted else 0.0,
+        discount_cost=2.0 if converted and not holdout else 0.0,
+        currency=None,
+        closed_by="order" if converted else "window",
+        model_version="rules-1",
+    ).model_dump(mode="json")
+
+
+def test_outcomes_are_archived_by_decision_time_and_read_back_for_the_uplift_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Outcomes go to ``outcomes/`` at their promotion's decision time; a re-sent outcome counts
+    once, an invalid one is skipped, an erased user's are dropped; ``uplift-report --archive``
+    reports what a file of the same outcomes gives, and ``--since`` selects by decision time."""
+    from streams.uplift import report, run
+
+    root = str(tmp_path / "archive")
+    topic = SETTINGS.topic_promotion_outcomes
+    day2 = T0 + timedelta(days=1)
+    kept = [
+        outcome("p1", "u1", T0, True),
+        outcome("p2", "u2", T0, False, holdout=True),
+        outcome("p3", "u3", day2, True),
+        outcome("p4", "u4", day2, False),
+    ]
+    gone = outcome("p5", "u5", T0, True)
+    values = [*kept, kept[0], gone]  # p1 re-sent after a redelivery: the same record
+    batches = [[record(topic, i, orjson.dumps(v))] for i, v in enumerate(values)]
+    batches.append([record(topic, len(values), b'{"promotion_id": "p9"}')])  # fails the contract
+    consumer = FakeConsumer(batches, lambda offsets: None)
+    arch, registry = archiver_at(root, consumer)
+    assert topic in arch.topics
+    asyncio.run(arch.run(consumer.stop, lag_interval_s=0.01))
+    assert consumer.commits[-1] == {TopicPartition(topic, 0): len(values) + 1}
+    assert registry.get_sample_value("shopstream_archive_events_total", {"stream": "outcomes"}) == 6
+    assert registry.get_sample_value("shopstream_archive_rejected_total", {"reason": "schema"}) == 1
+    assert {p.split("/")[-3] for p in archive_files(root, "outcomes")} == {
+        "date=2024-05-01",
+        "date=2024-05-02",
+    }
+    erasures = tmp_path / "archive" / "_erasures"
+    erasures.mkdir()
+    (erasures / "e.jsonl").write_text('{"user_id": "u5", "erased_at": "2024-05-01T12:00:00Z"}\n')
+    assert read_events(root, stream="outcomes") == kept
+
+    rep = run(SETTINGS, None, tmp_path / "out", archive=root)
+    assert orjson.loads((tmp_path / "out" / "uplift.json").read_bytes()) == report(kept)
+    rep = run(SETTINGS, None, tmp_path / "out2", archive=root, since=day2.isoformat())
+    assert rep["outcomes"] == 2 == report(kept[2:])["outcomes"]
+    with pytest.raises(ConfigurationError, match="not both"):
+        run(SETTINGS, "some.jsonl", tmp_path / "out3", archive=root)
+    with pytest.raises(ConfigurationError, match="--archive"):
+        run(SETTINGS, None, tmp_path / "out3", since=day2.isoformat())
+
+    from streams.cli import main
+
+    monkeypatch.setenv("SHOPSTREAM_ARCHIVE_DIR", root)  # --archive without a root: the setting's
+    capsys.readouterr()
+    until = ["--until", day2.isoformat()]
+    assert main(["uplift-report", "--archive", *until, "--out", str(tmp_path / "o")]) == 0
+    assert orjson.loads((tmp_path / "o" / "uplift.json").read_bytes()) == report(kept[:2])
+    assert "cart_abandonment percent_off:10" in capsys.readouterr().out
+    assert main(["uplift-report", "--since", day2.isoformat()]) == 1
+    assert "add --archive" in capsys.readouterr().err
 
 
 def test_a_failed_write_commits_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
