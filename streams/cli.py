@@ -166,7 +166,7 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_uplift_report(settings: Settings, args: argparse.Namespace) -> int:
     from streams.uplift import render, run
 
-    rep = run(settings, args.file, Path(args.out), args.archive, args.since, args.until)
+    rep = run(settings, args.file, Path(args.out), args.archive, args.since, args.until, args.promotions)
     print(render(rep))
     print(
         f"wrote {Path(args.out) / 'uplift.json'}"
@@ -192,6 +192,8 @@ def cmd_evaluate_promotions(settings: Settings, args: argparse.Namespace) -> int
         except ValueError:
             raise ShopstreamError(f"--since {args.since!r}: an ISO 8601 instant, 'test' or 'all'") from None
     model = Path(args.model) if args.model else settings.model_dir
+    if args.offer_policy:
+        settings = settings.model_copy(update={"offer_policy": args.offer_policy})
     events = list(load(args.dataset, settings.datasets_dir))[: args.limit]
     results = evaluate_promotions(
         events,
@@ -399,6 +401,11 @@ def parser() -> argparse.ArgumentParser:
         help="read the outcomes the archiver kept (default root: SHOPSTREAM_ARCHIVE_DIR), past the "
         "topic's retention",
     )
+    up.add_argument(
+        "--promotions",
+        help="with --file: a JSON-lines file of the promotion records, for the off-policy estimates of "
+        "the bandit's offers (from the archive or the topics they are read with the outcomes)",
+    )
     up.add_argument("--since", help="with --archive: promotions decided at or after this time (ISO-8601)")
     up.add_argument("--until", help="with --archive: promotions decided before this time (ISO-8601)")
     up.add_argument("--out", default="var/uplift", help="folder for uplift.json and uplift.png")
@@ -418,6 +425,12 @@ def parser() -> argparse.ArgumentParser:
         "--horizon-h", type=float, default=6.0, help="purchase horizon of the propensity ranking, hours"
     )
     pe.add_argument("--limit", type=int, default=None, help="first N events only")
+    pe.add_argument(
+        "--offer-policy",
+        choices=("rules", "bandit"),
+        help="how offers are chosen (default: SHOPSTREAM_OFFER_POLICY); with bandit the report adds the "
+        "off-policy estimates of every offer from the bandit's decisions",
+    )
     pe.add_argument("--out", help="folder for promotions.md and promotions.json")
     pe.set_defaults(func=cmd_evaluate_promotions)
     s = sub.add_parser("schemas", help="write streams/schemas/*.json from the records")

@@ -72,6 +72,7 @@ MARKETING = ("cart_abandonment", "browse_abandonment", "high_intent", "price_sen
 DEFERRED_KINDS = ("review_recovery",)  # event triggers that wait for the end of quiet hours
 DEFERRED = "deferred"  # promo key: triggers waiting for the end of quiet hours
 KEEP_DEFERRED = 4
+BUDGET_SPENT = "discount budget spent"  # said in the reason of a discount delivered as a reminder
 DEFAULT_HIGH_INTENT = 0.7  # thresholds for a propensity of a model whose manifest has none
 DEFAULT_REMINDER = 0.5
 MODEL_REMINDER = "pr"  # promo key: the reminder threshold of the model that produced promo["p"]
@@ -97,6 +98,12 @@ def price_sensitivity(state: UserState) -> float:
     removes = c.get("cart_remove", 0) + state.promo.get("abandoned", 0)
     adds = c.get("cart_add", 0) + c.get("order", 0)
     return round(min(1.0, float(removes) / (adds + 1.0)), 4)
+
+
+def discount_percent(sensitivity: float, max_discount_percent: float) -> float:
+    """The rule-based discount: 5 % growing with price sensitivity up to the maximum (0: none)."""
+    top = max_discount_percent
+    return float(round(min(top, 5.0 + (top - 5.0) * sensitivity)) if top >= 5 else top)
 
 
 def opted_out(state: UserState) -> bool:
@@ -392,15 +399,15 @@ class Policy:
         assert self.bandit is not None
         choice = self.bandit.choose(partition, ctx, pid)
         scores["offer_probability"] = round(choice.probability, 6)
+        scores["offer_arm"] = choice.percent  # what was chosen, whatever the budget delivers
         if choice.percent <= 0:
             return {"kind": "reminder", "bandit": [ctx, 0.0]}
         return {"kind": "percent_off", "value": choice.percent, "bandit": [ctx, choice.percent]}
 
     def _discount(self, sensitivity: float) -> dict[str, Any]:
         """A percent-off offer sized by price sensitivity (5 % up to ``max_discount_percent``)."""
-        top = self.s.max_discount_percent
-        pct = round(min(top, 5.0 + (top - 5.0) * sensitivity)) if top >= 5 else top
-        return {"kind": "percent_off", "value": float(pct)} if pct > 0 else {"kind": "reminder"}
+        pct = discount_percent(sensitivity, self.s.max_discount_percent)
+        return {"kind": "percent_off", "value": pct} if pct > 0 else {"kind": "reminder"}
 
     def _spend(self, decision: Decision, partition: int, t: float, value: float) -> Decision:
         """Charge a discount to the day's budget; once it is spent the offer becomes a reminder.
@@ -409,7 +416,7 @@ class Policy:
         discount = rec is not None and rec["offer"]["kind"] == "percent_off" and not rec["holdout"]
         if rec and discount and not self.budget.try_spend(partition, t, value * rec["offer"]["value"] / 100):
             rec["offer"] = {"kind": "reminder", "value": 0.0}
-            rec["reason"] = (rec["reason"] + "; discount budget spent")[:512]
+            rec["reason"] = (rec["reason"] + f"; {BUDGET_SPENT}")[:512]
             if decision.learn is not None:  # the bandit learns what was delivered: a reminder
                 decision.learn = [decision.learn[0], 0.0]
         return decision

@@ -29,6 +29,8 @@ import orjson
 from streams.archive_read import read_events
 from streams.attribution import offer_label
 from streams.errors import ConfigurationError
+from streams.offpolicy import evaluate, join
+from streams.offpolicy import render as render_off_policy
 from streams.settings import Settings
 from streams.tail import read_to_end
 
@@ -139,6 +141,8 @@ def render(rep: dict[str, Any]) -> str:
         conv = f"{c['value']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
         net = f"{n['value']:+.2f} [{n['ci95'][0]:+.2f}, {n['ci95'][1]:+.2f}]"
         lines.append(f"{name:38} {side(t):>16} {side(h):>16} {conv:>34} {net:>32}")
+    if rep.get("off_policy") or rep.get("off_policy_left_out"):
+        lines += ["", render_off_policy(rep["off_policy"], rep.get("off_policy_left_out"))]
     return "\n".join(lines)
 
 
@@ -187,20 +191,36 @@ def run(
     archive: str | None = None,
     since: str | None = None,
     until: str | None = None,
+    promotions: str | None = None,
 ) -> dict[str, Any]:
     """``shopstream uplift-report``: the report of a file (``source``), of the archive's outcomes
-    (``archive``: its root; the promotions decided in ``[since, until)``) or of the outcomes topic."""
+    (``archive``: its root; the promotions decided in ``[since, until)``) or of the outcomes topic.
+    The promotion records, for the off-policy estimates of the bandit's offers
+    (``streams.offpolicy``), come from the same place (the archive, the promotions topic) or, with
+    a file of outcomes, from the file ``promotions`` (none: no off-policy estimates)."""
     if source and archive is not None:
         raise ConfigurationError("uplift-report reads a file or the archive, not both")
     if (since or until) and archive is None:
         raise ConfigurationError("--since and --until select from the archive: add --archive")
+    if promotions and not source:
+        raise ConfigurationError("--promotions goes with --file (else they are read with the outcomes)")
+    promos: list[dict[str, Any]]
     if source:
         outcomes = read_file(Path(source))
+        promos = read_file(Path(promotions)) if promotions else []
     elif archive is not None:
-        outcomes = read_events(archive or settings.archive_dir, since, until, stream="outcomes")
+        root = archive or settings.archive_dir
+        outcomes = read_events(root, since, until, stream="outcomes")
+        # archived by created_at (the wall clock at the decision, at or after its event time):
+        # from ``since`` on, whatever ``until``; the join keeps those of the outcomes read
+        promos = read_events(root, since, None, stream="promotions")
     else:
         outcomes = asyncio.run(read_topic(settings, settings.topic_promotion_outcomes))
+        promos = asyncio.run(read_topic(settings, settings.topic_promotions))
     rep = report(outcomes)
+    rows, skipped = join(promos, outcomes)
+    rep["off_policy"] = evaluate(rows, settings.max_discount_percent)
+    rep["off_policy_left_out"] = skipped
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "uplift.json").write_text(orjson.dumps(rep, option=orjson.OPT_INDENT_2).decode())
     rep["plot"] = str(out_dir / "uplift.png") if plot(rep, out_dir / "uplift.png") else None

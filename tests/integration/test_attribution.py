@@ -26,6 +26,7 @@ from streams.promotions import in_holdout
 from streams.records import PromotionOutcome
 from streams.settings import Settings
 from streams.uplift import read_topic
+from streams.uplift import run as uplift_run
 from tests.integration.harness import (
     WorkerProcess,
     collect,
@@ -156,6 +157,11 @@ async def test_outcomes_are_joined_once_per_promotion_across_a_crash(
         await all_committed(settings)
         outcomes = values(await read_to_end(settings, [settings.topic_promotion_outcomes]))
         assert await read_topic(settings, settings.topic_promotion_outcomes) == outcomes  # uplift-report's
+        # uplift-report reads the promotions topic beside for the bandit's off-policy estimates:
+        # these were chosen by the rules, so there are none, and the report says what it left out
+        rep = await asyncio.to_thread(uplift_run, settings, None, tmp_path / "uplift")
+        assert rep["off_policy"] == {} and rep["off_policy_left_out"]["holdout"] >= 1
+        assert rep["off_policy_left_out"]["not chosen by the bandit"] >= 2
     finally:
         second.stop()
     by_id: dict[str, dict[str, Any]] = {}

@@ -382,7 +382,8 @@ def test_outcomes_are_archived_by_decision_time_and_read_back_for_the_uplift_rep
     assert read_events(root, stream="outcomes") == kept
 
     rep = run(SETTINGS, None, tmp_path / "out", archive=root)
-    assert orjson.loads((tmp_path / "out" / "uplift.json").read_bytes()) == report(kept)
+    no_promotions: dict[str, dict[str, Any]] = {"off_policy": {}, "off_policy_left_out": {}}
+    assert orjson.loads((tmp_path / "out" / "uplift.json").read_bytes()) == {**report(kept), **no_promotions}
     rep = run(SETTINGS, None, tmp_path / "out2", archive=root, since=day2.isoformat())
     assert rep["outcomes"] == 2 == report(kept[2:])["outcomes"]
     with pytest.raises(ConfigurationError, match="not both"):
@@ -396,7 +397,10 @@ def test_outcomes_are_archived_by_decision_time_and_read_back_for_the_uplift_rep
     capsys.readouterr()
     until = ["--until", day2.isoformat()]
     assert main(["uplift-report", "--archive", *until, "--out", str(tmp_path / "o")]) == 0
-    assert orjson.loads((tmp_path / "o" / "uplift.json").read_bytes()) == report(kept[:2])
+    assert orjson.loads((tmp_path / "o" / "uplift.json").read_bytes()) == {
+        **report(kept[:2]),
+        **no_promotions,
+    }
     assert "cart_abandonment percent_off:10" in capsys.readouterr().out
     assert main(["uplift-report", "--since", day2.isoformat()]) == 1
     assert "add --archive" in capsys.readouterr().err

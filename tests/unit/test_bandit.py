@@ -107,6 +107,7 @@ def test_the_pipeline_logs_the_offer_probability_and_teaches_the_bandit_from_tre
     (promo,) = [orjson.loads(o.value) for o in outs if o.topic == p.s.topic_promotions]
     assert promo["kind"] == "cart_abandonment" and 0 < promo["scores"]["offer_probability"] <= 1
     percent = promo["offer"]["value"] if promo["offer"]["kind"] == "percent_off" else 0.0
+    assert promo["scores"]["offer_arm"] == percent  # the offer chosen, for off-policy evaluation
     p.process([order])
     ctx = context("cart_abandonment", None, 0.5, 0.0)
     stats = p.policy.bandit.stats(order.partition, ctx)

@@ -187,3 +187,25 @@ def test_attributed_conversions_count_orders_in_the_window_and_censor_open_windo
     # every window runs past the end of the log: censored, the early conversion too (no 100 %)
     assert (a["converted"], a["unconverted"], a["censored"], a["conversion"]) == (0, 0, 3, None)
     assert "| rule-only | cart_abandonment | 3 | 0 | 0 | 3 | - |" in report(day, "synthetic")
+
+
+def test_with_the_bandit_the_report_estimates_every_offer_from_its_decisions() -> None:
+    settings = Settings(quiet_hours="", cart_abandon_after_s=3600.0, offer_policy="bandit")
+    two_hours = evaluate_promotions(EVENTS, settings, None, window=2 * 3600)["policies"]["rule-only"]
+    promos = [p for p in two_hours["off_policy"]["estimates"].values()]
+    (cart_kind,) = promos
+    # three cart triggers, all with their window inside the log: three decisions of three users
+    assert (cart_kind["decisions"], cart_kind["users"]) == (3, 3)
+    assert cart_kind["logged"]["conversion"]["value"] == pytest.approx(1 / 3)
+    targets = cart_kind["targets"]
+    assert set(targets) == {"reminder", "percent_off:5", "percent_off:10", "percent_off:15", "rules"}
+    assert sum(targets[n]["matched"] for n in targets if n != "rules") == 3  # each decision one offer
+    day = evaluate_promotions(EVENTS, settings, None, window=24 * 3600)
+    off = day["policies"]["rule-only"]["off_policy"]
+    assert off["estimates"] == {} and off["left_out"] == {"no outcome yet": 3}  # censored
+    text = report(day, "synthetic")
+    assert "offers chosen by the bandit" in text and "no outcome yet 3" in text
+    rules = evaluate_promotions(
+        EVENTS, Settings(quiet_hours="", cart_abandon_after_s=3600.0), None, window=7200
+    )
+    assert "off_policy" not in rules["policies"]["rule-only"]

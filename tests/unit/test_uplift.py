@@ -17,6 +17,8 @@ import numpy as np
 import orjson
 import pytest
 
+from streams.errors import ConfigurationError
+from streams.offpolicy import evaluate, join
 from streams.settings import Settings
 from streams.uplift import dedupe, lift, render, report, run
 
@@ -77,6 +79,37 @@ def test_the_interval_covers_the_known_lift_about_95_times_in_100() -> None:
     assert 34 <= covered <= 40  # 95 % nominal; users resampled, so promotions of a user move together
 
 
+def test_with_the_promotion_records_the_report_adds_the_off_policy_estimates(tmp_path: Path) -> None:
+    outcomes = simulate(seed=6, users=300, base=0.2, gain=0.1)
+    promos = [
+        {
+            "promotion_id": o["promotion_id"],
+            "user_id": o["user_id"],
+            "kind": o["kind"],
+            "offer": o["offer"],
+            "holdout": o["holdout"],
+            "reason": "cart idle",
+            "scores": {"offer_probability": 0.5, "offer_arm": 10.0},
+        }
+        for o in outcomes
+    ]
+    src, psrc = tmp_path / "outcomes.jsonl", tmp_path / "promotions.jsonl"
+    src.write_bytes(b"\n".join(orjson.dumps(o) for o in outcomes))
+    psrc.write_bytes(b"\n".join(orjson.dumps(p) for p in promos))
+    rep = run(Settings(max_discount_percent=15.0), str(src), tmp_path / "out", promotions=str(psrc))
+    rows, left_out = join(promos, outcomes)
+    assert left_out == {"holdout": sum(o["holdout"] for o in outcomes)}
+    assert rep["off_policy"] == orjson.loads(orjson.dumps(evaluate(rows, 15.0)))
+    ten = rep["off_policy"]["cart_abandonment"]["targets"]["percent_off:10"]
+    treated = [o for o in outcomes if not o["holdout"]]
+    # every treated decision chose 10 % with probability 0.5: SNIPS is the plain mean
+    want = sum(o["revenue_order"] - o["discount_cost"] for o in treated) / len(treated)
+    assert ten["matched"] == len(treated) and ten["snips_net_revenue"]["value"] == pytest.approx(want)
+    assert "Off-policy estimates" in render(rep)
+    with pytest.raises(ConfigurationError, match="--file"):
+        run(Settings(), None, tmp_path / "o", promotions=str(psrc))
+
+
 def test_duplicates_count_once_and_capacity_closures_not_at_all() -> None:
     a = {"promotion_id": "p1", "closed_by": "order"}
     assert dedupe([a, dict(a), {"promotion_id": "p2", "closed_by": "capacity"}]) == [a]
@@ -91,7 +124,8 @@ def test_the_command_reads_a_file_and_writes_the_report_and_its_plot(tmp_path: P
     src = tmp_path / "outcomes.jsonl"
     src.write_bytes(b"\n".join(orjson.dumps(o) for o in outcomes) + b"\n")
     rep = run(Settings(), str(src), tmp_path / "out")
-    assert orjson.loads((tmp_path / "out" / "uplift.json").read_bytes()) == report(outcomes)
+    written = orjson.loads((tmp_path / "out" / "uplift.json").read_bytes())
+    assert written == {**report(outcomes), "off_policy": {}, "off_policy_left_out": {}}
     assert (
         rep["plot"] == str(tmp_path / "out" / "uplift.png")
         and (tmp_path / "out" / "uplift.png").stat().st_size
