@@ -7,8 +7,9 @@ a time (train before D-1, choose on D-1, test on D, the horizon censored at each
 ``time_split`` does), and reports, for every test day, the test ROC-AUC of:
 
 - the model's propensity branch, fitted exactly as ``train`` fits it (``modeling.heads
-  .fit_propensity``: epoch chosen on the validation day's ROC-AUC, then Platt-scaled there), one
-  row per seed;
+  .fit_propensity``: epoch chosen on the validation day's ROC-AUC, the residual kept only when its
+  validation gain over the regression is more than noise, then Platt-scaled there), one row per
+  seed;
 - logistic regression and gradient-boosted trees on the same window features, tuned on the same
   validation day (``modeling.propensity``).
 
@@ -37,7 +38,7 @@ from modeling.cli import HORIZON_S
 from modeling.heads import fit_propensity
 from modeling.metrics import bootstrap_ci
 from modeling.model import BehaviourModel, ModelConfig
-from modeling.propensity import GBTPropensity, LogisticPropensity, roc_auc
+from modeling.propensity import GBTPropensity, LogisticPropensity, paired_auc_diff, roc_auc
 from modeling.sequences import Split, sequences_from_events, time_split
 from modeling.train import PRESETS, TrainConfig, calibrate_propensity, labelled_rate, propensity_scores
 from streams.features import N_CONTEXT
@@ -50,14 +51,6 @@ DAY_S = 86400.0
 
 def _auc(pairs: np.ndarray) -> float:
     return roc_auc(pairs[:, 1], pairs[:, 0])
-
-
-def _paired_diff(pairs: np.ndarray) -> float:
-    """ROC-AUC of column 0 minus that of column 1 against labels in column 2."""
-    y = pairs[:, 2]
-    if not 0 < y.sum() < len(y):
-        return float("nan")
-    return roc_auc(y, pairs[:, 0]) - roc_auc(y, pairs[:, 1])
 
 
 def branch_scores(split: Split, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
@@ -107,6 +100,13 @@ def main() -> None:
         scores: dict[str, np.ndarray] = {}
         for seed in range(args.seeds):
             p, fitted = branch_scores(split, seed)
+            g = fitted.get("residual_valid_gain") or {}
+            if g:
+                print(
+                    f"{day:10} seed {seed}: best validation epoch {fitted['best_epoch']}, gain over the "
+                    f"regression {g['value']:+.4f} [{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]: "
+                    + ("kept" if fitted["kept_residual"] else "not more than noise, the regression alone")
+                )
             scores[f"model branch (seed {seed}, epoch {fitted['epoch']})"] = p[known]
         for baseline in (LogisticPropensity(), GBTPropensity()):
             baseline.fit(split.train_cases, split.valid)
@@ -117,8 +117,8 @@ def main() -> None:
             print(f"{day:10} {len(y):6d} {y.mean():6.3f}  {name:28} {auc:7.4f} [{lo:.4f}, {hi:.4f}]")
         model_p = next(iter(scores.values()))
         pairs = np.stack([model_p, scores[LogisticPropensity.name], y], axis=1)
-        diff = _paired_diff(pairs)
-        lo, hi = bootstrap_ci(pairs, _paired_diff, groups=users)
+        diff = paired_auc_diff(pairs)
+        lo, hi = bootstrap_ci(pairs, paired_auc_diff, groups=users)
         diffs.append(diff)
         print(
             f"{day:10} model (seed 0) minus logistic regression: {diff:+.4f} [{lo:+.4f}, {hi:+.4f}] "

@@ -32,6 +32,15 @@ def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
 
 
+def paired_auc_diff(rows: np.ndarray) -> float:
+    """ROC-AUC of column 0 minus that of column 1 against the labels in column 2 (NaN where the
+    labels hold one class only): the statistic of a paired, user-resampled interval."""
+    y = rows[:, 2]
+    if not 0 < y.sum() < len(y):
+        return float("nan")
+    return roc_auc(y, rows[:, 0]) - roc_auc(y, rows[:, 1])
+
+
 class LogisticPropensity:
     """Standardised features, L2-regularised logistic regression; C chosen on validation AUC."""
 
