@@ -233,15 +233,16 @@ def fit_propensity(
     branch.load_state_dict(best_state)
     branch.eval()
     gain: dict[str, Any] = {}
-    if p0 is not None and best_epoch > 0:
+    kept = best_epoch > 0
+    if p0 is not None and kept:
         gain = residual_gain(vy, propensity_scores(model, valid, device), p0, valid.users)
-        if not gain["ci95"][0] > 0:  # not more than noise: the regression alone
+        kept = gain["ci95"][0] > 0
+        if not kept:  # not more than noise: the regression alone
             branch.load_state_dict(regression_state)
             branch.eval()
     for param in branch.linear.parameters():
         param.requires_grad_(True)
     chosen = "validation ROC-AUC" if best >= 0 else "fixed epochs (no validation labels of both kinds)"
-    kept = best_epoch > 0 and (not gain or gain["ci95"][0] > 0)
     return {
         "fitted_on": "training period",
         "chosen_on": chosen,

@@ -26,7 +26,7 @@ promotion costs nothing (it was not sent). An order whose event time is before t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -147,6 +147,16 @@ def offer_label(offer: dict[str, Any]) -> str:
     """A bounded metric label for an offer: ``reminder``, ``percent_off:10``, ..."""
     kind = str(offer["kind"])
     return f"{kind}:{float(offer.get('value', 0.0)):g}" if kind == "percent_off" else kind
+
+
+def dedupe(outcomes: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One outcome record per promotion id (the first: a re-sent one is the same record), capacity
+    closures left out (their windows did not run their course): what reports count."""
+    seen: dict[str, dict[str, Any]] = {}
+    for o in outcomes:
+        if o.get("closed_by") != "capacity":
+            seen.setdefault(o["promotion_id"], o)
+    return list(seen.values())
 
 
 def reward(record: dict[str, Any]) -> float:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from streams.attribution import reward
+from streams.attribution import dedupe, reward
 from streams.bandit import arms as bandit_arms
 from streams.promotions import BUDGET_SPENT, discount_percent
 
@@ -69,10 +69,7 @@ def join(
     promotions: Iterable[dict[str, Any]], outcomes: Iterable[dict[str, Any]]
 ) -> tuple[list[Decision], dict[str, int]]:
     """The logged bandit decisions that have an outcome, and counts of what was left out."""
-    closed: dict[str, dict[str, Any]] = {}
-    for o in outcomes:
-        if o.get("closed_by") != "capacity":
-            closed.setdefault(o["promotion_id"], o)
+    closed = {o["promotion_id"]: o for o in dedupe(outcomes)}
     skipped: dict[str, int] = defaultdict(int)
     seen: set[str] = set()
     rows = []

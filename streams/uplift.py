@@ -27,7 +27,7 @@ import numpy as np
 import orjson
 
 from streams.archive_read import read_events
-from streams.attribution import offer_label
+from streams.attribution import dedupe, offer_label
 from streams.errors import ConfigurationError
 from streams.offpolicy import evaluate, join
 from streams.offpolicy import render as render_off_policy
@@ -35,15 +35,6 @@ from streams.settings import Settings
 from streams.tail import read_to_end
 
 BOOTSTRAP = 1000  # user resamples per interval
-
-
-def dedupe(outcomes: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per promotion id (the first), capacity closures left out."""
-    seen: dict[str, dict[str, Any]] = {}
-    for o in outcomes:
-        if o.get("closed_by") != "capacity":
-            seen.setdefault(o["promotion_id"], o)
-    return list(seen.values())
 
 
 def _per_user(rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

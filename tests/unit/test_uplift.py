@@ -17,10 +17,11 @@ import numpy as np
 import orjson
 import pytest
 
+from streams.attribution import dedupe
 from streams.errors import ConfigurationError
 from streams.offpolicy import evaluate, join
 from streams.settings import Settings
-from streams.uplift import dedupe, lift, render, report, run
+from streams.uplift import lift, render, report, run
 
 
 def simulate(
