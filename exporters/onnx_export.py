@@ -25,6 +25,7 @@ from modeling.model import ServingModel
 from modeling.sequences import Cases
 from modeling.train import load_model
 from streams.features import CONTEXT_NAMES
+from streams.price_response import PriceReference, attach
 from streams.scoring import sha256
 from streams.state import N_GAPS
 
@@ -138,8 +139,18 @@ def id_mismatch(
     return float(wrong.mean())
 
 
-def export(run_dir: Path, out_dir: Path, cases: Cases, *, k: int = 100, opset: int = 17) -> dict[str, Any]:
-    """Export ``run_dir`` to ``out_dir``; returns the manifest."""
+def export(
+    run_dir: Path,
+    out_dir: Path,
+    cases: Cases,
+    *,
+    k: int = 100,
+    opset: int = 17,
+    prices: PriceReference | None = None,
+) -> dict[str, Any]:
+    """Export ``run_dir`` to ``out_dir``; returns the manifest. ``prices``: the price reference
+    of the training period (``streams.price_response``), written beside the graph when the data
+    has prices."""
     import onnx
 
     model = load_model(run_dir)
@@ -212,4 +223,6 @@ def export(run_dir: Path, out_dir: Path, cases: Cases, *, k: int = 100, opset: i
         "parity_max_abs_diff": parity,
     }
     (out_dir / "manifest.json").write_text(json.dumps(_strict(manifest), indent=2, allow_nan=False))
+    if prices is not None:
+        manifest["price_reference"] = attach(out_dir, prices)
     return manifest

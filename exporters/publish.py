@@ -1,8 +1,9 @@
 """Publishing an exported artifact into the model folder the workers serve from, atomically.
 
 In: an artifact exported by ``exporters.onnx_export.export`` (``manifest.json``, graph,
-vocabulary) in a staging folder. Out: the same artifact in the model folder under version-named
-files (``model-<v>.onnx``, ``vocab-<v>.json``, ``manifest-<v>.json`` for rollback), then
+vocabulary, the price reference where it has one) in a staging folder. Out: the same artifact in
+the model folder under version-named files (``model-<v>.onnx``, ``vocab-<v>.json``,
+``prices-<v>.json``, ``manifest-<v>.json`` for rollback), then
 ``manifest.json`` pointing at them, each written to a temporary name, fsynced and renamed, the
 folder fsynced. The graph and vocabulary land first and the manifest last, which is the order the
 worker's hot reload (``streams.scoring.ModelWatcher``) expects: it reads ``manifest.json`` and
@@ -27,7 +28,7 @@ from streams.scoring import REGISTRY as REGISTRY  # the one name the worker's wa
 from streams.scoring import read_manifest, sha256
 
 KEEP_VERSIONS = 3  # the published version and the two before it (rollback)
-VERSIONED = (("model-", ".onnx"), ("vocab-", ".json"), ("manifest-", ".json"))
+VERSIONED = (("model-", ".onnx"), ("vocab-", ".json"), ("manifest-", ".json"), ("prices-", ".json"))
 
 
 class PublishError(ShopstreamError):
@@ -64,6 +65,13 @@ def publish(staging: Path, model_dir: Path) -> dict[str, Any]:
         if sha256(model_dir / name) != manifest[f"{key}_sha256"]:
             raise PublishError(f"{model_dir / name}: sha256 differs from the staged file after copying")
     manifest.update(files)
+    prices = manifest.get("price_reference")
+    if prices is not None:  # streams.price_response: optional, versioned like the others
+        name = f"prices-{version}.json"
+        write_atomic(model_dir / name, staging / prices["file"])
+        if sha256(model_dir / name) != prices["sha256"]:
+            raise PublishError(f"{model_dir / name}: sha256 differs from the staged file after copying")
+        manifest["price_reference"] = {**prices, "file": name}
     text = json.dumps(manifest, indent=2, allow_nan=False).encode()
     write_atomic(model_dir / f"manifest-{version}.json", text)  # kept for rollback
     write_atomic(model_dir / "manifest.json", text)  # last: the worker's hot reload starts here
@@ -74,7 +82,12 @@ def prune(model_dir: Path, keep: set[str]) -> list[str]:
     """Delete the version-named files of versions outside ``keep`` (never those the current
     manifest names) and temporary files a crashed publish left; returns the names deleted."""
     current = read_manifest(model_dir) if (model_dir / "manifest.json").exists() else {}
-    protected = {current.get("graph"), current.get("vocab")}  # a rollback may name any version
+    prices = current.get("price_reference")
+    protected = {  # a rollback may name any version
+        current.get("graph"),
+        current.get("vocab"),
+        prices.get("file") if isinstance(prices, dict) else None,
+    }
     keep = keep | {str(current.get("model_version"))}
     removed = []
     for path in sorted(model_dir.iterdir()):

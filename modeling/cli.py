@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modeling.sequences import (
     Split,
@@ -36,6 +36,9 @@ from modeling.sequences import (
 )
 from streams.sources.datasets import DATASETS, load
 from streams.splits import split_bounds
+
+if TYPE_CHECKING:
+    from streams.price_response import PriceReference
 
 # Purchase propensity horizon. The test period is one day, so a 24 h horizon would never be fully
 # observed there; 6 h leaves the first 18 hours of each day with known labels (the rest is censored).
@@ -136,11 +139,32 @@ def run_export(run_dir: Path, out: Path, datasets_dir: Path, k: int) -> None:
 
     cfg = json.loads((run_dir / "config.json").read_text())
     split = build_split(cfg["data"], datasets_dir, cfg["model"]["max_len"])
-    manifest = export(run_dir, out, split.test, k=k)
+    manifest = export(run_dir, out, split.test, k=k, prices=price_reference(cfg["data"], datasets_dir, split))
+    prices = manifest.get("price_reference")
     print(
         f"exported {manifest['model_version']} to {out} (parity max abs diff "
-        f"{manifest['parity_max_abs_diff']['top_scores']:.2e})"
+        f"{manifest['parity_max_abs_diff']['top_scores']:.2e}; price reference: "
+        + (f"{prices['categories']} categories)" if prices else "none, the data has no prices)")
     )
+
+
+def price_reference(spec: str, datasets_dir: Path, split: Split) -> PriceReference | None:
+    """The price reference of an event-log spec's training period (``streams.price_response``);
+    None for benchmark files (no prices) and logs without priced categories."""
+    from streams.price_response import from_log
+
+    if "valid_start" not in split.bounds:
+        return None
+    if spec.startswith("archive:"):
+        from streams.archive_read import ArchiveSpec, read_events  # pyarrow
+
+        archive = ArchiveSpec.parse(spec)
+        return from_log(
+            spec, read_events(archive.root, archive.since, archive.until), split.bounds["valid_start"]
+        )
+    if spec in DATASETS or spec == "rees46-demo":
+        return from_log(spec, load(spec, datasets_dir), split.bounds["valid_start"])
+    return None
 
 
 def print_results(results: dict[str, Any]) -> None:

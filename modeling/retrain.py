@@ -47,7 +47,7 @@ from exporters.publish import (
     publish,
     registry_entries,
 )
-from modeling.cli import build_split
+from modeling.cli import build_split, price_reference
 from modeling.metrics import batches, ranking_metrics
 from modeling.model import PAD, UNK
 from modeling.propensity import roc_auc
@@ -359,7 +359,7 @@ def retrain(
         if evaluate_run:
             evaluate(model, split, run_dir)  # eval.json: the manifest's metrics
         staging = run_dir / "artifact"
-        export(run_dir, staging, split.test, k=top_k)
+        export(run_dir, staging, split.test, k=top_k, prices=price_reference(read, datasets_dir, split))
         try:
             challenger = load_artifact(staging, provider="cpu")
         except ModelError as exc:

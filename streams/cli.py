@@ -12,6 +12,8 @@ shopstream consent USER_ID --marketing on|off publish a marketing consent change
 shopstream demo                               all of the above on the shipped REES46 sample
 shopstream schemas [--check]                  write or check the JSON Schema files
 shopstream evaluate-promotions DATASET        the promotion policy replayed offline, model vs rules
+shopstream evaluate-price-sensitivity DATASET learned price sensitivity vs the heuristic, on later choices
+shopstream price-reference DIR --data DATASET add a data set's price reference to an exported model
 shopstream uplift-report [--file F | --archive] uplift of promotions against the holdout, from their outcomes
 shopstream retrain --data SPEC --model-dir DIR  a challenger, published if not worse than the served model
 shopstream archive [convert DATASET|compact]  archive valid events as Parquet; convert a data set; compact
@@ -175,8 +177,66 @@ def cmd_uplift_report(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate_promotions(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_evaluate_price_sensitivity(settings: Settings, args: argparse.Namespace) -> int:
+    import orjson
+
+    from streams.price_response import evaluate, render
+    from streams.promotions import heuristic_price_sensitivity
+    from streams.records import event_adapter
+    from streams.sources.datasets import load
+
+    events = [event_adapter.validate_json(orjson.dumps(d)) for d in load(args.dataset, settings.datasets_dir)]
+    results = evaluate(args.dataset, events, heuristic_price_sensitivity, seed=args.seed)
+    return _report(render(results), results, args.out, "price-sensitivity")
+
+
+def _report(text: str, results: dict[str, Any], out_dir: str | None, name: str) -> int:
+    """Print a report; with ``--out``, also write it as ``NAME.md`` and ``NAME.json`` there."""
     import json
+
+    print(text)
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.md").write_text(text)
+        (out / f"{name}.json").write_text(json.dumps(results, indent=2))
+        print(f"written to {out}/{name}.md and {name}.json")
+    return 0
+
+
+def cmd_price_reference(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+    from datetime import datetime
+
+    from streams.price_response import attach, from_log
+    from streams.sources.datasets import load
+
+    folder = Path(args.model_dir)
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise ShopstreamError(f"price-reference: {manifest_path} does not exist (an exported model folder)")
+    split = json.loads(manifest_path.read_text()).get("split") or {}
+    if args.until:
+        try:
+            until: float | None = datetime.fromisoformat(args.until).timestamp()
+        except ValueError:
+            raise ShopstreamError(f"--until {args.until!r}: an ISO 8601 instant") from None
+    else:  # the period the model trained on: its manifest's split, else the data set's
+        until = split.get("valid_start")
+    ref = from_log(args.data, load(args.data, settings.datasets_dir), until)
+    if ref is None:
+        raise ShopstreamError(
+            f"price-reference: {args.data} has no category with priced items before the split"
+        )
+    entry = attach(folder, ref)
+    print(
+        f"price reference of {args.data} (events before {entry['until']}: {entry['categories']} categories, "
+        f"{entry['items']} items, {entry['users']} users) written to {folder}"
+    )
+    return 0
+
+
+def cmd_evaluate_promotions(settings: Settings, args: argparse.Namespace) -> int:
     from datetime import datetime
 
     from streams.policy_eval import evaluate_promotions, report
@@ -204,15 +264,7 @@ def cmd_evaluate_promotions(settings: Settings, args: argparse.Namespace) -> int
         dataset=args.dataset,
         horizon=args.horizon_h * 3600,
     )
-    text = report(results, args.dataset)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "promotions.md").write_text(text)
-        (out / "promotions.json").write_text(json.dumps(results, indent=2))
-        print(f"written to {out}/promotions.md and promotions.json")
-    return 0
+    return _report(report(results, args.dataset), results, args.out, "promotions")
 
 
 def cmd_schemas(settings: Settings, args: argparse.Namespace) -> int:
@@ -433,6 +485,30 @@ def parser() -> argparse.ArgumentParser:
     )
     pe.add_argument("--out", help="folder for promotions.md and promotions.json")
     pe.set_defaults(func=cmd_evaluate_promotions)
+    ps = sub.add_parser(
+        "evaluate-price-sensitivity",
+        help="how well the learned price sensitivity ranks users by the prices they later choose, vs the "
+        "heuristic",
+    )
+    ps.add_argument(
+        "dataset", help="a data set with prices: rees46, rees46-demo (others report no reference)"
+    )
+    ps.add_argument("--seed", type=int, default=0, help="seed of the user resampling")
+    ps.add_argument("--out", help="folder for price-sensitivity.md and price-sensitivity.json")
+    ps.set_defaults(func=cmd_evaluate_price_sensitivity)
+    pr = sub.add_parser(
+        "price-reference", help="fit the price reference of a data set into an exported model folder"
+    )
+    pr.add_argument("model_dir", help="the exported model folder (its manifest gains price_reference)")
+    pr.add_argument(
+        "--data", required=True, help="the data set the model trained on (rees46, rees46-demo, ...)"
+    )
+    pr.add_argument(
+        "--until",
+        help="fit on events before this instant (ISO 8601); default: the manifest's validation start, else "
+        "the data set's (streams.splits)",
+    )
+    pr.set_defaults(func=cmd_price_reference)
     s = sub.add_parser("schemas", help="write streams/schemas/*.json from the records")
     s.add_argument("--check", action="store_true", help="exit 1 if the files are stale")
     s.set_defaults(func=cmd_schemas)

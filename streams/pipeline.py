@@ -29,7 +29,7 @@ import orjson
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from streams import attribution, baseline
+from streams import attribution, baseline, price_response
 from streams.baseline import CovisitBaseline
 from streams.decode import AnyEvent, AnyInput, ControlEvent, rejection
 from streams.errors import RejectedInput, RejectReason
@@ -382,6 +382,9 @@ class Pipeline:
                     attribution.on_order(c.state, c.event, learner) if isinstance(c.event, OrderEvent) else []
                 )
                 self.emit_outcomes(won, key, result.outputs)
+                served = self.models.current  # its price reference, even when scoring failed
+                if served is not None and served.prices is not None:
+                    price_response.observe(c.state, c.event, served.prices)
                 decisions = self.policy.on_event(
                     c.state,
                     c.event,

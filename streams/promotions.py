@@ -52,6 +52,7 @@ from zoneinfo import ZoneInfo
 
 from streams.attribution import next_end
 from streams.bandit import Bandit, arms, context
+from streams.price_response import SCORE as PRICE_SCORE
 from streams.records import CartEvent, ConsentEvent, ReviewEvent, ViewEvent
 from streams.settings import Settings
 from streams.state import TokenKind, UserState, word_pieces
@@ -92,8 +93,16 @@ def in_holdout(user_id: str, percent: float) -> bool:
 
 
 def price_sensitivity(state: UserState) -> float:
-    """0..1: how much the user behaves price-driven: removals and abandoned carts over cart adds
-    and orders (a heuristic until a model head learns it)."""
+    """0..1: how price-driven the user is. The learned score (``streams.price_response``: where
+    the user's chosen prices sit within their categories, ranked among the shop's users) when the
+    serving model carries a price reference, else the heuristic."""
+    learned = state.promo.get(PRICE_SCORE)
+    return float(learned) if learned is not None else heuristic_price_sensitivity(state)
+
+
+def heuristic_price_sensitivity(state: UserState) -> float:
+    """0..1: removals and abandoned carts over cart adds and orders: the rule for models without
+    a price reference (and logs without prices)."""
     c = state.counts
     removes = c.get("cart_remove", 0) + state.promo.get("abandoned", 0)
     adds = c.get("cart_add", 0) + c.get("order", 0)

@@ -4,7 +4,8 @@ In: a model folder written by ``shopstream export`` (``manifest.json``, ``model.
 ``vocab.json``) and users' token sequences (``UserState.seq``). Out: per user, the graph's top-K
 items (ids decoded to shop item ids) with scores, and the calibrated purchase propensity; per
 model, the propensity thresholds its exporter chose (``Artifact.thresholds``, when the manifest
-has them).
+has them) and the price reference the policy's price sensitivity reads (``Artifact.prices``,
+``streams.price_response``, when it has one).
 
 Graph inputs: ``items``, ``kinds``, ``gaps`` (batch x length), optionally ``feats`` (hashed
 features per token) and ``context`` (batch x ``N_CONTEXT`` float32: ``streams.features`` of the
@@ -42,6 +43,7 @@ import numpy as np
 
 from streams.errors import ShopstreamError
 from streams.features import CONTEXT_NAMES, N_CONTEXT, context_features
+from streams.price_response import PriceReference
 from streams.state import (
     FEATURE_BUCKETS,
     FIRST_GAP,
@@ -132,6 +134,7 @@ class Artifact:
     with_context: bool = False  # the graph reads the window's context features (``context`` input)
     thresholds: PropensityThresholds | None = None  # None: the manifest has none (settings' fallback)
     created_at: float | None = None  # unix time of the export (manifest's created_at), when it has one
+    prices: PriceReference | None = None  # the manifest's price reference (streams.price_response)
     buffers: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def encode_id(self, item: str) -> int:
@@ -259,6 +262,7 @@ def load_artifact(folder: Path, provider: str = "auto", threads: int = 1) -> Art
     if with_context:
         check_context(manifest, where)
     thresholds = read_thresholds(manifest, where)
+    prices = read_price_reference(manifest, folder)
     try:
         vocab_doc = json.loads(vocab_path.read_text())
         vocab = vocab_doc["items"]
@@ -305,12 +309,37 @@ def load_artifact(folder: Path, provider: str = "auto", threads: int = 1) -> Art
         with_feats=with_feats,
         with_context=with_context,
         thresholds=thresholds,
+        prices=prices,
         created_at=unix_time(manifest.get("created_at")),
         manifest_sha=sha256(folder / "manifest.json"),
     )
     warm_up(art)
     probe(art)
     return art
+
+
+def read_price_reference(manifest: dict[str, Any], folder: Path) -> PriceReference | None:
+    """The manifest's ``price_reference`` (``{"file": ..., "sha256": ...}``), checked; None
+    without one (the policy then keeps the heuristic price sensitivity)."""
+    entry = manifest.get("price_reference")
+    if entry is None:
+        return None
+    where = folder / "manifest.json"
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+        raise ModelError(f"{where}: price_reference must be an object with a file, not {entry!r}")
+    path = folder / entry["file"]
+    if not path.is_file():
+        raise ModelError(f"{where}: price reference file {path.name} is missing")
+    digest = sha256(path)
+    if digest != entry.get("sha256"):
+        raise ModelError(
+            f"{path}: sha256 {digest[:12]}... does not match the manifest "
+            f"({str(entry.get('sha256'))[:12]}...): corrupt or half-copied artifact"
+        )
+    try:
+        return PriceReference.from_json(json.loads(path.read_text()))
+    except ValueError as exc:
+        raise ModelError(f"{path}: not a price reference: {exc}") from None
 
 
 def check_context(manifest: dict[str, Any], where: Path) -> None:

@@ -264,7 +264,11 @@ class Settings(BaseSettings):
         "model without one.",
     )
     price_sensitive: float = Field(
-        0.5, ge=0, le=1, description="Price-sensitivity score from which a cart removal triggers an offer."
+        0.5,
+        ge=0,
+        le=1,
+        description="Price-sensitivity score from which a cart removal triggers an offer (the learned score "
+        "is the user's rank among the shop's users, streams.price_response).",
     )
     max_discount_percent: float = Field(15.0, ge=0, le=90, description="Largest discount offered.")
     discount_budget_per_day: float = Field(

@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import shutil
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +84,12 @@ def test_a_first_retrain_publishes_into_an_empty_folder_and_the_worker_loads_it(
         f"manifest-{version}.json",
         f"model-{version}.onnx",
         f"vocab-{version}.json",
+        f"prices-{version}.json",  # the sample has prices: the artifact carries its price reference
     }
+    assert manifest["price_reference"]["file"] == f"prices-{version}.json"
     art = load_artifact(folder, provider="cpu")
     assert art.version == version and len(art.vocab) > 100
+    assert art.prices is not None and art.prices.fitted["until"] == line_split_start(published)
     [line] = published["lines"]
     assert line["decision"] == "published" and line["champion"] is None
     assert line["challenger"]["version"] == version and line["metric"] == "serving-NDCG@10"
@@ -238,17 +242,28 @@ def test_the_decision_allows_the_margin_and_no_more() -> None:
         rt.decide("ROC-AUC", {"ROC-AUC": None}, {"ROC-AUC": 0.6}, 0.001)
 
 
+def line_split_start(published: dict[str, Any]) -> str:
+    """The validation start of the published run's split, as the price reference spells it."""
+    return datetime.fromisoformat(published["lines"][0]["data"]["split"]["valid_start"]).isoformat()
+
+
 def test_pruning_keeps_the_kept_versions_and_what_the_manifest_names(tmp_path: Path) -> None:
     for v in ("v1", "v2", "v3", "v4", "v5", "orphan"):
-        for name in (f"model-{v}.onnx", f"vocab-{v}.json", f"manifest-{v}.json"):
+        for name in (f"model-{v}.onnx", f"vocab-{v}.json", f"manifest-{v}.json", f"prices-{v}.json"):
             (tmp_path / name).write_text(v)
     (tmp_path / ".model-v6.onnx.tmp-123").write_text("half")  # a crashed publish
     (tmp_path / "model.onnx").write_text("exported by hand")  # not ours: never touched
-    current = {"model_version": "v1", "graph": "model-v1.onnx", "vocab": "vocab-v1.json"}  # rolled back
+    current = {  # rolled back
+        "model_version": "v1",
+        "graph": "model-v1.onnx",
+        "vocab": "vocab-v1.json",
+        "price_reference": {"file": "prices-v1.json"},
+    }
     (tmp_path / "manifest.json").write_text(json.dumps(current))
     removed = pub.prune(tmp_path, {"v3", "v4", "v5"})
     left = {p.name for p in tmp_path.iterdir()}
-    assert {"model-v1.onnx", "vocab-v1.json", "manifest-v1.json", "model.onnx", "manifest.json"} <= left
+    assert {"model-v1.onnx", "vocab-v1.json", "manifest-v1.json", "prices-v1.json", "model.onnx"} <= left
+    assert "manifest.json" in left and {f"prices-{v}.json" for v in ("v3", "v4", "v5")} <= left
     assert not any(v in name for name in left for v in ("v2", "orphan", "v6"))
     assert {f"model-{v}.onnx" for v in ("v3", "v4", "v5")} <= left
     assert ".model-v6.onnx.tmp-123" in removed
