@@ -383,7 +383,7 @@ class Pipeline:
                 )
                 self.emit_outcomes(won, key, result.outputs)
                 served = self.models.current  # its price reference, even when scoring failed
-                if served is not None and served.prices is not None:
+                if served is not None:
                     price_response.observe(c.state, c.event, served.prices)
                 decisions = self.policy.on_event(
                     c.state,

@@ -19,7 +19,8 @@ scale.
 State: ``promo["px"] = [n, sum x]`` and ``promo["ps"]`` (the score, recomputed on every event the
 reference is applied to, so a reloaded model rescales everyone on their next event). Without a
 reference (no model, or a model trained on a log without prices, e.g. Taobao) the policy keeps
-the removals-over-adds heuristic (``streams.promotions.heuristic_price_sensitivity``).
+the removals-over-adds heuristic (``streams.promotions.heuristic_price_sensitivity``); a served
+model without one drops a user's stored score on their next event, so the two never mix for long.
 
 What it measures and what it does not: the price level a user chooses within categories (a
 revealed preference), not a causal response to a discount; that is what the bandit's attributed
@@ -152,17 +153,28 @@ def _sorted_numbers(a: Any, lo: float, hi: float) -> bool:
     )
 
 
-def observe(state: UserState, event: Any, ref: PriceReference) -> None:
+def observe(state: UserState, event: Any, ref: PriceReference | None) -> None:
     """Fold ``event`` (already folded into ``state``, not a redelivery) into the user's evidence
-    and store the score the policy reads."""
-    seen = priced(event)
-    n, total = state.promo.get(EVIDENCE, (0, 0.0))
-    if seen is not None:
-        x = ref.observation(seen[0], seen[2])
-        if x is not None:
-            n, total = n + 1, round(total + x, 6)
-            state.promo[EVIDENCE] = [n, total]
-    state.promo[SCORE] = ref.score(n, total)
+    and store the score the policy reads. ``ref`` None (a served model without a reference):
+    the stored score goes, so the policy falls back to the heuristic; the evidence stays for a
+    later model with a reference (whose categories it was counted against)."""
+    promo = state.promo
+    if ref is None:
+        promo.pop(SCORE, None)
+        return
+    n, total = promo.get(EVIDENCE, (0, 0.0))
+    cls = type(event)  # the hot path: what ``priced`` does, without its pattern matching
+    if cls is ViewEvent:
+        category, price = event.category, event.price
+    elif cls is CartEvent and event.action == "add":
+        category, price = event.category, event.unit_price
+    else:
+        category = price = None
+    points = ref.categories.get(category) if category and price and price > 0 else None
+    if points is not None:
+        n, total = n + 1, round(total + 1.0 - mid_rank(points, price), 6)
+        promo[EVIDENCE] = [n, total]
+    promo[SCORE] = ref.score(n, total)
 
 
 def fit(events: Iterable[Any], until: float, strength: float = STRENGTH) -> PriceReference | None:

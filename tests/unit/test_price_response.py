@@ -100,6 +100,9 @@ def test_the_fold_counts_priced_views_and_adds_only_and_scores_every_event() -> 
     assert state.promo[pr.SCORE] == pytest.approx(pr.mid_rank([0.3, 0.5, 0.7], estimate), abs=1e-4)
     assert state.promo[pr.SCORE] == pytest.approx(2 / 3, abs=1e-4)
     assert price_sensitivity(state) == state.promo[pr.SCORE]  # the policy reads the learned score
+    pr.observe(state, ev("view", "u", "i30", 30), None)  # a served model without a reference
+    assert pr.SCORE not in state.promo and state.promo[pr.EVIDENCE] == [2, 1.5]
+    assert price_sensitivity(state) == heuristic_price_sensitivity(state)
     fresh = UserState(counts={"cart_add": 1, "cart_remove": 1})
     assert price_sensitivity(fresh) == heuristic_price_sensitivity(fresh) == 0.5  # no reference: the rule
 
