@@ -407,9 +407,13 @@ def render(rep: dict[str, Any]) -> str:
     ]
     if rep.get("reference") is None:
         return "\n".join([*lines, "", f"No learned estimate: {rep['why']}. The heuristic stays.", ""])
-    lines += [
+    lines.append(
         f"Reference: {rep['reference']['categories']} categories, {rep['reference']['items']} items, "
-        f"{rep['reference']['users']} users; prior {rep['prior']:.3f}.",
+        f"{rep['reference']['users']} users; prior {rep['prior']:.3f}."
+    )
+    if not rep["choices"]:
+        return "\n".join([*lines, "", "No cart add with a known category and price to score.", ""])
+    lines += [
         "",
         f"{rep['choices']} cart adds by {rep['users']} users. Spearman of each score with the price level "
         "chosen (1 - the item's place among its category's prices), [95 % interval, users resampled]:",

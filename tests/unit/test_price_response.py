@@ -157,6 +157,14 @@ def test_a_simulated_shop_the_learned_score_ranks_users_by_their_known_price_lev
     assert rep["learned_minus"]["mean_price"]["ci95"][0] > 0
 
 
+def test_the_report_says_what_it_could_not_score() -> None:
+    events = [ev("view", "u", f"i{p}", p, minutes=p) for p in (10, 20, 30, 40, 50)]  # no cart add
+    rep = pr.evaluate("some-log", events, heuristic_price_sensitivity)
+    assert rep["choices"] == 0 and "No cart add" in pr.render(rep)
+    rep = pr.evaluate("some-log", [ev("view", "u", "i1", None)], heuristic_price_sensitivity)
+    assert rep["reference"] is None and "The heuristic stays" in pr.render(rep)
+
+
 def test_a_choice_is_scored_without_the_chosen_items_own_views() -> None:
     ref = pr.PriceReference({"c": [10.0, 20.0, 30.0, 40.0]}, 0.5, [0.3, 0.5, 0.7])
     events = [ev("view", "u", "i10", 10), ev("add", "u", "i10", 10, minutes=1)]
