@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from exporters.publish import attach
 from modeling.model import ServingModel
 from modeling.sequences import Cases
 from modeling.train import load_model
 from streams.features import CONTEXT_NAMES
-from streams.price_response import PriceReference, attach
+from streams.price_response import PriceReference
 from streams.scoring import sha256
 from streams.state import N_GAPS
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from streams.archive import fsync_dir
 from streams.errors import ShopstreamError
+from streams.price_response import REFERENCE_FILE, PriceReference
 from streams.scoring import REGISTRY as REGISTRY  # the one name the worker's watcher reads too
 from streams.scoring import read_manifest, sha256
 
@@ -59,23 +60,36 @@ def publish(staging: Path, model_dir: Path) -> dict[str, Any]:
     """Publish the artifact exported to ``staging`` into ``model_dir``; returns its manifest."""
     manifest = read_manifest(staging)
     version = str(manifest["model_version"])
-    files = {"graph": f"model-{version}.onnx", "vocab": f"vocab-{version}.json"}
-    for key, name in files.items():
-        write_atomic(model_dir / name, staging / manifest[key])
-        if sha256(model_dir / name) != manifest[f"{key}_sha256"]:
+    prices = manifest.get("price_reference")  # streams.price_response: optional
+    copies = [  # (versioned name, staged name, its sha256)
+        (f"model-{version}.onnx", manifest["graph"], manifest["graph_sha256"]),
+        (f"vocab-{version}.json", manifest["vocab"], manifest["vocab_sha256"]),
+        *([(f"prices-{version}.json", prices["file"], prices["sha256"])] if prices is not None else []),
+    ]
+    for name, staged, digest in copies:
+        write_atomic(model_dir / name, staging / staged)
+        if sha256(model_dir / name) != digest:
             raise PublishError(f"{model_dir / name}: sha256 differs from the staged file after copying")
-    manifest.update(files)
-    prices = manifest.get("price_reference")
-    if prices is not None:  # streams.price_response: optional, versioned like the others
-        name = f"prices-{version}.json"
-        write_atomic(model_dir / name, staging / prices["file"])
-        if sha256(model_dir / name) != prices["sha256"]:
-            raise PublishError(f"{model_dir / name}: sha256 differs from the staged file after copying")
-        manifest["price_reference"] = {**prices, "file": name}
+    manifest["graph"], manifest["vocab"] = copies[0][0], copies[1][0]
+    if prices is not None:
+        manifest["price_reference"] = {**prices, "file": copies[2][0]}
     text = json.dumps(manifest, indent=2, allow_nan=False).encode()
     write_atomic(model_dir / f"manifest-{version}.json", text)  # kept for rollback
     write_atomic(model_dir / "manifest.json", text)  # last: the worker's hot reload starts here
     return manifest
+
+
+def attach(folder: Path, ref: PriceReference) -> dict[str, Any]:
+    """Write the price reference ``ref`` into the exported artifact in ``folder``
+    (``price_reference.json``, then the manifest's ``price_reference`` entry with its sha256; each
+    written atomically, the manifest last, so a worker polling the folder never loads one without
+    the other) and return the entry."""
+    path = folder / REFERENCE_FILE
+    write_atomic(path, json.dumps(ref.to_json(), allow_nan=False).encode())
+    manifest = read_manifest(folder)
+    manifest["price_reference"] = entry = {"file": REFERENCE_FILE, "sha256": sha256(path), **ref.fitted}
+    write_atomic(folder / "manifest.json", json.dumps(manifest, indent=2, allow_nan=False).encode())
+    return entry
 
 
 def prune(model_dir: Path, keep: set[str]) -> list[str]:

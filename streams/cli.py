@@ -208,7 +208,8 @@ def cmd_price_reference(settings: Settings, args: argparse.Namespace) -> int:
     import json
     from datetime import datetime
 
-    from streams.price_response import attach, from_log
+    from exporters.publish import attach
+    from streams.price_response import from_log
     from streams.sources.datasets import load
 
     folder = Path(args.model_dir)

@@ -32,16 +32,12 @@ mean-price baseline (``shopstream evaluate-price-sensitivity``).
 from __future__ import annotations
 
 import bisect
-import hashlib
 import itertools
-import json
 import math
-import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,20 +53,23 @@ POINTS = 64  # prices kept per category (evenly spaced order statistics beyond t
 RANK_POINTS = 101  # quantiles of the training users' estimates kept
 STRENGTH = 2.0  # pseudo-observations of the prior
 BOOTSTRAP = 1000  # user resamples per interval
-REFERENCE_FILE = "price_reference.json"
+REFERENCE_FILE = "price_reference.json"  # its name in an exported artifact
 EVIDENCE = "px"
 SCORE = "ps"
 
 
 def priced(event: Any) -> tuple[str, str, float] | None:
     """``(category, item, price)`` of an event that shows the user choosing among prices: a view
-    or a cart add with both; None for anything else."""
-    match event:
-        case ViewEvent(category=str(c), price=int() | float() as p) if c and p > 0:
-            return c, event.item_id, float(p)
-        case CartEvent(action="add", category=str(c), unit_price=int() | float() as p) if c and p > 0:
-            return c, event.item_id, float(p)
-    return None
+    or a cart add with both; None for anything else. On the hot path (``observe``): exact type
+    checks, no pattern matching."""
+    cls = type(event)
+    if cls is ViewEvent:
+        category, price = event.category, event.price
+    elif cls is CartEvent and event.action == "add":
+        category, price = event.category, event.unit_price
+    else:
+        return None
+    return (category, event.item_id, float(price)) if category and price and price > 0 else None
 
 
 def _thin(prices: Sequence[float], points: int = POINTS) -> list[float]:
@@ -163,16 +162,10 @@ def observe(state: UserState, event: Any, ref: PriceReference | None) -> None:
         promo.pop(SCORE, None)
         return
     n, total = promo.get(EVIDENCE, (0, 0.0))
-    cls = type(event)  # the hot path: what ``priced`` does, without its pattern matching
-    if cls is ViewEvent:
-        category, price = event.category, event.price
-    elif cls is CartEvent and event.action == "add":
-        category, price = event.category, event.unit_price
-    else:
-        category = price = None
-    points = ref.categories.get(category) if category and price and price > 0 else None
-    if points is not None:
-        n, total = n + 1, round(total + 1.0 - mid_rank(points, price), 6)
+    seen = priced(event)
+    x = ref.observation(seen[0], seen[2]) if seen is not None else None
+    if x is not None:
+        n, total = n + 1, round(total + x, 6)
         promo[EVIDENCE] = [n, total]
     promo[SCORE] = ref.score(n, total)
 
@@ -220,27 +213,6 @@ def from_log(name: str, raw: Iterable[dict[str, Any]], until: float | None = Non
     if until is None:
         until = split_bounds(name, [tok[2] for ev in events for tok in event_tokens(ev)])[0]
     return fit(events, until)
-
-
-def attach(folder: Path, ref: PriceReference) -> dict[str, Any]:
-    """Write ``ref`` into the model artifact in ``folder`` (``price_reference.json``, then the
-    manifest's ``price_reference`` entry with its sha256; each file replaced atomically, the
-    manifest last, so a worker polling the folder never loads one without the other) and return
-    the entry."""
-    path = folder / REFERENCE_FILE
-    _replace(path, json.dumps(ref.to_json(), allow_nan=False).encode())
-    manifest_path = folder / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    entry = {"file": REFERENCE_FILE, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), **ref.fitted}
-    manifest["price_reference"] = entry
-    _replace(manifest_path, json.dumps(manifest, indent=2, allow_nan=False).encode())
-    return entry
-
-
-def _replace(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # --- how well it ranks users, on a log with prices ------------------------------------------------

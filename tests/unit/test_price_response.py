@@ -14,6 +14,7 @@ import numpy as np
 import orjson
 import pytest
 
+from exporters.publish import attach
 from streams import price_response as pr
 from streams.pipeline import Message, local_pipeline
 from streams.promotions import heuristic_price_sensitivity, price_sensitivity
@@ -188,7 +189,7 @@ def test_reference_files_are_checked_like_the_graph(tmp_path: Path) -> None:
     art = tmp_path / "m"
     shutil.copytree(DEMO_MODEL, art)
     assert load_artifact(art, "cpu").prices is not None  # the shipped demo model carries one
-    entry = pr.attach(art, good)
+    entry = attach(art, good)
     assert load_artifact(art, "cpu").prices == good
     (art / entry["file"]).write_text(json.dumps({**good.to_json(), "prior": 0.6}))
     with pytest.raises(ModelError, match="does not match the manifest"):
