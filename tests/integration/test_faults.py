@@ -26,12 +26,15 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
+from streams import price_response
 from streams.admin import ensure_topics
 from streams.delivery import EXIT_FATAL
 from streams.pipeline import Message, local_pipeline
+from streams.price_response import PriceReference
 from streams.promotions import promotion_id
 from streams.records import event_adapter
 from streams.replay import rebase, replay
+from streams.scoring import read_manifest, read_price_reference
 from streams.settings import Settings
 from streams.sources.datasets import Event, load
 from streams.state import UserState, user_partition
@@ -194,16 +197,28 @@ async def scored_events(settings: Settings) -> Scored:
     return out
 
 
-def recompute_users(events: Scored, sequence_length: int) -> tuple[dict[str, UserState], Counter[str]]:
+def recompute_users(
+    events: Scored, sequence_length: int, prices: PriceReference | None = None
+) -> tuple[dict[str, UserState], Counter[str]]:
     """The users the scored ``events`` make, and the tokens each was given in all (each event
-    folded once; the comparison does not depend on the order, see ``differs``)."""
+    folded once; the comparison does not depend on the order, see ``differs``). ``prices``: the
+    served model's price reference, whose evidence the worker folds with the promotions."""
     users: dict[str, UserState] = {}
     tokens: Counter[str] = Counter()
     for _, ev in sorted(events, key=lambda re: (re[0].timestamp, re[0].topic)):
-        tokens[ev.user_id] += len(
-            users.setdefault(ev.user_id, UserState()).apply(ev, 0, sequence_length) or ()
-        )
+        state = users.setdefault(ev.user_id, UserState())
+        folded = state.apply(ev, 0, sequence_length)
+        tokens[ev.user_id] += len(folded or ())
+        if folded is not None and prices is not None:
+            price_response.observe(state, ev, prices)
     return users, tokens
+
+
+def served_prices(settings: Settings) -> PriceReference | None:
+    """The price reference the workers fold (their model's, while promotions run), or None."""
+    if not settings.promotions or settings.model_dir is None:
+        return None
+    return read_price_reference(read_manifest(settings.model_dir), settings.model_dir)
 
 
 async def scoring_order(settings: Settings, events: Scored) -> Scored:
@@ -328,6 +343,11 @@ def differs(got: Any, want: UserState, tokens: int, max_len: int) -> list[str]:
         out.append("seq length")
     if "order" not in want.counts and got["cart"] != want.cart:
         out.append("cart")
+    # the price evidence: a count and a sum, the same in any order (the sum to its rounding)
+    n, total = got["promo"].get(price_response.EVIDENCE, (0, 0.0))
+    want_n, want_total = want.promo.get(price_response.EVIDENCE, (0, 0.0))
+    if n != want_n or abs(total - want_total) > 1e-4:
+        out.append("price evidence")
     return out
 
 
@@ -341,7 +361,7 @@ async def no_loss(
     owner)."""
     ids = Counter(v["event_id"] for v in values(recs))
     events = await scored_events(settings)
-    expected, tokens = recompute_users(events, settings.sequence_length)
+    expected, tokens = recompute_users(events, settings.sequence_length, served_prices(settings))
     users = sorted(expected)
     if sample:
         users = users[:: max(1, len(users) // sample)]
