@@ -60,6 +60,11 @@ place when it pauses them, while aiokafka takes an empty set for "every partitio
   acks that starts there;
 - ``_getmany`` hands aiokafka a copy of the set.
 
+aiokafka's seek from the wrong thread. faust seeks a partition by calling aiokafka from the
+worker's thread while aiokafka's fetcher runs on the consumer's thread; the seek deletes buffered
+records the fetcher may be iterating, and the fetcher crashes with a ``KeyError``
+(robinhood/aiokafka#19). ``_seek`` runs it on the consumer's thread, as faust's other seeks do.
+
 A second addition, for the worker's write-back tables (``streams.writeback``): ``commit`` first
 enters ``checkpoint()``, an async context the worker installs. It takes the lock that batches and
 timers hold, writes the pending table changes and awaits their changelog acknowledgements; faust
@@ -328,6 +333,15 @@ class ShopstreamConsumer(Consumer):  # type: ignore[misc]
         if active_partitions is not None:
             active_partitions = set(active_partitions)
         return await super()._getmany(active_partitions=active_partitions, timeout=timeout)
+
+    async def _seek(self, partition: Any, offset: int) -> None:
+        """aiokafka's seek, on the consumer's own thread. faust calls it from the worker's thread
+        (``Consumer._seek``), where aiokafka's ``Fetcher.seek_to`` deletes the partition's buffered
+        records while the consumer thread may be iterating them in ``fetched_records``: a
+        ``KeyError`` there crashes the fetcher and the worker (robinhood/aiokafka#19; seen here in
+        the two-worker takeover test, right after ``perform_seek``'s seeks). faust's other seeks
+        (``seek_to_committed``, ``seek_wait``) already go through ``call_thread``."""
+        await self._thread.call_thread(self._thread.seek, partition, offset)
 
     async def seek(self, partition: Any, offset: int) -> None:
         await super().seek(partition, offset)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 from collections import defaultdict
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any, NamedTuple
 
@@ -248,6 +250,30 @@ def test_aiokafka_is_handed_a_copy_of_the_active_partitions() -> None:
     c._thread = SimpleNamespace(getmany=getmany)
     asyncio.run(c._getmany(active_partitions=active, timeout=1.0))
     assert seen == [{tp0, tp1}] and seen[0] is not active
+
+
+def test_a_seek_runs_on_the_consumer_thread_not_the_workers() -> None:
+    """``_seek``: aiokafka's seek deletes the fetcher's buffered records, which the consumer thread
+    iterates in ``fetched_records``; called from the worker's thread it raced that loop and crashed
+    the fetcher (robinhood/aiokafka#19). It goes through the thread's ``call_thread`` instead."""
+
+    seeks: list[tuple[Any, int, int]] = []
+
+    def seek(tp: Any, offset: int) -> None:
+        seeks.append((tp, offset, threading.get_ident()))
+
+    async def call_thread(fun: Callable[..., Any], *args: Any) -> Any:
+        done: list[Any] = []
+        consumer_thread = threading.Thread(target=lambda: done.append(fun(*args)))
+        consumer_thread.start()
+        consumer_thread.join()
+        return done[0]
+
+    c: Any = object.__new__(ShopstreamConsumer)
+    c._thread = SimpleNamespace(seek=seek, call_thread=call_thread)
+    asyncio.run(c._seek(TP("carts", 1), 42))
+    [(tp, offset, ident)] = seeks
+    assert (tp, offset) == (TP("carts", 1), 42) and ident != threading.get_ident()
 
 
 def test_jumps_and_refetches_are_counted_per_topic() -> None:
