@@ -177,6 +177,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         stream_buffer_maxsize=32768,
         broker_max_poll_records=10000,
         producer_linger=0.002,
+        producer_max_batch_size=settings.producer_batch_bytes,
         logging_config=None,
     )
     install_consumer(

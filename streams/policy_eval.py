@@ -178,9 +178,6 @@ def replay_policy(
             orjson.loads(o.value) for o in outputs if o.topic == settings.topic_promotion_outcomes
         )
 
-    def next_due() -> float:
-        return min((h[0].at for h in timers.heaps.values() if h), default=float("inf"))
-
     def counters() -> tuple[Counter[str], int]:
         suppressed = Counter(
             {labels["reason"]: int(v) for labels, v in _samples(metrics, "promotions_suppressed")}
@@ -191,7 +188,7 @@ def replay_policy(
         return suppressed, int(scored)
 
     before: tuple[Counter[str], int] | None = None  # the counters when the period began
-    due = next_due()
+    due = timers.next_due()
     for pos, e in enumerate(events):
         t = datetime.fromisoformat(e["event_time"]).timestamp()
         if before is None and t >= since:
@@ -199,13 +196,13 @@ def replay_policy(
             before = counters()
         if t >= due:  # a cart timer fires before this event is seen, as it would live
             flush(t)
-            due = next_due()
+            due = timers.next_due()
         key = e["user_id"].encode()
         buffer.append(Message(user_partition(key, partitions), key, orjson.dumps(e), None))
         positions.append(pos)
         if len(buffer) >= BATCH or e["type"] == "cart":  # a cart change sets a timer: know it now
             flush(None)
-            due = next_due()
+            due = timers.next_due()
     flush(max((datetime.fromisoformat(e["event_time"]).timestamp() for e in events[-1:]), default=None))
     suppressed, scored = counters()
     if before is not None:

@@ -45,7 +45,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 from collections.abc import MutableMapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
@@ -462,12 +462,6 @@ class Policy:
         return wake.timestamp()
 
 
-@dataclass(order=True)
-class _Due:
-    at: float
-    key: bytes = field(compare=False)
-
-
 class CartTimers:
     """Event-time timers for carts, per partition.
 
@@ -483,7 +477,11 @@ class CartTimers:
     def __init__(self, after_s: float, tolerance_s: float | None = None) -> None:
         self.after_s = after_s
         self.tolerance_s = tolerance_s
-        self.heaps: dict[int, list[_Due]] = {}
+        # (due time, user key) tuples: a tuple of a float and bytes holds no reference the cyclic
+        # garbage collector follows, so it stops tracking it, and a worker holding a timer for
+        # every user with a cart (tens of thousands) does not pay for them in each full
+        # collection (streams.gctune)
+        self.heaps: dict[int, list[tuple[float, bytes]]] = {}
         self.clock: dict[int, tuple[float, float]] = {}  # partition -> (max event time, wall time then)
 
     def latest(self, wall: float) -> float | None:
@@ -506,7 +504,7 @@ class CartTimers:
         return None if cur is None else self.cap(cur[0] + max(0.0, wall - cur[1]), wall)
 
     def schedule(self, partition: int, key: bytes, at: float) -> None:
-        heapq.heappush(self.heaps.setdefault(partition, []), _Due(at, key))
+        heapq.heappush(self.heaps.setdefault(partition, []), (at, key))
 
     def track(self, partition: int, key: bytes, state: UserState) -> None:
         """Set the timers of a user whose cart changed, who has a trigger waiting for the end of
@@ -523,8 +521,8 @@ class CartTimers:
     def due(self, partition: int, now: float) -> list[bytes]:
         heap = self.heaps.get(partition)
         out: list[bytes] = []
-        while heap and heap[0].at <= now:
-            key = heapq.heappop(heap).key
+        while heap and heap[0][0] <= now:
+            key = heapq.heappop(heap)[1]
             if key not in out:
                 out.append(key)
         return out
@@ -533,7 +531,7 @@ class CartTimers:
         """Forget every timer of one user (an erasure); O(timers of the partition)."""
         heap = self.heaps.get(partition)
         if heap:
-            heap[:] = [d for d in heap if d.key != key]
+            heap[:] = [d for d in heap if d[1] != key]
             heapq.heapify(heap)
 
     def drop(self, partition: int) -> None:
@@ -542,3 +540,7 @@ class CartTimers:
 
     def pending(self) -> int:
         return sum(len(h) for h in self.heaps.values())
+
+    def next_due(self) -> float:
+        """The earliest due time of any partition's timers (infinity when none)."""
+        return min((h[0][0] for h in self.heaps.values() if h), default=float("inf"))

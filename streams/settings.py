@@ -162,6 +162,17 @@ class Settings(BaseSettings):
         "this long; otherwise the worker exits unacked and its input is redelivered after the restart.",
     )
 
+    producer_batch_bytes: int = Field(
+        512 * 1024,
+        ge=16 * 1024,
+        description="Largest record batch the worker's producer builds per partition (aiokafka's "
+        "max_batch_size; its default is 16 KiB). The producer has one request in flight per broker and "
+        "a partition's next batch waits for the previous one to be sent, so a checkpoint of 2,000 "
+        "users split into 16 KiB batches took one broker round trip per batch with scoring stopped. "
+        "Keep it below the broker's message.max.bytes and the topics' max.message.bytes (1 MiB by "
+        "default).",
+    )
+
     direct_input: bool = Field(
         False,
         description="Score an input message on the worker that reads it when it already sits on its "

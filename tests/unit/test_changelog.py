@@ -80,13 +80,13 @@ def run(store: Store, producer: Producer, changes: dict[bytes, bytes | None]) ->
     return asyncio.run(main()), deliveries
 
 
-def test_one_batch_per_partition_and_the_store_written_inside_its_scope() -> None:
+def test_one_batch_per_partition_and_the_in_memory_store_written_inside_its_scope() -> None:
     store, producer = Store(), Producer()
     store[b"2/old"] = b"x"
     n, deliveries = run(store, producer, {b"1/a": b"A", b"2/old": None, b"1/b": b"B", b"3/never": None})
     assert n == 3
     assert store == {b"1/a": b"A", b"1/b": b"B"}
-    assert sorted(store.scoped) == [1, 1, 2, 3]
+    assert sorted(store.scoped) == [1, 2, 3]  # one scope per partition
     # the tombstone goes out; the delete of a key never stored sends nothing
     assert [(t, p, r) for t, p, r, _ in producer.sent] == [
         ("app-users-changelog", 1, [(b"1/a", b"A"), (b"1/b", b"B")]),
@@ -131,3 +131,42 @@ def test_a_refused_batch_fails_the_checkpoint_and_moves_no_offset() -> None:
 @contextmanager
 def nullctx() -> Iterator[None]:
     yield
+
+
+class RocksStore(dict[bytes, bytes]):
+    """What ``DirectChangelog`` uses of faust's RocksDB store, over real rocksdict databases."""
+
+    use_rocksdict = True
+
+    def __init__(self, path: Any) -> None:
+        super().__init__()
+        self.path = path
+        self.dbs: dict[int, Any] = {}
+        self.persisted: dict[int, int] = {}
+
+    def _db_for_partition(self, partition: int) -> Any:
+        from rocksdict import Options, Rdict
+
+        if partition not in self.dbs:
+            self.dbs[partition] = Rdict(str(self.path / str(partition)), options=Options(raw_mode=True))
+        return self.dbs[partition]
+
+    def set_persisted_offset(self, tp: Any, offset: int) -> None:
+        self.persisted[tp.partition] = offset
+
+
+def test_a_rocksdb_store_gets_one_write_batch_per_partition(tmp_path: Any) -> None:
+    store, producer = RocksStore(tmp_path), Producer()
+    store._db_for_partition(2).put(b"2/old", b"x")
+    n, _ = run(store, producer, {b"1/a": b"A", b"2/old": None, b"1/b": b"B", b"3/never": None})  # type: ignore[arg-type]
+    assert n == 3
+    assert [(k, v) for k, v in store.dbs[1].items()] == [(b"1/a", b"A"), (b"1/b", b"B")]
+    assert store.dbs[2].get(b"2/old") is None
+    assert list(store.dbs[3].keys()) == []
+    assert store == {}  # nothing went through the mapping (faust's per-key path)
+    assert [(p, r) for _, p, r, _ in producer.sent] == [
+        (1, [(b"1/a", b"A"), (b"1/b", b"B")]),
+        (2, [(b"2/old", None)]),
+    ]
+    for db in store.dbs.values():
+        db.close()

@@ -175,13 +175,13 @@ def test_an_erasure_deletes_the_user_and_cancels_the_cart_timer_others_keep_thei
         (kept, "k2"),
     ]
     kept_before = p.users[kept.encode()]
-    assert {d.key for d in p.timers.heaps[part]} == {gone.encode(), kept.encode()}
+    assert {key for _, key in p.timers.heaps[part]} == {gone.encode(), kept.encode()}
 
     result = p.process([msg("erasure", "x1", 10, gone)])
     assert result.outputs == [] and result.failed == []  # a request is not answered
     assert result.erased == [(part, gone.encode())]
     assert gone.encode() not in p.users and p.users[kept.encode()] == kept_before
-    assert {d.key for d in p.timers.heaps[part]} == {kept.encode()}
+    assert {key for _, key in p.timers.heaps[part]} == {kept.encode()}
     assert sample(p, "shopstream_erasures_total") == 1.0
 
     # a later event moves the partition's clock past both carts: only the kept user's comes due
@@ -214,7 +214,7 @@ def test_an_erasure_applies_at_its_place_among_the_users_events_in_one_batch() -
     state = UserState.loads(p.users[b"u1"])
     assert [tok[0] for tok in state.seq] == ["b"] and state.counts == {"view": 1}
     assert state.cart == {} and state.recent_ids == ["v2"] and "cart" not in state.promo
-    assert b"u1" not in {d.key for d in p.timers.heaps.get(part, [])}
+    assert b"u1" not in {key for _, key in p.timers.heaps.get(part, [])}
     # an erasure of a user nobody knows changes nothing else and is still counted
     again = p.process([msg("erasure", "x2", 4, "nobody")])
     assert again.erased == [(user_partition(b"nobody", 8), b"nobody")] and b"nobody" not in p.users
