@@ -217,6 +217,13 @@ def export(
         },
         **({"context_features": list(CONTEXT_NAMES)} if model.cfg.n_context else {}),
         **{key: calibration[key] for key in ("propensity_thresholds", "split") if key in calibration},
+        # false: the propensity ranks validation no better than chance, the worker's promotions
+        # follow the rules alone (modeling.heads.propensity_ranks)
+        **(
+            {"propensity_ranks": calibration["propensity_ranks"]["ranks"]}
+            if "propensity_ranks" in calibration
+            else {}
+        ),
         "calibration": calibration,
         "config": cfg,
         "trained_on": cfg.get("data"),

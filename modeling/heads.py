@@ -291,18 +291,50 @@ def start_from_regression(branch: PropensityBranch, train: Cases, valid: Cases) 
     return regression.chosen
 
 
+def propensity_ranks(scores: np.ndarray, labels: np.ndarray, users: np.ndarray | None) -> dict[str, Any]:
+    """Whether calibrated propensities rank the labelled validation cases better than chance: the
+    lower end of ROC-AUC's 95 % interval (users resampled) above 0.5. A model that does not is
+    exported with ``propensity_ranks: false``, and the worker decides its promotions by the rules
+    alone: its top decile is no more likely to buy than anyone, so a high-intent threshold taken
+    there would nudge users at random (the 2-hour Taobao time slice's model, validation ROC-AUC
+    0.35 on a 16-minute validation period, sent 20,262 high-intent nudges over the slice's first
+    30,000 events)."""
+    known = labels >= 0
+    y, s = labels[known], scores[known]
+    if not 0 < y.sum() < len(y):
+        return {"ranks": False, "reason": f"{len(y)} labelled validation cases, {int(y.sum())} positive"}
+    rows = np.column_stack([s, y])
+    lo, hi = bootstrap_ci(rows, _auc_of_rows, groups=users[known] if users is not None else None)
+    auc = roc_auc(y, s)
+    return {
+        "ranks": bool(lo > 0.5),
+        "valid_ROC-AUC": auc,
+        "ci95": [float(lo), float(hi)],
+        "reason": f"validation ROC-AUC {auc:.3f} [{lo:.3f}, {hi:.3f}], users resampled",
+    }
+
+
+def _auc_of_rows(rows: np.ndarray) -> float:
+    return roc_auc(rows[:, 1], rows[:, 0])
+
+
 def write_calibration(
     model: BehaviourModel, split: Split, device: torch.device, calibration: dict[str, Any], out_dir: Path
 ) -> dict[str, Any]:
-    """Propensity thresholds as quantiles of the calibrated validation scores, with the split's
-    bounds and what the fits did, to ``calibration.json`` (the exporter puts them in the manifest)."""
+    """Propensity thresholds as quantiles of the calibrated validation scores, where those scores
+    rank the validation cases better than chance (``propensity_ranks``), with the split's bounds
+    and what the fits did, to ``calibration.json`` (the exporter puts them in the manifest)."""
     p = propensity_scores(model, split.valid, device)
-    calibration["propensity_thresholds"] = {
-        "high_intent": float(np.quantile(p, HIGH_INTENT_QUANTILE)) if len(p) else 0.7,
-        "reminder": float(np.quantile(p, REMINDER_QUANTILE)) if len(p) else 0.5,
-        "high_intent_quantile": HIGH_INTENT_QUANTILE,
-        "reminder_quantile": REMINDER_QUANTILE,
-    }
+    check = calibration["propensity_ranks"] = propensity_ranks(p, split.valid.bought, split.valid.users)
+    if check["ranks"]:
+        calibration["propensity_thresholds"] = {
+            "high_intent": float(np.quantile(p, HIGH_INTENT_QUANTILE)) if len(p) else 0.7,
+            "reminder": float(np.quantile(p, REMINDER_QUANTILE)) if len(p) else 0.5,
+            "high_intent_quantile": HIGH_INTENT_QUANTILE,
+            "reminder_quantile": REMINDER_QUANTILE,
+        }
+    else:
+        calibration.pop("propensity_thresholds", None)
     calibration["split"] = split.bounds
     (out_dir / "calibration.json").write_text(json.dumps(calibration, indent=2))
     return calibration

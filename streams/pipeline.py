@@ -385,15 +385,17 @@ class Pipeline:
                 served = self.models.current  # its price reference, even when scoring failed
                 if served is not None:
                     price_response.observe(c.state, c.event, served.prices)
+                # a propensity that ranks no better than chance on validation decides nothing
+                ranks = pred is not None and model is not None and model.propensity_ranks
                 decisions = self.policy.on_event(
                     c.state,
                     c.event,
                     partition,
-                    pred.propensity if pred else None,
+                    pred.propensity if pred is not None and ranks else None,
                     [i for i, _ in ranked],
                     model.version if model is not None and pred else VERSION_RULES,
                     latest=self.timers.latest(now),
-                    thresholds=model.thresholds if model is not None and pred else None,
+                    thresholds=model.thresholds if model is not None and ranks else None,
                 )
                 self.emit(decisions, key, result.outputs)
                 evicted = self._open_windows(c.state, key, partition, decisions)

@@ -133,6 +133,9 @@ class Artifact:
     category: dict[str, int] = field(default_factory=dict)  # item -> hashed category id, where known
     with_context: bool = False  # the graph reads the window's context features (``context`` input)
     thresholds: PropensityThresholds | None = None  # None: the manifest has none (settings' fallback)
+    # False: the exporter found the propensity ranks validation no better than chance (manifest's
+    # ``propensity_ranks``); promotions then follow the rules alone (``streams.pipeline``)
+    propensity_ranks: bool = True
     created_at: float | None = None  # unix time of the export (manifest's created_at), when it has one
     prices: PriceReference | None = None  # the manifest's price reference (streams.price_response)
     buffers: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
@@ -262,6 +265,9 @@ def load_artifact(folder: Path, provider: str = "auto", threads: int = 1) -> Art
     if with_context:
         check_context(manifest, where)
     thresholds = read_thresholds(manifest, where)
+    ranks = manifest.get("propensity_ranks", True)  # absent: exported before the check, trusted
+    if not isinstance(ranks, bool):
+        raise ModelError(f"{where}: propensity_ranks = {ranks!r}, expected true or false")
     prices = read_price_reference(manifest, folder)
     try:
         vocab_doc = json.loads(vocab_path.read_text())
@@ -309,6 +315,7 @@ def load_artifact(folder: Path, provider: str = "auto", threads: int = 1) -> Art
         with_feats=with_feats,
         with_context=with_context,
         thresholds=thresholds,
+        propensity_ranks=ranks,
         prices=prices,
         created_at=unix_time(manifest.get("created_at")),
         manifest_sha=sha256(folder / "manifest.json"),

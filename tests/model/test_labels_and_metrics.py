@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import pytest
 import torch
 
 from exporters.onnx_export import id_mismatch
@@ -88,3 +91,50 @@ def test_parity_check_fails_on_a_swapped_id() -> None:
     swapped = ids_np.copy()
     swapped[0, 0] = next(i for i in range(2, 30) if i not in ids_np[0])  # another id, same reported score
     assert id_mismatch(swapped, scores_np, ids_np, serving, arrays) > 0
+
+
+def test_propensity_ranks_only_above_chance_with_users_resampled() -> None:
+    """Known answers: scores that order every positive above every negative rank; the same
+    scores reversed, and scores unrelated to the labels, do not; one class says why."""
+    from modeling.heads import propensity_ranks
+
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(200), 5)  # 200 users, 5 cases each
+    labels = (rng.random(1000) < 0.2).astype(np.int64)
+    labels[::50] = -1  # censored cases are left out
+    perfect = labels + rng.random(1000) * 0.5
+    good = propensity_ranks(perfect, labels, users)
+    assert good["ranks"] is True and good["valid_ROC-AUC"] == 1.0 and good["ci95"][0] > 0.5
+    assert propensity_ranks(-perfect, labels, users)["ranks"] is False
+    noise = propensity_ranks(rng.random(1000), labels, users)
+    assert noise["ranks"] is False and noise["ci95"][0] < 0.5 < noise["ci95"][1]
+    one = propensity_ranks(np.ones(4), np.array([0, 0, -1, 0]), np.arange(4))
+    assert one == {"ranks": False, "reason": "3 labelled validation cases, 0 positive"}
+
+
+def test_thresholds_are_written_only_for_a_propensity_that_ranks(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``write_calibration``: the 90th / 75th percentiles of the validation scores where they rank
+    the validation cases, none (and ``propensity_ranks.ranks`` false) where they do not."""
+    import json
+    from types import SimpleNamespace
+
+    import modeling.heads as heads
+
+    rng = np.random.default_rng(1)
+    labels = (rng.random(2000) < 0.2).astype(np.int64)
+    users = np.repeat(np.arange(400), 5)
+    split = SimpleNamespace(valid=SimpleNamespace(bought=labels, users=users), bounds={"test_start": 1.0})
+    informative = 0.1 + 0.5 * labels + 0.3 * rng.random(2000)
+    for scores, ranks in ((informative, True), (rng.random(2000), False)):
+        monkeypatch.setattr(heads, "propensity_scores", lambda *_a, s=scores: s)
+        cal = heads.write_calibration(None, split, None, {}, tmp_path)  # type: ignore[arg-type]
+        assert cal["propensity_ranks"]["ranks"] is ranks
+        assert json.loads((tmp_path / "calibration.json").read_text()) == cal
+        if ranks:
+            th = cal["propensity_thresholds"]
+            assert th["high_intent"] == pytest.approx(np.quantile(scores, 0.9))
+            assert th["reminder"] == pytest.approx(np.quantile(scores, 0.75))
+        else:
+            assert "propensity_thresholds" not in cal

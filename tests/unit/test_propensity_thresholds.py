@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from streams.pipeline import Message, local_pipeline
 from streams.promotions import DEFAULT_HIGH_INTENT, DEFAULT_REMINDER, MODEL_REMINDER, Budget, Policy
 from streams.records import Promotion, event_adapter
-from streams.scoring import PropensityThresholds, load_artifact
+from streams.scoring import ModelError, PropensityThresholds, load_artifact
 from streams.settings import Settings
 from streams.state import UserState, user_partition
 
@@ -165,3 +165,41 @@ def test_the_pipeline_decides_on_the_thresholds_of_the_version_that_scored(tmp_p
     assert due["u2"]["offer"]["kind"] == "percent_off" and due["u2"]["scores"]["reminder_threshold"] == 0.8
     for rec in [*first, *due.values()]:
         Promotion.model_validate(rec)
+
+
+def test_a_propensity_that_does_not_rank_decides_no_promotion(tmp_path: Path) -> None:
+    """A manifest with ``propensity_ranks: false`` (the exporter found the propensity no better
+    than chance on validation): the model still recommends, but the same cart that crosses A's
+    0.3 above sends no high-intent nudge, and when it comes due it gets the rules' discount, not
+    a reminder."""
+    shutil.copytree(DEMO_MODEL, tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    manifest["propensity_thresholds"] = {"high_intent": A.high_intent, "reminder": A.reminder}
+    manifest["propensity_ranks"] = False
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(manifest))
+    settings = Settings(
+        model_dir=tmp_path / "m", quiet_hours="", holdout_percent=0.0, inference_provider="cpu"
+    )
+    pipe = local_pipeline(settings, budget_per_partition=1e9, clock=lambda: 0.0)
+    assert pipe.models.current is not None and pipe.models.current.propensity_ranks is False
+    item = pipe.models.current.vocab[3]
+    e = raw("cart", "c1", "u1", action="add", item_id=item, quantity=1, unit_price=10.0)
+    result = pipe.process([Message(user_partition(b"u1", 8), b"u1", orjson.dumps(e), None)])
+    recs = [orjson.loads(o.value) for o in result.outputs if o.topic == settings.topic_recommendations]
+    assert [r["source"] for r in recs] == ["model"] and list(result.propensity) == [0]
+    assert [o for o in result.outputs if o.topic == settings.topic_promotions] == []
+    for p in range(8):
+        pipe.timers.observe(p, T0.timestamp() + 7200, 0.0)
+    due = [orjson.loads(o.value) for o in pipe.due_carts(set(range(8)), 0.0)]
+    assert [(r["kind"], r["offer"]["kind"]) for r in due] == [("cart_abandonment", "percent_off")]
+    assert "propensity" not in due[0]["scores"]
+
+
+@pytest.mark.parametrize("value", ["false", 0, None])
+def test_a_propensity_ranks_that_is_not_a_boolean_is_refused(tmp_path: Path, value: Any) -> None:
+    shutil.copytree(DEMO_MODEL, tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    manifest["propensity_ranks"] = value
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="propensity_ranks"):
+        load_artifact(tmp_path / "m", "cpu")
