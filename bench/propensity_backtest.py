@@ -38,7 +38,7 @@ from modeling.cli import HORIZON_S
 from modeling.heads import fit_propensity
 from modeling.metrics import bootstrap_ci
 from modeling.model import BehaviourModel, ModelConfig
-from modeling.propensity import GBTPropensity, LogisticPropensity, paired_auc_diff, roc_auc
+from modeling.propensity import GBTPropensity, LogisticPropensity, paired_auc_diff, roc_auc, rows_auc
 from modeling.sequences import Split, sequences_from_events, time_split
 from modeling.train import PRESETS, TrainConfig, calibrate_propensity, labelled_rate, propensity_scores
 from streams.features import N_CONTEXT
@@ -47,10 +47,6 @@ from streams.splits import split_bounds
 from streams.state import N_GAPS
 
 DAY_S = 86400.0
-
-
-def _auc(pairs: np.ndarray) -> float:
-    return roc_auc(pairs[:, 1], pairs[:, 0])
 
 
 def branch_scores(split: Split, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
@@ -112,7 +108,7 @@ def main() -> None:
             baseline.fit(split.train_cases, split.valid)
             scores[baseline.name] = baseline.predict(split.test)[known]
         for name, p in scores.items():
-            lo, hi = bootstrap_ci(np.stack([p, y], axis=1), _auc, groups=users)
+            lo, hi = bootstrap_ci(np.stack([p, y], axis=1), rows_auc, groups=users)
             auc = roc_auc(y, p)
             print(f"{day:10} {len(y):6d} {y.mean():6.3f}  {name:28} {auc:7.4f} [{lo:.4f}, {hi:.4f}]")
         model_p = next(iter(scores.values()))

@@ -29,7 +29,7 @@ from modeling.metrics import (
     sampled_ranks,
 )
 from modeling.model import BehaviourModel
-from modeling.propensity import GBTPropensity, LogisticPropensity
+from modeling.propensity import GBTPropensity, LogisticPropensity, rows_auc
 from modeling.sequences import Cases, Split
 from modeling.train import last_position, predict
 
@@ -126,14 +126,6 @@ def evaluate(
     return results
 
 
-def _auc(pairs: np.ndarray) -> float:
-    """ROC-AUC of (score, label) rows; NaN for a resample holding one class only."""
-    from sklearn.metrics import roc_auc_score
-
-    y = pairs[:, 1]
-    return float(roc_auc_score(y, pairs[:, 0])) if 0 < y.sum() < len(y) else float("nan")
-
-
 def evaluate_propensity(model: BehaviourModel, split: Split, run_dir: Path) -> dict[str, Any]:
     """Purchase within the horizon: the model against logistic regression and gradient-boosted
     trees on the window features, all chosen on the validation period, on the same test cases."""
@@ -173,7 +165,7 @@ def _compare(preds: dict[str, np.ndarray], y: np.ndarray, users: np.ndarray | No
     out: dict[str, Any] = {}
     for name, p in preds.items():
         pairs = np.stack([p, y], axis=1)
-        out[name] = {**propensity_metrics(p, y), "ROC-AUC_ci95": bootstrap_ci(pairs, _auc, groups=users)}
+        out[name] = {**propensity_metrics(p, y), "ROC-AUC_ci95": bootstrap_ci(pairs, rows_auc, groups=users)}
     return out
 
 

@@ -41,7 +41,7 @@ from torch.nn import functional as F
 
 from modeling.metrics import batches, bootstrap_ci, ranking_metrics, ranks_from_scores
 from modeling.model import UNK, BehaviourModel, PropensityBranch
-from modeling.propensity import LogisticPropensity, paired_auc_diff, roc_auc
+from modeling.propensity import LogisticPropensity, paired_auc_diff, roc_auc, rows_auc
 from modeling.sequences import Cases, Split
 from modeling.train import TrainConfig, as_tensor, propensity_scores, token_tensors, used_width
 
@@ -304,7 +304,7 @@ def propensity_ranks(scores: np.ndarray, labels: np.ndarray, users: np.ndarray |
     if not 0 < y.sum() < len(y):
         return {"ranks": False, "reason": f"{len(y)} labelled validation cases, {int(y.sum())} positive"}
     rows = np.column_stack([s, y])
-    lo, hi = bootstrap_ci(rows, _auc_of_rows, groups=users[known] if users is not None else None)
+    lo, hi = bootstrap_ci(rows, rows_auc, groups=users[known] if users is not None else None)
     auc = roc_auc(y, s)
     return {
         "ranks": bool(lo > 0.5),
@@ -312,10 +312,6 @@ def propensity_ranks(scores: np.ndarray, labels: np.ndarray, users: np.ndarray |
         "ci95": [float(lo), float(hi)],
         "reason": f"validation ROC-AUC {auc:.3f} [{lo:.3f}, {hi:.3f}], users resampled",
     }
-
-
-def _auc_of_rows(rows: np.ndarray) -> float:
-    return roc_auc(rows[:, 1], rows[:, 0])
 
 
 def write_calibration(

@@ -32,6 +32,12 @@ def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
 
 
+def rows_auc(rows: np.ndarray) -> float:
+    """ROC-AUC of column 0 (scores) against the labels in column 1 (NaN where they hold one class
+    only): the statistic of a user-resampled interval."""
+    return roc_auc(rows[:, 1], rows[:, 0])
+
+
 def paired_auc_diff(rows: np.ndarray) -> float:
     """ROC-AUC of column 0 minus that of column 1 against the labels in column 2 (NaN where the
     labels hold one class only): the statistic of a paired, user-resampled interval."""

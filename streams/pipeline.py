@@ -391,11 +391,11 @@ class Pipeline:
                     c.state,
                     c.event,
                     partition,
-                    pred.propensity if pred is not None and ranks else None,
+                    pred.propensity if ranks and pred else None,
                     [i for i, _ in ranked],
                     model.version if model is not None and pred else VERSION_RULES,
                     latest=self.timers.latest(now),
-                    thresholds=model.thresholds if model is not None and ranks else None,
+                    thresholds=model.thresholds if ranks and model else None,
                 )
                 self.emit(decisions, key, result.outputs)
                 evicted = self._open_windows(c.state, key, partition, decisions)
