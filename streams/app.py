@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 RAW = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
 TABLE_RAW = {"key_type": bytes, "value_type": bytes}  # bytes types select the raw codec in tables
 EXPIRY_SLICE = 5000  # users deleted per sweep at most (the rest follow at the next tick)
+# sends awaiting their acknowledgement that make a batch wait for them rather than leave them to
+# the next checkpoint (bounds their memory should the broker lag)
+CONFIRM_AT = 20_000
 
 
 class ConfirmedTable(faust.Table):  # type: ignore[misc]
@@ -231,7 +234,9 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
     publisher = Publisher(app.producer._ensure_producer, deliveries)
 
     async def publish(outputs: Iterable[tuple[str, bytes, bytes]]) -> None:
-        """Hand outputs to the producer; their acknowledgements are awaited with the batch."""
+        """Hand outputs to the producer; their acknowledgements are awaited by the next
+        ``confirm()``, at the latest the next checkpoint's, before any offset after them is
+        committed."""
         await publisher.publish((topic, key, value, None, None) for topic, key, value in outputs)
 
     async def confirm() -> None:
@@ -305,17 +310,20 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
             metrics.events.labels(topic, "ok").inc(n)
 
     async def forward(forwards: list[Any]) -> None:
-        """Hand the forwards to the producer and await them, with the batch's dead letters."""
+        """Hand the forwards to the producer; they are confirmed, with the batch's dead letters,
+        by the next checkpoint, before any offset of their events is committed."""
         if forwards:
             metrics.routed.labels("hop").inc(len(forwards))
             await forwarder.publish(forwards)
-        metrics.delivered.inc(await routed.confirm())
+        if len(routed) >= CONFIRM_AT:
+            metrics.delivered.inc(await routed.confirm())  # bounds the records awaiting acknowledgement
 
     @app.agent(sources, name="route_by_user")
     async def route_by_user(stream: StreamT) -> None:
         """Validate input in micro-batches, score what is on its user's partition, re-key the rest
-        by user id; a batch is acked once every output, forward and dead letter of it is
-        confirmed by the broker."""
+        by user id; a batch is acked once its records (outputs, forwards, dead letters) are
+        handed to the producer, and its offsets are committed once the broker confirmed them
+        (``checkpoint``)."""
         async for events in stream.take_events(settings.batch_max, within=settings.batch_wait_ms / 1000):
             await run_batch("routing a batch", route, list(events))
 
@@ -344,15 +352,21 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
 
     @asynccontextmanager
     async def checkpoint() -> AsyncIterator[None]:
-        """Entered by every offset commit (``streams.consumer``): no batch or timer runs until
-        the commit is done, and the state of every event acked so far is confirmed in the
-        changelogs before faust computes the offsets."""
+        """Entered by every offset commit (``streams.consumer``): under the lock, the tables'
+        pending changes are written and every record sent so far (outputs, dead letters,
+        changelog writes) is taken, and the consumer computes the offsets to commit; on exit the
+        lock is released, so batches go on, and the records taken are confirmed before the
+        consumer commits those offsets."""
         async with work:
             started = time.perf_counter()
             await write_pending()
-            await confirm()
-            metrics.checkpoint_seconds.observe(time.perf_counter() - started)
+            # nothing awaited from here to the offsets: every event acked by then has its
+            # records among these (the router's forwards too: it adds them before its acks)
+            taken = [deliveries.take(), routed.take()]
             yield
+            metrics.checkpoint_seconds.observe(time.perf_counter() - started)
+        for records in taken:
+            metrics.delivered.inc(await records.confirm())
 
     # buckets as fine as the sweep runs: a user goes at most one sweep interval after the TTL
     expiry = ExpiryIndex(int(settings.user_ttl_s * 1000), max(1, int(settings.expiry_interval_s * 1000)))
@@ -416,8 +430,10 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
     async def fire_due(partitions: set[int]) -> None:
         """Publish the cart promotions due on ``partitions``; store their states once confirmed."""
         outputs, changed = pipeline.due(partitions, time.time())
+        if not outputs and not changed:
+            return
         await publish(outputs)
-        await confirm()
+        await confirm()  # the promotions are acknowledged before their states say they were sent
         if changed:
             pipeline.store_due(changed)
             await write_pending(keys={key for _, key, _ in changed})
@@ -435,10 +451,10 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
             await score_locked(batch, sources)
 
     async def score_locked(batch: list[Message], sources: list[Any]) -> None:
-        """Score a batch of events on their user's partitions, holding ``work``; publish and
-        confirm every output before returning (faust acks the batch's events, and so may commit
-        their offsets, only after that). ``sources[i]``: the consumed message of ``batch[i]``,
-        for its dead letter."""
+        """Score a batch of events on their user's partitions, holding ``work``, and hand every
+        output to the producer before returning (faust then acks the batch's events; their
+        offsets are committed only once the next checkpoint confirmed those outputs).
+        ``sources[i]``: the consumed message of ``batch[i]``, for its dead letter."""
         partitions = {m.partition for m in batch}
         await seed(partitions)
         result = pipeline.process(batch)
@@ -454,7 +470,11 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
             expiry.forget(p, key)
         if sum(len(wb.pending) for wb, _ in changelogs) >= settings.checkpoint_max_keys:
             await write_pending()  # early: bounds the memory; always safe (streams.writeback)
-        await confirm()
+            await confirm()
+        elif len(deliveries) >= CONFIRM_AT:
+            await confirm()  # bounds the records awaiting their acknowledgement
+        # otherwise the batch's records are confirmed by the next checkpoint, before any offset
+        # of its events is committed (``checkpoint``): the next batch need not wait for them
         if settings.promotions:  # carts that came due in the event time this batch moved past
             await fire_due(partitions)
 

@@ -65,14 +65,19 @@ worker's thread while aiokafka's fetcher runs on the consumer's thread; the seek
 records the fetcher may be iterating, and the fetcher crashes with a ``KeyError``
 (robinhood/aiokafka#19). ``_seek`` runs it on the consumer's thread, as faust's other seeks do.
 
-A second addition, for the worker's write-back tables (``streams.writeback``): ``commit`` first
-enters ``checkpoint()``, an async context the worker installs. It takes the lock that batches and
-timers hold, writes the pending table changes and awaits their changelog acknowledgements; faust
-then computes and commits the offsets while the lock is still held, so no offset is committed
-whose event's state is not yet in the changelog. A checkpoint that fails commits nothing: a
-delivery failure ends the process unacked (``streams.delivery.exit_fatally``), anything else (a
-store already closed at shutdown) skips this commit, and the events since the last one are
-redelivered after the restart.
+A second addition, for the worker's write-back tables (``streams.writeback``): each commit
+(``_commit_tps``, faust's step after it picked the partitions with acks) runs inside
+``checkpoint()``, an async context the worker installs. On entry it takes the lock that batches and
+timers hold, writes the pending table changes to their stores and changelogs and takes every
+record handed to the producer so far (outputs, dead letters, changelog writes) to be confirmed;
+the offsets are computed inside, under the lock, so they cover no event whose outputs and state are
+not among the records taken. On exit it releases the lock and then waits for those records'
+acknowledgements, while batches go on; only then are the offsets committed. So no offset is
+committed before every output and state change of the events before it is acknowledged, and
+scoring stops only for the writes, not for the broker's round trips or the offset commit itself.
+A checkpoint that fails commits nothing: a delivery failure ends the process unacked
+(``streams.delivery.exit_fatally``), anything else (a store already closed at shutdown) skips this
+commit, and the events since the last one are redelivered after the restart.
 """
 
 from __future__ import annotations
@@ -85,6 +90,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
+from faust.exceptions import ProducerSendError
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers.aiokafka import Consumer
 
@@ -191,25 +197,31 @@ def first_unacked_run_end(acked: list[int], committed: int | None) -> int | None
 class ShopstreamConsumer(Consumer):  # type: ignore[misc]
     on_jump: Any = None  # called with (tp, expected offset, offset) for each offset jump
     on_refetch: Any = None  # called with (tp, offset) for each dropped record read again
-    # () -> async context manager: pending state written and confirmed on entry, held until exit
+    # () -> async context manager: the lock taken and pending state written on entry, released
+    # on exit, then the records taken confirmed
     checkpoint: Any = None
 
-    async def commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
-        """faust's commit inside the worker's checkpoint (module docstring)."""
+    async def _commit_tps(self, tps: Any, start_new_transaction: bool) -> bool:
+        """faust's ``_commit_tps`` with the offsets computed inside the worker's checkpoint and
+        committed once its records are acknowledged (module docstring)."""
         if self.checkpoint is None:
-            return bool(await super().commit(topics, start_new_transaction=start_new_transaction))
+            return bool(await super()._commit_tps(tps, start_new_transaction=start_new_transaction))
         try:
-            ctx = self.checkpoint()
-            await ctx.__aenter__()
+            async with self.checkpoint():
+                offsets = self._filter_committable_offsets(tps)
         except DeliveryFailed as exc:
             exit_fatally("checkpointing the tables before a commit", exc)
         except Exception:
             log.exception("checkpoint failed: offsets not committed (the events since are redelivered)")
             return False
+        if not offsets:
+            return False
         try:
-            return bool(await super().commit(topics, start_new_transaction=start_new_transaction))
-        finally:
-            await ctx.__aexit__(None, None, None)
+            await self._handle_attached(offsets)  # faust's own buffered sends, as in its commit
+        except ProducerSendError as exc:
+            await self.crash(exc)
+            return False
+        return bool(await self._commit_offsets(offsets, start_new_transaction=start_new_transaction))
 
     async def _add_gap(self, tp: Any, offset_from: int, offset_to: int) -> None:
         """Never called by ``_drain_messages`` below; kept inert should faust call it elsewhere."""

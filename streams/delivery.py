@@ -7,9 +7,11 @@ once the broker acknowledged all of them, or raises ``DeliveryFailed`` with the 
 Why: faust commits the offsets of acked events after ``producer.flush()``, and aiokafka's
 ``flush()`` waits for pending sends without ever raising; the error of a failed send only reaches
 its future (faust-streaming 0.15.3, faust-notes trap 8). The worker therefore awaits the futures
-itself before a batch returns to faust, and faust only acks a batch's events after that. A failed
-delivery is fatal (``exit_fatally``): the process exits without acking the batch, so its events
-are redelivered after the restart and every output is produced again (at least once).
+itself before any offset is committed: a commit's checkpoint takes every record sent so far
+(``Deliveries.take``) under the lock where the offsets are computed, and waits for them before the
+offsets go to the broker (``streams.consumer``). A failed delivery is fatal (``exit_fatally``):
+the process exits before committing, so the events since the last commit are redelivered after
+the restart and every output is produced again (at least once).
 """
 
 from __future__ import annotations
@@ -48,11 +50,36 @@ class Deliveries:
         self._pending.append((fut, topic))
         self._records += records
 
+    def take(self) -> Taken:
+        """The pending records, handed over to be confirmed later (``Taken.confirm``); records
+        added from now on are not among them."""
+        taken = Taken(self._pending, self._records, self.timeout_s)
+        self._pending, self._records = [], 0
+        return taken
+
     async def confirm(self) -> int:
         """Wait for every pending record's acknowledgement; returns how many records were
         confirmed."""
-        pending, self._pending = self._pending, []
-        records, self._records = self._records, 0
+        return await self.take().confirm()
+
+
+class Taken:
+    """Records taken from ``Deliveries`` at one moment, to be confirmed once."""
+
+    def __init__(
+        self, pending: list[tuple[Awaitable[Any], str | None]], records: int, timeout_s: float
+    ) -> None:
+        self._pending = pending
+        self.records = records
+        self.timeout_s = timeout_s
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    async def confirm(self) -> int:
+        """Wait for the acknowledgement of every record taken; their count, or ``DeliveryFailed``
+        with the first reason (a timeout names the topics still waiting)."""
+        pending = self._pending
         if not pending:
             return 0
         futs = [f for f, _ in pending]
@@ -69,7 +96,7 @@ class Deliveries:
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             raise DeliveryFailed(f"{len(failed)} of {len(pending)} records not delivered: {failed[0]!r}")
-        return records
+        return self.records
 
 
 def _acknowledged(fut: Awaitable[Any]) -> bool:

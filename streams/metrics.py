@@ -166,8 +166,9 @@ class Metrics:
         )
         self.checkpoint_seconds = Histogram(
             "shopstream_checkpoint_seconds",
-            "Wall time of a checkpoint: the tables' pending changes written and acknowledged, while "
-            "batches wait (once per commit).",
+            "Wall time batches wait for a checkpoint (once per commit): the tables' pending changes "
+            "written; their acknowledgements, with the outputs', are awaited afterwards while batches "
+            "go on, before the offsets are committed.",
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )

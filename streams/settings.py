@@ -158,8 +158,9 @@ class Settings(BaseSettings):
     delivery_timeout_s: float = Field(
         60.0,
         gt=0,
-        description="A batch's outputs and changelog writes must be acknowledged by the broker within "
-        "this long; otherwise the worker exits unacked and its input is redelivered after the restart.",
+        description="The records a commit waits for (outputs, forwards, dead letters, changelog writes) "
+        "must be acknowledged by the broker within this long; otherwise the worker exits before "
+        "committing and its input since the last commit is redelivered after the restart.",
     )
 
     producer_batch_bytes: int = Field(

@@ -644,8 +644,8 @@ async def test_output_refused_by_the_broker_stops_the_worker_unacked(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     """The recommendations topic starts refusing records mid-stream (its max.message.bytes lowered
-    below a recommendation's size): the worker exits with code 70 instead of acking events whose
-    answers were refused; once the topic accepts records again, the restarted worker answers every
+    below a recommendation's size): the worker exits with code 70 before committing the offsets of
+    events whose answers were refused; once the topic accepts records again, the restarted worker answers every
     event and nothing is lost."""
     settings = settings_of(env := demo_env(kafka_bootstrap, tmp_path))
     await ensure_topics(settings)

@@ -17,6 +17,7 @@ import pytest
 from streams import consumer as consumer_module
 from streams.baseline import CovisitBaseline, partition_of_key
 from streams.consumer import install
+from streams.delivery import Deliveries
 from streams.errors import DeliveryFailed
 from streams.pipeline import Message, local_pipeline
 from streams.settings import Settings
@@ -157,49 +158,137 @@ def _consumer(checkpoint: Any) -> Any:
     return object.__new__(app.transport.Consumer)
 
 
-def test_offsets_are_committed_inside_the_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+class _Commits:
+    """faust's steps around ``_commit_tps`` recorded, with ``offsets`` as the committable ones."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, steps: list[str], offsets: dict[str, int]) -> None:
+        cls = faust.transport.consumer.Consumer
+
+        def filter_committable(consumer: Any, tps: Any) -> dict[str, int]:
+            steps.append("offsets computed")
+            return dict(offsets)
+
+        async def handle_attached(consumer: Any, offsets: Any) -> None:
+            steps.append("faust's attached sends")
+
+        async def commit_offsets(consumer: Any, offsets: Any, start_new_transaction: bool = True) -> bool:
+            steps.append(f"commit {sorted(offsets.items())}")
+            return True
+
+        monkeypatch.setattr(cls, "_filter_committable_offsets", filter_committable)
+        monkeypatch.setattr(cls, "_handle_attached", handle_attached)
+        monkeypatch.setattr(cls, "_commit_offsets", commit_offsets)
+
+
+def test_offsets_are_computed_under_the_lock_and_committed_once_confirmed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     steps: list[str] = []
-
-    async def faust_commit(self: Any, topics: Any = None, start_new_transaction: bool = True) -> bool:
-        steps.append("commit offsets")
-        return True
-
-    monkeypatch.setattr(faust.transport.consumer.Consumer, "commit", faust_commit)
+    _Commits(monkeypatch, steps, {"tp0": 7})
 
     @asynccontextmanager
     async def checkpoint() -> AsyncIterator[None]:
-        steps.append("state written and confirmed")
+        steps.append("lock taken, state written, records taken")
         yield
         steps.append("lock released")
+        steps.append("records confirmed")
 
-    assert asyncio.run(_consumer(checkpoint).commit()) is True
-    assert steps == ["state written and confirmed", "commit offsets", "lock released"]
+    assert asyncio.run(_consumer(checkpoint)._commit_tps(["tp0"], True)) is True
+    assert steps == [
+        "lock taken, state written, records taken",
+        "offsets computed",
+        "lock released",
+        "records confirmed",
+        "faust's attached sends",
+        "commit [('tp0', 7)]",
+    ]
+    steps.clear()
+    _Commits(monkeypatch, steps, {})  # nothing acked: the state is still checkpointed
+    assert asyncio.run(_consumer(checkpoint)._commit_tps([], True)) is False
+    assert steps == [
+        "lock taken, state written, records taken",
+        "offsets computed",
+        "lock released",
+        "records confirmed",
+    ]
+
+
+def test_a_batch_runs_while_the_checkpoint_waits_for_acknowledgements(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker's checkpoint shape (``streams.app``): the lock is free during the wait, and the
+    offsets computed under it are committed only once the records taken then are acknowledged;
+    a record sent by a batch during the wait is not among them."""
+    steps: list[str] = []
+    _Commits(monkeypatch, steps, {"tp0": 3})
+
+    def exit_fatally(what: str, exc: BaseException) -> None:  # were the lock held: a timeout
+        raise SystemExit(f"{what}: {exc}")
+
+    monkeypatch.setattr(consumer_module, "exit_fatally", exit_fatally)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        lock = asyncio.Lock()
+        deliveries = Deliveries(timeout_s=5.0)
+        before = loop.create_future()
+        deliveries.add(before)  # an output of an event before the offsets
+
+        @asynccontextmanager
+        async def checkpoint() -> AsyncIterator[None]:
+            async with lock:
+                taken = deliveries.take()
+                yield
+            steps.append(f"confirmed {await taken.confirm()}")
+
+        async def batch() -> None:
+            async with lock:
+                steps.append("batch")
+                deliveries.add(loop.create_future())  # never acknowledged: not the commit's
+                before.set_result("ack")  # the broker acknowledges the earlier record meanwhile
+
+        commit = asyncio.ensure_future(_consumer(checkpoint)._commit_tps(["tp0"], True))
+        await asyncio.sleep(0)  # the commit takes the lock first
+        await batch()
+        assert await commit is True
+        assert len(deliveries) == 1
+
+    asyncio.run(scenario())
+    assert steps == [
+        "offsets computed",
+        "batch",
+        "confirmed 1",
+        "faust's attached sends",
+        "commit [('tp0', 3)]",
+    ]
 
 
 def test_a_failed_checkpoint_commits_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    committed: list[bool] = []
+    steps: list[str] = []
+    _Commits(monkeypatch, steps, {"tp0": 7})
 
-    async def faust_commit(self: Any, topics: Any = None, start_new_transaction: bool = True) -> bool:
-        committed.append(True)
-        return True
-
-    monkeypatch.setattr(faust.transport.consumer.Consumer, "commit", faust_commit)
-
-    def failing(exc: Exception) -> Any:
+    def failing(exc: Exception, where: str) -> Any:
         @asynccontextmanager
         async def checkpoint() -> AsyncIterator[None]:
-            raise exc
+            if where == "writing":
+                raise exc
             yield
+            raise exc  # the records' acknowledgements, after the lock
 
         return checkpoint
 
     # a store closed at shutdown: this commit is skipped, the events since are redelivered
-    assert asyncio.run(_consumer(failing(RuntimeError("store closed"))).commit()) is False
+    assert (
+        asyncio.run(_consumer(failing(RuntimeError("store closed"), "writing"))._commit_tps(["tp0"], True))
+        is False
+    )
 
     def exit_fatally(what: str, exc: BaseException) -> None:
         raise SystemExit(f"{what}: {exc}")
 
     monkeypatch.setattr(consumer_module, "exit_fatally", exit_fatally)
-    with pytest.raises(SystemExit, match="checkpointing"):  # a lost changelog write ends the process
-        asyncio.run(_consumer(failing(DeliveryFailed("1 of 3 records not delivered"))).commit())
-    assert committed == []
+    for where in ("writing", "confirming"):  # a lost output or changelog write ends the process
+        with pytest.raises(SystemExit, match=r"checkpointing.*1 of 3 records not delivered"):
+            checkpoint = failing(DeliveryFailed("1 of 3 records not delivered"), where)
+            asyncio.run(_consumer(checkpoint)._commit_tps(["tp0"], True))
+    assert not [s for s in steps if s.startswith("commit")]

@@ -158,6 +158,25 @@ def test_deliveries_confirm_every_future_or_fail_with_the_reason() -> None:
     asyncio.run(scenario())
 
 
+def test_records_taken_are_confirmed_apart_from_those_sent_after() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        d = Deliveries(timeout_s=0.05)
+        first = loop.create_future()
+        d.add(first, records=3)  # a record batch's future
+        taken = d.take()
+        later = loop.create_future()  # sent after the take, never acknowledged
+        d.add(later, "shop.recommendations")
+        first.set_result("meta")
+        assert len(taken) == 1 and await taken.confirm() == 3
+        assert len(d) == 1
+        with pytest.raises(DeliveryFailed, match=r"shop\.recommendations"):
+            await d.confirm()
+        assert len(d) == 0 and await d.take().confirm() == 0
+
+    asyncio.run(scenario())
+
+
 def test_a_future_dated_event_fires_no_cart_early_and_keeps_the_budget_day() -> None:
     p = pipe()
     p.timers = CartTimers(p.s.cart_abandon_after_s, tolerance_s=300)  # as the worker has it
