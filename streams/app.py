@@ -53,7 +53,7 @@ from streams.publish import Publisher
 from streams.scoring import Artifact, ModelWatcher
 from streams.settings import Settings
 from streams.state import UserState, user_partition
-from streams.writeback import WriteBack, write_ahead
+from streams.writeback import WriteBack
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,6 @@ EXPIRY_SLICE = 5000  # users deleted per sweep at most (the rest follow at the n
 # sends awaiting their acknowledgement that make a batch wait for them rather than leave them to
 # the next checkpoint (bounds their memory should the broker lag)
 CONFIRM_AT = 20_000
-# table keys a checkpoint writes per slice ahead of the commit, the lock taken for each
-# (``streams.writeback.write_ahead``): about 3 ms of a batch's wait at a few us per key
-CHECKPOINT_SLICE = 500
 
 
 class ConfirmedTable(faust.Table):  # type: ignore[misc]
@@ -353,27 +350,13 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         metrics.checkpoint_keys.inc(n)
         return n
 
-    def pending_keys() -> int:
-        return sum(len(wb.pending) for wb, _ in changelogs)
-
-    async def write_slice(limit: int) -> int:
-        """Write up to ``limit`` pending changes, the oldest first (a slice of ``write_ahead``)."""
-        n = 0
-        for wb, changelog in changelogs:
-            if n < limit:
-                n += await changelog.write(wb.take_first(limit - n), scope)
-        metrics.checkpoint_keys.inc(n)
-        return n
-
     @asynccontextmanager
     async def checkpoint() -> AsyncIterator[None]:
         """Entered by every offset commit (``streams.consumer``): under the lock, the tables'
         pending changes are written and every record sent so far (outputs, dead letters,
         changelog writes) is taken, and the consumer computes the offsets to commit; on exit the
         lock is released, so batches go on, and the records taken are confirmed before the
-        consumer commits those offsets. The writes go first in slices, each under the lock
-        (``streams.writeback.write_ahead``), so batches run between them."""
-        await write_ahead(work, pending_keys, write_slice, CHECKPOINT_SLICE)
+        consumer commits those offsets."""
         async with work:
             started = time.perf_counter()
             await write_pending()
@@ -485,7 +468,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
                 expiry.touch(m.partition, m.key, now_ms)
         for p, key in erased:
             expiry.forget(p, key)
-        if pending_keys() >= settings.checkpoint_max_keys:
+        if sum(len(wb.pending) for wb, _ in changelogs) >= settings.checkpoint_max_keys:
             await write_pending()  # early: bounds the memory; always safe (streams.writeback)
             await confirm()
         elif len(deliveries) >= CONFIRM_AT:

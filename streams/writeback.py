@@ -16,19 +16,13 @@ timer, a rebalance) is always safe: state ahead of the committed offsets is the 
 at-least-once case (redelivered events are recognised by id and their promotions re-sent from
 the user's outbox).
 
-A checkpoint writes what is pending in slices first (``write_ahead``), taking the lock for each:
-a batch then waits for a slice, not for the whole write (the p99 at 1,000 events/s with a
-65k-item model came from these waits).
-
 Measured on REES46 (two copies, 34,868 events, 8 partitions): the per-batch writes cost about
 0.95 user and 2.1 baseline changelog records per event (``bench/ceilings.py``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -91,11 +85,6 @@ class WriteBack(MutableMapping[bytes, bytes]):
         picked = [k for k in chosen if partitions is None or self.partition_of(k) in partitions]
         return {k: self.pending.pop(k) for k in picked}
 
-    def take_first(self, n: int) -> dict[bytes, bytes | None]:
-        """Remove and return up to ``n`` pending changes, the keys first changed first."""
-        picked = list(itertools.islice(self.pending, n))
-        return {k: self.pending.pop(k) for k in picked}
-
     def flush(
         self,
         scope: Scope = lambda _p: nullcontext(),
@@ -121,20 +110,3 @@ class WriteBack(MutableMapping[bytes, bytes]):
         for k in gone:
             del self.pending[k]
         return len(gone)
-
-
-async def write_ahead(
-    lock: asyncio.Lock, pending: Callable[[], int], write: Callable[[int], Awaitable[int]], slice_keys: int
-) -> int:
-    """Write what is pending ahead of a checkpoint in slices: ``write(n)`` (up to ``n`` keys)
-    under ``lock`` once for every ``slice_keys`` keys pending now, releasing it between slices so
-    batches run in between. The checkpoint then writes, under the lock, only the keys changed
-    meanwhile and what is left (fewer than a slice), so a batch waits for one slice at a time,
-    not for the whole write. Keys changed again after their slice was written are written twice
-    (once more records); an early write is always safe (module docstring). Returns how many keys
-    were written."""
-    n = 0
-    for _ in range(pending() // slice_keys):
-        async with lock:
-            n += await write(slice_keys)
-    return n

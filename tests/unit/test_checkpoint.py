@@ -22,7 +22,7 @@ from streams.errors import DeliveryFailed
 from streams.pipeline import Message, local_pipeline
 from streams.settings import Settings
 from streams.state import user_partition
-from streams.writeback import WriteBack, write_ahead
+from streams.writeback import WriteBack
 
 
 class Recording(dict[bytes, bytes]):
@@ -292,51 +292,3 @@ def test_a_failed_checkpoint_commits_nothing(monkeypatch: pytest.MonkeyPatch) ->
             checkpoint = failing(DeliveryFailed("1 of 3 records not delivered"), where)
             asyncio.run(_consumer(checkpoint)._commit_tps(["tp0"], True))
     assert not [s for s in steps if s.startswith("commit")]
-
-
-def test_take_first_takes_the_keys_changed_first() -> None:
-    wb = WriteBack({b"1/a": b"old"}, _first_byte)
-    for key in (b"1/b", b"2/c", b"1/a", b"3/d"):
-        wb[key] = key
-    wb[b"1/b"] = b"again"  # keeps its place
-    del wb[b"1/a"]
-    assert wb.take_first(2) == {b"1/b": b"again", b"2/c": b"2/c"}
-    assert wb.take_first(5) == {b"1/a": None, b"3/d": b"3/d"}
-    assert wb.take_first(5) == {} and wb.pending == {}
-
-
-def test_write_ahead_lets_batches_run_between_slices_and_ends() -> None:
-    """Slices for the keys pending at the start only (batches adding keys meanwhile cannot keep it
-    going); the lock is held for each slice and free between them."""
-
-    async def scenario() -> list[str]:
-        lock = asyncio.Lock()
-        pending = {"n": 1250}
-        steps: list[str] = []
-
-        async def write(limit: int) -> int:
-            assert lock.locked()
-            n = min(limit, pending["n"])
-            pending["n"] -= n
-            steps.append(f"slice {n}")
-            await asyncio.sleep(0)  # a send that yields: the lock stays held
-            return n
-
-        async def batches() -> None:
-            for _ in range(3):
-                async with lock:
-                    steps.append("batch")
-                    pending["n"] += 400  # keys the batch changed
-                await asyncio.sleep(0)
-
-        task = asyncio.ensure_future(batches())
-        written = await write_ahead(lock, lambda: pending["n"], write, 500)
-        await task
-        steps.append(f"written {written}, left {pending['n']}")
-        return steps
-
-    steps = asyncio.run(scenario())
-    assert steps.count("slice 500") == 2 and steps.count("batch") == 3
-    assert steps[-1] == "written 1000, left 1450"
-    first, second = (i for i, step in enumerate(steps) if step == "slice 500")
-    assert "batch" in steps[first:second], steps  # a batch ran between the two slices
