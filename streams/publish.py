@@ -2,10 +2,8 @@
 
 In: (topic, key, value, headers, timestamp) records, keyed (the worker keys every output by user
 id). Out: the records queued in the producer, in their order within each partition, the futures
-of their batches in the worker's ``Deliveries`` (confirmed before any offset after them is
-committed). Records for a partition that already has a batch waiting to be sent are appended to
-that batch (``Publisher._append_to_queued``), so a micro-batch never waits for the broker's reply
-to the request in flight.
+of their batches in the worker's ``Deliveries`` (the caller confirms them before the batch is
+acked, as before).
 
 Why: ``app.producer.send`` per record goes through faust's producer, the metadata check, the
 serialisers, the partitioner and the accumulator, and returns a future per record; a batch of 64
@@ -17,11 +15,8 @@ see the same placement.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
-
-from aiokafka.structs import TopicPartition
 
 from streams.delivery import Deliveries
 from streams.producer import known_without_narrowing
@@ -54,12 +49,7 @@ class Publisher:
                 )
             parts.setdefault((topic, partitioner(key, *where)), []).append(rec)
         total = 0
-        queued = producer._message_accumulator._batches  # TopicPartition -> batches not yet sent
         for (topic, partition), recs in parts.items():
-            total += len(recs)
-            recs = self._append_to_queued(queued.get(TopicPartition(topic, partition)), topic, recs)
-            if not recs:
-                continue
             batch, n = producer.create_batch(), 0
             for _, key, value, headers, ts in recs:
                 stamp = int(ts * 1000) if ts else None
@@ -71,26 +61,5 @@ class Publisher:
                         raise ValueError(f"a {topic} record of {len(value)} bytes fits in no batch")
                 n += 1
             self.deliveries.add(await producer.send_batch(batch, topic, partition=partition), topic, n)
+            total += len(recs)
         return total
-
-    def _append_to_queued(self, queued: Any, topic: str, recs: list[Record]) -> list[Record]:
-        """Append what fits of ``recs`` to the partition's last batch still waiting to be sent
-        (``queued``: aiokafka's deque of them); returns the records left over.
-
-        aiokafka's ``send_batch`` waits, when the partition already has a batch queued, until that
-        batch was taken into a request, and it keeps one request in flight per broker: a batch
-        would wait for the broker's reply to the previous request before it could hand on its
-        records. Appended to the queued batch they go with it, in order, and its future stands
-        for them too (aiokafka resolves or fails a batch's records together)."""
-        if not queued:
-            return recs
-        last = queued[-1]
-        builder, n = last._builder, 0
-        for _, key, value, headers, ts in recs:
-            stamp = int(ts * 1000) if ts else None
-            if builder.append(key=key, value=value, timestamp=stamp, headers=headers or []) is None:
-                break  # full: the rest go in a batch of their own
-            n += 1
-        if n:
-            self.deliveries.add(asyncio.shield(last.future), topic, n)
-        return recs[n:]
