@@ -645,8 +645,8 @@ async def test_output_refused_by_the_broker_stops_the_worker_unacked(
 ) -> None:
     """The recommendations topic starts refusing records mid-stream (its max.message.bytes lowered
     below a recommendation's size): the worker exits with code 70 before committing the offsets of
-    events whose answers were refused; once the topic accepts records again, the restarted worker answers every
-    event and nothing is lost."""
+    events whose answers were refused; once the topic accepts records again, the restarted worker
+    answers every event and nothing is lost."""
     settings = settings_of(env := demo_env(kafka_bootstrap, tmp_path))
     await ensure_topics(settings)
     events = live_events(settings)
