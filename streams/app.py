@@ -66,10 +66,11 @@ CONFIRM_AT = 20_000
 
 
 class ConfirmedTable(faust.Table):  # type: ignore[misc]
-    """A table whose changelog writes are confirmed with the batch that made them.
+    """A table whose changelog writes through faust are confirmed before the next commit.
 
     faust sends changelog records from a buffer and reports a failed one only to a callback; the
-    worker collects their futures in ``deliveries`` and awaits them before acking the batch."""
+    worker collects their futures in ``deliveries``, which a commit awaits before it commits any
+    offset (``checkpoint``)."""
 
     deliveries: Deliveries | None = None
 

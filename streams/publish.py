@@ -2,8 +2,8 @@
 
 In: (topic, key, value, headers, timestamp) records, keyed (the worker keys every output by user
 id). Out: the records queued in the producer, in their order within each partition, the futures
-of their batches in the worker's ``Deliveries`` (the caller confirms them before the batch is
-acked, as before).
+of their batches in the worker's ``Deliveries`` (confirmed before any offset after them is
+committed, ``streams.consumer``).
 
 Why: ``app.producer.send`` per record goes through faust's producer, the metadata check, the
 serialisers, the partitioner and the accumulator, and returns a future per record; a batch of 64
