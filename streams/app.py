@@ -229,7 +229,8 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
     by_user_name = by_user.get_topic_name()
     # One batch, timer or sweep at a time touches the tables and the pending deliveries: a cart
     # timer must not store a state while a batch holds a newer copy of it, and one task's
-    # ``confirm()`` must not take another's futures.
+    # ``confirm()`` must not take another's futures (nor a checkpoint's: every ``confirm()`` of
+    # ``deliveries`` runs under this lock, so none is half done when a checkpoint takes them).
     work = asyncio.Lock()
 
     publisher = Publisher(app.producer._ensure_producer, deliveries)
@@ -354,8 +355,8 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
     @asynccontextmanager
     async def checkpoint() -> AsyncIterator[None]:
         """Entered by every offset commit (``streams.consumer``): under the lock, the tables'
-        pending changes are written and every record sent so far (outputs, dead letters,
-        changelog writes) is taken, and the consumer computes the offsets to commit; on exit the
+        pending changes are written and every record sent so far (outputs, forwards, dead
+        letters, changelog writes) is taken, and the consumer computes the offsets to commit; on exit the
         lock is released, so batches go on, and the records taken are confirmed before the
         consumer commits those offsets."""
         async with work:

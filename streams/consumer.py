@@ -69,13 +69,13 @@ A second addition, for the worker's write-back tables (``streams.writeback``): e
 (``_commit_tps``, faust's step after it picked the partitions with acks) runs inside
 ``checkpoint()``, an async context the worker installs. On entry it takes the lock that batches and
 timers hold, writes the pending table changes to their stores and changelogs and takes every
-record handed to the producer so far (outputs, dead letters, changelog writes) to be confirmed;
-the offsets are computed inside, under the lock, so they cover no event whose outputs and state are
-not among the records taken. On exit it releases the lock and then waits for those records'
+record handed to the producer so far (outputs, forwards, dead letters, changelog writes) to be
+confirmed; the offsets are computed inside, under the lock, so they cover no event whose outputs
+and state are not among the records taken. On exit it releases the lock and then waits for those records'
 acknowledgements, while batches go on; only then are the offsets committed. So no offset is
 committed before every output and state change of the events before it is acknowledged, and
 scoring stops only for the writes, not for the broker's round trips or the offset commit itself.
-A checkpoint that fails commits nothing: a delivery failure ends the process unacked
+A checkpoint that fails commits nothing: a delivery failure ends the process before the commit
 (``streams.delivery.exit_fatally``), anything else (a store already closed at shutdown) skips this
 commit, and the events since the last one are redelivered after the restart.
 """
