@@ -15,7 +15,8 @@
 Tables (rocksdb store, changelog topics ``<app_id>-<table>-changelog``):
 - ``users``: user id -> ``UserState`` bytes, partitioned like the by-user topic (the producer's
   murmur2 partitioner on the raw key, so timers may write too); idle users are swept.
-- ``items``: ``b"<partition>/<item>"`` -> co-visitation statistics of the baseline recommender.
+- ``items``: ``b"<partition>/<item>"`` -> co-visitation statistics of the baseline recommender;
+  its changelog packs many keys per record (``streams.changelog``).
 - ``budget``: ``b"<partition>/<day>"`` -> discount spend of that partition on that event-time day.
 
 The per-batch work lives in ``streams.pipeline`` (no faust there); this module wires it to topics.
@@ -37,7 +38,7 @@ from faust.types import EventT, StreamT
 from prometheus_client import CollectorRegistry, generate_latest
 
 from streams.baseline import CovisitBaseline, partition_of_key
-from streams.changelog import DirectChangelog
+from streams.changelog import DirectChangelog, unpacked
 from streams.consumer import install as install_consumer
 from streams.deadletter import DeadLetters
 from streams.decode import EventDecoder
@@ -86,6 +87,14 @@ class ItemTable(ConfirmedTable):
 
     def partition_for_key(self, key: Any) -> int:
         return partition_of_key(key)
+
+
+class PackedItemTable(ItemTable):
+    """An ``ItemTable`` whose changelog records may be packed (``streams.changelog``): recovery
+    and standby replicas store each packed key."""
+
+    def apply_changelog_batch(self, batch: Iterable[EventT]) -> None:
+        super().apply_changelog_batch(unpacked(batch))
 
 
 class UserTable(ConfirmedTable):
@@ -213,14 +222,23 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         return app.tables.add(t)
 
     users = table(UserTable, "users", "Per-user state.")
-    items = table(ItemTable, "items", "Baseline co-visitation statistics, per partition.")
+    items = table(PackedItemTable, "items", "Baseline co-visitation statistics, per partition.")
     budget = table(ItemTable, "budget", "Discount spend per partition and event-time day.")
     # batches and timers change the tables through write-back views; each commit writes the
     # changed keys once and waits for them before it commits offsets (``streams.writeback``)
     users_wb, items_wb, budget_wb = (WriteBack(t, t.partition_for_key) for t in (users, items, budget))
+    # the items' records packed: a few per partition and checkpoint instead of one per item
+    packed = DirectChangelog(
+        items,
+        app.producer._ensure_producer,
+        deliveries,
+        packed=True,
+        packed_bytes=settings.producer_batch_bytes // 2,
+    )
     changelogs = [
-        (wb, DirectChangelog(t, app.producer._ensure_producer, deliveries))
-        for wb, t in ((users_wb, users), (items_wb, items), (budget_wb, budget))
+        (users_wb, DirectChangelog(users, app.producer._ensure_producer, deliveries)),
+        (items_wb, packed),
+        (budget_wb, DirectChangelog(budget, app.producer._ensure_producer, deliveries)),
     ]
     recommender = CovisitBaseline(
         items_wb, neighbors=settings.covisit_neighbors, window=settings.covisit_window
@@ -405,6 +423,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
             expiry.drop(p)
             recommender.popular.pop(p, None)
             seeded.discard(p)
+        packed.forget(partitions)
 
     @app.on_partitions_revoked.connect
     async def forget_revoked(sender: Any, revoked: set[Any], **kwargs: Any) -> None:

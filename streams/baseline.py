@@ -42,7 +42,10 @@ def item_key(partition: int, item_id: str) -> bytes:
 
 
 def partition_of_key(key: bytes) -> int:
-    return int(key[: key.index(b"/")])
+    """The partition of an item key, or of a packed changelog record's key (``b"<p>\\x00..."``,
+    ``streams.changelog.packed_key``)."""
+    end = key.find(b"/")
+    return int(key[: end if end >= 0 else key.index(b"\x00")])
 
 
 class Popularity:
@@ -148,6 +151,8 @@ class CovisitBaseline:
         """Rebuild the in-memory popularity from table entries (after recovery); returns items seen."""
         n = 0
         for key, raw in entries:
+            if b"/" not in key:
+                continue  # the marker of a packed changelog record (``streams.changelog``)
             stats = orjson.loads(raw)
             partition = partition_of_key(key)
             item = key[key.index(b"/") + 1 :].decode()

@@ -14,11 +14,24 @@ at 1.2 changelog records per event on REES46, py-spy). A checkpoint writes many 
 one RocksDB write batch, one record batch and one callback per partition. The records are the same
 (key, value or a tombstone, on the partition faust would choose: ``table.partition_for_key``),
 so recovery and standby replicas read them as faust's own.
+
+A packed changelog (``packed=True``, the baseline's ``items`` table) sends a partition's changed
+keys as a few records instead of one per key: each record (``packed_key``) carries many keys and
+their values (``pack``), and the table unpacks them when faust recovers it or keeps a standby
+replica (``unpacked``, from ``apply_changelog_batch``; the store holds the keys as before). A
+compacted topic keeps every packed record, since each has a key of its own, so every write also
+packs again as many unchanged keys of the partition as it has changed ones (a cursor over the
+store, ``_Cycle``); once the cursor has been through the whole partition, every record packed
+before it started holds only values packed again since, and is deleted with a tombstone. The
+changelog then holds at most about twice the partition's statistics, and any prefix of it, read
+in order, gives the same store as faust's per-key records would. A packed table never deletes a
+key (``ValueError``): the baseline's statistics only grow.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from aiokafka.structs import TopicPartition
@@ -28,37 +41,139 @@ from streams.delivery import Deliveries
 from streams.producer import known_without_narrowing
 from streams.writeback import Scope
 
+_ENTRY = struct.Struct(">HI")  # key length, value length
+_VERSION = b"\x01"
+MARKER = b"1"  # the store's value under a packed record's key: the record is in the changelog
+
+
+def packed_key(partition: int, seq: int) -> bytes:
+    """The key of a packed record: no ``/``, so it is never a ``b"<partition>/<item>"`` key,
+    and the partition's digits first, so ``partition_of_key`` and RocksDB's order work on it."""
+    return b"%d\x00%016x" % (partition, seq)
+
+
+def is_packed_key(key: bytes) -> bool:
+    return b"/" not in key
+
+
+def _seq_of(key: bytes) -> int:
+    return int(key[key.index(b"\x00") + 1 :], 16)
+
+
+def pack(entries: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """Keys and values as one record value: a version byte, then per entry its lengths and bytes."""
+    parts = [_VERSION]
+    for key, value in entries:
+        parts += (_ENTRY.pack(len(key), len(value)), key, value)
+    return b"".join(parts)
+
+
+def unpack(blob: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """The entries of a ``pack``ed value, in order."""
+    if blob[:1] != _VERSION:
+        raise ValueError(f"a packed changelog record of unknown version {blob[:1]!r}")
+    at, end, size = 1, len(blob), _ENTRY.size
+    while at < end:
+        klen, vlen = _ENTRY.unpack_from(blob, at)
+        at += size
+        yield blob[at : at + klen], blob[at + klen : at + klen + vlen]
+        at += klen + vlen
+
+
+class _Entry:
+    """One unpacked key as a changelog event and its message (all a faust store reads of them)."""
+
+    __slots__ = ("key", "offset", "partition", "tp", "value")
+
+    def __init__(self, message: Any, key: bytes, value: bytes | None) -> None:
+        self.key, self.value = key, value
+        self.tp, self.offset, self.partition = message.tp, message.offset, message.partition
+
+    @property
+    def message(self) -> _Entry:
+        return self
+
+
+def unpacked(batch: Iterable[Any]) -> Iterator[Any]:
+    """Changelog events with every packed record replaced by its entries (the record's own key
+    first, stored as ``MARKER``; a tombstone of it deletes that), for a store's
+    ``apply_changelog_batch``; other events pass as they are."""
+    for event in batch:
+        msg = event.message
+        key = msg.key
+        if key is None or not is_packed_key(key):
+            yield event
+        elif msg.value is None:
+            yield _Entry(msg, key, None)
+        else:
+            yield _Entry(msg, key, MARKER)
+            for k, v in unpack(msg.value):
+                yield _Entry(msg, k, v)
+
+
+class _Cycle:
+    """One partition's packed records: the live ones (``seqs``), the next number, and the cursor
+    of the pass that packs unchanged keys again; records numbered below ``start`` are deleted
+    when the pass is through."""
+
+    __slots__ = ("cursor", "next_seq", "seqs", "snapshot", "start")
+
+    def __init__(self, seqs: set[int]) -> None:
+        self.seqs = seqs
+        self.next_seq = max(seqs, default=-1) + 1
+        self.start = self.next_seq
+        self.cursor: bytes | int | None = None  # RocksDB: the last key visited; else an index
+        self.snapshot: list[bytes] | None = None  # the in-memory store's keys as the pass began
+
 
 class DirectChangelog:
     """Writes checkpoints of ``table`` (a raw-bytes faust table) to its store and changelog."""
 
-    def __init__(self, table: Any, producer: Callable[[], Any], deliveries: Deliveries) -> None:
-        """``producer()``: the started aiokafka producer (faust's ``app.producer._ensure_producer``)."""
+    def __init__(
+        self,
+        table: Any,
+        producer: Callable[[], Any],
+        deliveries: Deliveries,
+        *,
+        packed: bool = False,
+        packed_bytes: int = 256 * 1024,
+    ) -> None:
+        """``producer()``: the started aiokafka producer (faust's ``app.producer._ensure_producer``);
+        ``packed``: pack the changelog records, each up to about ``packed_bytes``."""
         self.table = table
         self.producer = producer
         self.deliveries = deliveries
+        self.packed = packed
+        self.packed_bytes = packed_bytes
+        self.cycles: dict[int, _Cycle] = {}
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        """Drop what is known of the packed records of ``partitions`` (revoked: another worker
+        may write them before they come back; then their markers in the store say which exist)."""
+        for p in partitions:
+            self.cycles.pop(p, None)
 
     async def write(self, changes: dict[bytes, bytes | None], scope: Scope) -> int:
-        """Store ``changes`` and send them to the changelog; returns how many were written (a
-        delete of a key the store does not hold writes nothing)."""
+        """Store ``changes`` and send them to the changelog; returns how many keys were written
+        (a delete of a key the store does not hold writes nothing)."""
         store = self.table.data
         changed: dict[int, list[tuple[bytes, bytes | None]]] = {}
         for key, value in changes.items():
             changed.setdefault(self.table.partition_for_key(key), []).append((key, value))
         parts: dict[int, list[tuple[bytes, bytes | None]]] = {}
+        written = 0
         for partition, records in changed.items():
-            if getattr(store, "use_rocksdict", False):
-                stored = _write_rocksdb(store, partition, records)
-            else:
-                stored = _write_each(store, partition, records, scope)
+            stored = self._store(store, partition, records, scope)
+            written += len(stored)
+            if self.packed and stored:
+                stored = self._packed(store, partition, stored, scope)
             if stored:
                 parts[partition] = stored
         if not parts:
-            return 0
+            return written
         topic = self.table.changelog_topic.get_topic_name()
         producer = self.producer()
         await known_without_narrowing(producer.client, topic)
-        written = 0
         for partition, records in parts.items():
             batch, n = producer.create_batch(), 0
             for key, value in records:
@@ -69,8 +184,57 @@ class DirectChangelog:
                         raise ValueError(f"a {topic} record of {len(value or b'')} bytes fits in no batch")
                 n += 1
             await self._send(producer, batch, topic, partition, n)
-            written += len(records)
         return written
+
+    @staticmethod
+    def _store(
+        store: Any, partition: int, records: list[tuple[bytes, bytes | None]], scope: Scope
+    ) -> list[tuple[bytes, bytes | None]]:
+        if getattr(store, "use_rocksdict", False):
+            return _write_rocksdb(store, partition, records)
+        return _write_each(store, partition, records, scope)
+
+    def _packed(
+        self, store: Any, partition: int, stored: list[tuple[bytes, bytes | None]], scope: Scope
+    ) -> list[tuple[bytes, bytes | None]]:
+        """The changelog records of ``stored`` (just written to ``partition``'s store) packed,
+        with as many unchanged keys of the partition packed again, and the tombstones of the
+        records that a finished pass over the partition made redundant; the store's markers
+        follow."""
+        entries: list[tuple[bytes, bytes]] = []
+        for key, value in stored:
+            if value is None:
+                raise ValueError(f"{key!r}: a packed changelog does not delete keys")
+            entries.append((key, value))
+        cycle = self.cycles.get(partition)
+        if cycle is None:
+            cycle = self.cycles[partition] = _Cycle(_markers(store, partition))
+        changed = {key for key, _ in entries}
+        again, through = _revisit(store, partition, cycle, len(entries), changed)
+        entries += again
+        records: list[tuple[bytes, bytes | None]] = []
+        size, chunk = 0, []
+        for key, value in entries:
+            chunk.append((key, value))
+            size += len(key) + len(value) + _ENTRY.size
+            if size >= self.packed_bytes:
+                records.append((packed_key(partition, cycle.next_seq), pack(chunk)))
+                cycle.next_seq += 1
+                size, chunk = 0, []
+        if chunk:
+            records.append((packed_key(partition, cycle.next_seq), pack(chunk)))
+            cycle.next_seq += 1
+        markers: list[tuple[bytes, bytes | None]] = [(key, MARKER) for key, _ in records]
+        cycle.seqs.update(_seq_of(key) for key, _ in records)
+        if through:  # every record numbered below ``start`` holds only values packed again since
+            old = sorted(s for s in cycle.seqs if s < cycle.start)
+            cycle.seqs.difference_update(old)
+            tombstones: list[tuple[bytes, bytes | None]] = [(packed_key(partition, s), None) for s in old]
+            records += tombstones
+            markers += tombstones
+            cycle.start, cycle.cursor, cycle.snapshot = cycle.next_seq, None, None
+        self._store(store, partition, markers, scope)
+        return records
 
     async def _send(self, producer: Any, batch: Any, topic: str, partition: int, n: int) -> None:
         fut = await producer.send_batch(batch, topic, partition=partition)
@@ -129,3 +293,63 @@ def _write_each(
                 continue
             written.append((key, value))
     return written
+
+
+def _markers(store: Any, partition: int) -> set[int]:
+    """The numbers of the packed records of ``partition`` in the changelog, from their markers
+    in the store (written with them, and by recovery)."""
+    prefix = b"%d\x00" % partition
+    if getattr(store, "use_rocksdict", False):
+        seqs = set()
+        it = store._db_for_partition(partition).iter()
+        it.seek(prefix)
+        while it.valid():
+            key = it.key()
+            if not key.startswith(prefix):
+                break
+            seqs.add(_seq_of(key))
+            it.next()
+        return seqs
+    return {_seq_of(key) for key in list(store.keys()) if key.startswith(prefix)}
+
+
+def _revisit(
+    store: Any, partition: int, cycle: _Cycle, n: int, skip: set[bytes]
+) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """Up to ``n`` keys of ``partition`` (those in ``skip`` count, unreturned) and their values
+    from where ``cycle``'s pass stopped; and whether the pass is through."""
+    prefix = b"%d/" % partition
+    out: list[tuple[bytes, bytes]] = []
+    if getattr(store, "use_rocksdict", False):
+        it = store._db_for_partition(partition).iter()
+        if isinstance(cycle.cursor, bytes):
+            it.seek(cycle.cursor)
+            if it.valid() and it.key() == cycle.cursor:
+                it.next()
+        else:
+            it.seek(prefix)
+        seen = 0
+        while seen < n:
+            if not it.valid():
+                return out, True
+            key = it.key()
+            if not key.startswith(prefix):
+                return out, True
+            if key not in skip:
+                out.append((key, it.value()))
+            cycle.cursor = key
+            seen += 1
+            it.next()
+        through = not it.valid() or not it.key().startswith(prefix)
+        return out, through
+    if cycle.snapshot is None:
+        cycle.snapshot = [key for key in list(store.keys()) if key.startswith(prefix)]
+        cycle.cursor = 0
+    at = int(cycle.cursor or 0)
+    end = min(at + n, len(cycle.snapshot))
+    for key in cycle.snapshot[at:end]:
+        value = store.get(key) if key not in skip else None
+        if value is not None:
+            out.append((key, value))
+    cycle.cursor = end
+    return out, end >= len(cycle.snapshot)

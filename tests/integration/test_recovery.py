@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
 import pytest
 
 from streams.admin import ensure_topics
+from streams.changelog import is_packed_key, unpacked
+from streams.pipeline import Message, local_pipeline
+from streams.state import user_partition
 from tests.integration.harness import (
     WorkerProcess,
     collect,
     isolated_env,
     produce,
+    read_to_end,
     settings_of,
     user_state,
     values,
@@ -103,3 +108,85 @@ async def test_idle_users_expire(kafka_bootstrap: str, tmp_path: Path) -> None:
         await user_state(settings.web_port, "frank", lambda s: s is None, timeout=30)
     finally:
         worker.stop()
+
+
+async def test_baseline_statistics_recover_from_their_packed_changelog(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The baseline's item statistics go to their changelog packed (``streams.changelog``): read
+    back and unpacked it holds exactly what a one-by-one run of the pipeline learns from the
+    same events, and a worker with an empty data dir recovers them: its first answer equals that
+    run's."""
+    env = isolated_env(kafka_bootstrap, tmp_path)
+    settings = settings_of(env)
+    port = settings.web_port
+    await ensure_topics(settings)
+    # three users on one partition (the statistics are per partition), each keyed by user id on
+    # one topic, so each user's events are folded in order
+    names = iter(f"user-{i}" for i in range(1000))
+    users: list[str] = []
+    while len(users) < 3:
+        name = next(names)
+        if user_partition(name.encode(), settings.partitions) == 1:
+            users.append(name)
+    seen = {
+        users[0]: ["sku-a", "sku-b", "sku-c", "sku-b"],
+        users[1]: ["sku-b", "sku-d", "sku-a"],
+    }
+    sent = [
+        (users[i], event("view", user, f"{user}-{j}", item_id=item))
+        for i, user in enumerate(users[:2])
+        for j, item in enumerate(seen[user])
+    ]
+    probe = (users[2], event("view", users[2], "probe", item_id="sku-a"))
+    reference = local_pipeline(settings, 0.0)
+
+    def answer(user: str, raw: bytes) -> list[Any]:
+        result = reference.process([Message(1, user.encode(), raw, None)])
+        (rec,) = [orjson.loads(o.value) for o in result.outputs if o.topic == settings.topic_recommendations]
+        return [(i["item_id"], pytest.approx(i["score"])) for i in rec["items"]]
+
+    for user, raw in sent:
+        answer(user, raw)
+    first = WorkerProcess(env, tmp_path / "worker1.log").start()
+    try:
+        await produce(settings, [(settings.topic_views, u.encode(), raw) for u, raw in sent])
+        await collect(settings, settings.topic_recommendations, lambda r: len(r) >= len(sent), worker=first)
+    finally:
+        assert first.stop() == 0, first.tail()
+
+    changelog = await read_to_end(settings, [f"{settings.app_id}-items-changelog"])
+    assert all(is_packed_key(r.key) for r in changelog)  # not one record per item
+    stored: dict[bytes, bytes] = {}
+    records = (
+        SimpleNamespace(key=r.key, value=r.value, tp=None, offset=r.offset, partition=r.partition)
+        for r in changelog
+    )
+    for entry in unpacked(SimpleNamespace(message=r) for r in records):
+        if entry.value is None:
+            stored.pop(entry.key, None)
+        elif not is_packed_key(entry.key):
+            stored[entry.key] = entry.value
+    expected = reference.recommender.table
+    assert stored.keys() == expected.keys() and len(stored) == 4
+    for key, raw in stored.items():
+        got, want = orjson.loads(raw), orjson.loads(expected[key])
+        assert got["n"] == pytest.approx(want["n"]) and got["nb"] == pytest.approx(want["nb"]), key
+
+    env2 = {**env, "SHOPSTREAM_DATA_DIR": str(tmp_path / "data-after-restart")}
+    second = WorkerProcess(env2, tmp_path / "worker2.log").start()
+    try:
+        await user_state(port, users[0], lambda s: s is not None)  # recovered, serving
+        await produce(settings, [(settings.topic_views, probe[0].encode(), probe[1])])
+        recs = await collect(
+            settings,
+            settings.topic_recommendations,
+            lambda r: "probe" in {v["event_id"] for v in values(r)},
+            worker=second,
+        )
+        (rec,) = [v for v in values(recs) if v["event_id"] == "probe"]
+        assert rec["source"] == "baseline"
+        got = [(i["item_id"], i["score"]) for i in rec["items"]]
+        assert got == answer(*probe) and len(got) == 3  # b, c and d: every other item, ranked
+    finally:
+        assert second.stop() == 0, second.tail()

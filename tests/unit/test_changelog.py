@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from streams.changelog import DirectChangelog
+from streams.baseline import partition_of_key
+from streams.changelog import DirectChangelog, is_packed_key, pack, packed_key, unpack, unpacked
 from streams.delivery import Deliveries
 from streams.errors import DeliveryFailed
 
@@ -61,7 +62,7 @@ class Producer:
 def table(store: Store) -> Any:
     return SimpleNamespace(
         data=store,
-        partition_for_key=lambda key: int(key[:1]),
+        partition_for_key=partition_of_key,
         changelog_topic=SimpleNamespace(get_topic_name=lambda: "app-users-changelog"),
     )
 
@@ -170,3 +171,125 @@ def test_a_rocksdb_store_gets_one_write_batch_per_partition(tmp_path: Any) -> No
     ]
     for db in store.dbs.values():
         db.close()
+
+
+# --- packed records (the baseline's ``items`` table) --------------------------------------------
+
+
+def test_pack_round_trip_and_keys_that_no_item_key_can_be() -> None:
+    entries = [(b"3/a", b'{"n":1.0}'), (b"3/\x00odd", b""), (b"3/" + b"x" * 300, b"v" * 70_000)]
+    assert list(unpack(pack(entries))) == entries
+    assert list(unpack(pack([]))) == []
+    key = packed_key(12, 255)
+    assert key == b"12\x00" + b"%016x" % 255 and is_packed_key(key) and not is_packed_key(b"12/\x00ff")
+    assert partition_of_key(key) == 12 and partition_of_key(b"12/a\x00b") == 12
+    assert packed_key(1, 9) < packed_key(1, 10) < b"1/"  # numbered in order, before the item keys
+    with pytest.raises(ValueError, match="unknown version"):
+        list(unpack(b"\x02"))
+
+
+def replay(records: list[tuple[bytes, bytes | None]]) -> dict[bytes, bytes]:
+    """A store rebuilt from changelog records in order, as recovery applies them (``unpacked``)."""
+    events = [
+        SimpleNamespace(message=SimpleNamespace(key=k, value=v, tp=None, offset=i, partition=0))
+        for i, (k, v) in enumerate(records)
+    ]
+    out: dict[bytes, bytes] = {}
+    for e in unpacked(events):
+        if e.message.value is None:
+            out.pop(e.message.key, None)
+        else:
+            out[e.message.key] = e.message.value
+    return out
+
+
+Records = list[tuple[bytes, bytes | None]]
+
+
+def compacted(records: Records, *, tombstones: bool) -> Records:
+    """What log compaction leaves: each key's last record, in order; with ``tombstones`` false,
+    also without the tombstones (after ``delete.retention.ms``)."""
+    last = {k: i for i, (k, _) in enumerate(records)}
+    return [(k, v) for i, (k, v) in enumerate(records) if last[k] == i and (tombstones or v is not None)]
+
+
+def sent_records(producer: Producer) -> list[tuple[bytes, bytes | None]]:
+    return [r for _, _, records, _ in producer.sent for r in records]
+
+
+@pytest.mark.parametrize("rocks", [False, True])
+def test_packed_checkpoints_recover_the_store_from_any_compaction_and_stay_bounded(
+    rocks: bool, tmp_path: Any
+) -> None:
+    """Item statistics changed over 60 checkpoints (a few hot keys, a long tail written once):
+    a few records per checkpoint, and the changelog read in order (whole, compacted, or compacted
+    without tombstones) rebuilds exactly the store, with at most about twice its keys live."""
+    store: Any = RocksStore(tmp_path) if rocks else Store()
+    producer = Producer(room=1000)
+    changelog = DirectChangelog(
+        table(store), lambda: producer, Deliveries(5.0), packed=True, packed_bytes=600
+    )
+
+    def contents() -> dict[bytes, bytes]:
+        if rocks:
+            return {k: v for k, v in store.dbs[4].items()} if 4 in store.dbs else {}
+        return dict(store)
+
+    async def main() -> None:
+        for step in range(60):
+            changes: dict[bytes, bytes | None] = {b"4/hot%d" % i: b"%d" % step for i in range(3)}
+            changes.update({b"4/tail%03d" % (step * 5 + i): b"t" * 40 for i in range(5)})
+            assert await changelog.write(changes, lambda _p: nullctx()) == 8
+            for variant in (
+                sent_records(producer),
+                compacted(sent_records(producer), tombstones=True),
+                compacted(sent_records(producer), tombstones=False),
+            ):
+                assert replay(variant) == contents()
+        # 480 keys written: packed (600 bytes a record, 10 or so keys) with as many packed again
+        # and the tombstones: a fraction of the 480 records of one key each
+        assert len(sent_records(producer)) < 480 / 2, len(sent_records(producer))
+        live = compacted(sent_records(producer), tombstones=False)
+        held = sum(sum(1 for _ in unpack(v)) for _, v in live if v is not None)
+        items = sum(1 for k in contents() if not is_packed_key(k))
+        assert items == 3 + 300 and held <= 2.5 * items
+
+    asyncio.run(main())
+    if rocks:
+        for db in store.dbs.values():
+            db.close()
+
+
+def test_a_partition_taken_back_learns_its_packed_records_from_the_store_markers() -> None:
+    """After ``forget`` (revoked, then assigned again) the records another worker left are known
+    by their markers: numbering goes on after them and the next finished pass deletes them."""
+    store, producer = Store(), Producer(room=1000)
+    first = DirectChangelog(table(store), lambda: producer, Deliveries(5.0), packed=True)
+
+    async def main() -> None:
+        await first.write({b"6/a": b"1", b"6/b": b"1"}, lambda _p: nullctx())
+        first.forget({6})
+        await first.write({b"6/a": b"2"}, lambda _p: nullctx())  # numbered after the marker
+        await first.write({b"6/a": b"3"}, lambda _p: nullctx())
+
+    asyncio.run(main())
+    keys = [k for k, _ in sent_records(producer)]
+    assert keys[:2] == [packed_key(6, 0), packed_key(6, 1)]
+    assert (packed_key(6, 0), None) in sent_records(producer)  # deleted once a pass was through
+    assert replay(sent_records(producer)) == dict(store)
+    assert replay(compacted(sent_records(producer), tombstones=False)) == dict(store)
+
+
+def test_a_packed_changelog_refuses_a_delete() -> None:
+    store, producer = Store(), Producer()
+    store[b"7/a"] = b"x"
+    with pytest.raises(ValueError, match="does not delete"):
+        run_packed(store, producer, {b"7/a": None})
+
+
+def run_packed(store: Store, producer: Producer, changes: dict[bytes, bytes | None]) -> int:
+    async def main() -> int:
+        changelog = DirectChangelog(table(store), lambda: producer, Deliveries(5.0), packed=True)
+        return await changelog.write(changes, lambda _p: nullctx())
+
+    return asyncio.run(main())
