@@ -23,7 +23,9 @@ compacted topic keeps every packed record, since each has a key of its own, so e
 packs again as many unchanged keys of the partition as it has changed ones (a cursor over the
 store, ``_Cycle``); once the cursor has been through the whole partition, every record packed
 before it started holds only values packed again since, and is deleted with a tombstone. The
-changelog then holds at most about twice the partition's statistics, and any prefix of it, read
+changelog then holds two to four times the partition's statistics (a pass packs every key once
+more, and as many changed ones; the previous pass's records stay until the current one is
+through), and any prefix of it, read
 in order, gives the same store as faust's per-key records would. A packed table never deletes a
 key (``ValueError``): the baseline's statistics only grow.
 """
@@ -163,10 +165,14 @@ class DirectChangelog:
         parts: dict[int, list[tuple[bytes, bytes | None]]] = {}
         written = 0
         for partition, records in changed.items():
+            if self.packed:
+                sent, markers = self._packed(store, partition, records)
+                self._store(store, partition, records + markers, scope)
+                written += len(records)  # every one a put: a packed changelog deletes no key
+                parts[partition] = sent
+                continue
             stored = self._store(store, partition, records, scope)
             written += len(stored)
-            if self.packed and stored:
-                stored = self._packed(store, partition, stored, scope)
             if stored:
                 parts[partition] = stored
         if not parts:
@@ -195,34 +201,31 @@ class DirectChangelog:
         return _write_each(store, partition, records, scope)
 
     def _packed(
-        self, store: Any, partition: int, stored: list[tuple[bytes, bytes | None]], scope: Scope
-    ) -> list[tuple[bytes, bytes | None]]:
-        """The changelog records of ``stored`` (just written to ``partition``'s store) packed,
-        with as many unchanged keys of the partition packed again, and the tombstones of the
-        records that a finished pass over the partition made redundant; the store's markers
-        follow."""
-        entries: list[tuple[bytes, bytes]] = []
-        for key, value in stored:
+        self, store: Any, partition: int, changed: list[tuple[bytes, bytes | None]]
+    ) -> tuple[list[tuple[bytes, bytes | None]], list[tuple[bytes, bytes | None]]]:
+        """The changelog records of ``changed`` (about to be written to ``partition``'s store)
+        packed, with as many unchanged keys of the partition packed again, and the tombstones of
+        the records that a finished pass over the partition made redundant; and the markers to
+        store with them."""
+        for key, value in changed:
             if value is None:
                 raise ValueError(f"{key!r}: a packed changelog does not delete keys")
-            entries.append((key, value))
         cycle = self.cycles.get(partition)
         if cycle is None:
             cycle = self.cycles[partition] = _Cycle(_markers(store, partition))
-        changed = {key for key, _ in entries}
-        again, through = _revisit(store, partition, cycle, len(entries), changed)
-        entries += again
+        again, through = _revisit(store, partition, cycle, len(changed), {key for key, _ in changed})
         records: list[tuple[bytes, bytes | None]] = []
-        size, chunk = 0, []
-        for key, value in entries:
-            chunk.append((key, value))
-            size += len(key) + len(value) + _ENTRY.size
-            if size >= self.packed_bytes:
-                records.append((packed_key(partition, cycle.next_seq), pack(chunk)))
-                cycle.next_seq += 1
-                size, chunk = 0, []
-        if chunk:
-            records.append((packed_key(partition, cycle.next_seq), pack(chunk)))
+        parts, size, limit, entry = [_VERSION], 0, self.packed_bytes, _ENTRY.pack
+        for entries in (changed, again):
+            for key, value in entries:
+                parts += (entry(len(key), len(value or b"")), key, value or b"")
+                size += len(key) + len(value or b"")
+                if size >= limit:
+                    records.append((packed_key(partition, cycle.next_seq), b"".join(parts)))
+                    cycle.next_seq += 1
+                    parts, size = [_VERSION], 0
+        if len(parts) > 1:
+            records.append((packed_key(partition, cycle.next_seq), b"".join(parts)))
             cycle.next_seq += 1
         markers: list[tuple[bytes, bytes | None]] = [(key, MARKER) for key, _ in records]
         cycle.seqs.update(_seq_of(key) for key, _ in records)
@@ -233,8 +236,7 @@ class DirectChangelog:
             records += tombstones
             markers += tombstones
             cycle.start, cycle.cursor, cycle.snapshot = cycle.next_seq, None, None
-        self._store(store, partition, markers, scope)
-        return records
+        return records, markers
 
     async def _send(self, producer: Any, batch: Any, topic: str, partition: int, n: int) -> None:
         fut = await producer.send_batch(batch, topic, partition=partition)
@@ -321,27 +323,20 @@ def _revisit(
     prefix = b"%d/" % partition
     out: list[tuple[bytes, bytes]] = []
     if getattr(store, "use_rocksdict", False):
-        it = store._db_for_partition(partition).iter()
-        if isinstance(cycle.cursor, bytes):
-            it.seek(cycle.cursor)
-            if it.valid() and it.key() == cycle.cursor:
-                it.next()
-        else:
-            it.seek(prefix)
+        cursor = cycle.cursor if isinstance(cycle.cursor, bytes) else None
         seen = 0
-        while seen < n:
-            if not it.valid():
-                return out, True
-            key = it.key()
+        for key, value in store._db_for_partition(partition).items(from_key=cursor or prefix):
+            if key == cursor:
+                continue
+            if seen == n:
+                return out, not key.startswith(prefix)
             if not key.startswith(prefix):
                 return out, True
             if key not in skip:
-                out.append((key, it.value()))
+                out.append((key, value))
             cycle.cursor = key
             seen += 1
-            it.next()
-        through = not it.valid() or not it.key().startswith(prefix)
-        return out, through
+        return out, True
     if cycle.snapshot is None:
         cycle.snapshot = [key for key in list(store.keys()) if key.startswith(prefix)]
         cycle.cursor = 0
