@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from streams.changelog import is_packed_key
 from streams.state import TokenKind
 
 VERSION = "baseline-covisit-1"
@@ -151,8 +152,8 @@ class CovisitBaseline:
         """Rebuild the in-memory popularity from table entries (after recovery); returns items seen."""
         n = 0
         for key, raw in entries:
-            if b"/" not in key:
-                continue  # the marker of a packed changelog record (``streams.changelog``)
+            if is_packed_key(key):
+                continue  # the marker of a packed changelog record
             stats = orjson.loads(raw)
             partition = partition_of_key(key)
             item = key[key.index(b"/") + 1 :].decode()

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable, Iterator
+from itertools import takewhile
 from typing import Any
 
 from aiokafka.structs import TopicPartition
@@ -64,10 +65,20 @@ def _seq_of(key: bytes) -> int:
 
 def pack(entries: Iterable[tuple[bytes, bytes]]) -> bytes:
     """Keys and values as one record value: a version byte, then per entry its lengths and bytes."""
-    parts = [_VERSION]
+    return next(pack_chunks(entries, 0), _VERSION)
+
+
+def pack_chunks(entries: Iterable[tuple[bytes, bytes]], limit: int) -> Iterator[bytes]:
+    """``entries`` as ``pack``ed values of about ``limit`` bytes each (0: one value)."""
+    parts, size, entry = [_VERSION], 0, _ENTRY.pack
     for key, value in entries:
-        parts += (_ENTRY.pack(len(key), len(value)), key, value)
-    return b"".join(parts)
+        parts += (entry(len(key), len(value)), key, value)
+        size += len(key) + len(value)
+        if limit and size >= limit:
+            yield b"".join(parts)
+            parts, size = [_VERSION], 0
+    if len(parts) > 1:
+        yield b"".join(parts)
 
 
 def unpack(blob: bytes) -> Iterator[tuple[bytes, bytes]]:
@@ -207,25 +218,18 @@ class DirectChangelog:
         packed, with as many unchanged keys of the partition packed again, and the tombstones of
         the records that a finished pass over the partition made redundant; and the markers to
         store with them."""
+        entries: list[tuple[bytes, bytes]] = []
         for key, value in changed:
             if value is None:
                 raise ValueError(f"{key!r}: a packed changelog does not delete keys")
+            entries.append((key, value))
         cycle = self.cycles.get(partition)
         if cycle is None:
             cycle = self.cycles[partition] = _Cycle(_markers(store, partition))
-        again, through = _revisit(store, partition, cycle, len(changed), {key for key, _ in changed})
+        again, through = _revisit(store, partition, cycle, len(entries), {key for key, _ in entries})
         records: list[tuple[bytes, bytes | None]] = []
-        parts, size, limit, entry = [_VERSION], 0, self.packed_bytes, _ENTRY.pack
-        for entries in (changed, again):
-            for key, value in entries:
-                parts += (entry(len(key), len(value or b"")), key, value or b"")
-                size += len(key) + len(value or b"")
-                if size >= limit:
-                    records.append((packed_key(partition, cycle.next_seq), b"".join(parts)))
-                    cycle.next_seq += 1
-                    parts, size = [_VERSION], 0
-        if len(parts) > 1:
-            records.append((packed_key(partition, cycle.next_seq), b"".join(parts)))
+        for value in pack_chunks(entries + again, self.packed_bytes):
+            records.append((packed_key(partition, cycle.next_seq), value))
             cycle.next_seq += 1
         markers: list[tuple[bytes, bytes | None]] = [(key, MARKER) for key, _ in records]
         cycle.seqs.update(_seq_of(key) for key, _ in records)
@@ -302,16 +306,8 @@ def _markers(store: Any, partition: int) -> set[int]:
     in the store (written with them, and by recovery)."""
     prefix = b"%d\x00" % partition
     if getattr(store, "use_rocksdict", False):
-        seqs = set()
-        it = store._db_for_partition(partition).iter()
-        it.seek(prefix)
-        while it.valid():
-            key = it.key()
-            if not key.startswith(prefix):
-                break
-            seqs.add(_seq_of(key))
-            it.next()
-        return seqs
+        keys = store._db_for_partition(partition).keys(from_key=prefix)
+        return {_seq_of(key) for key in takewhile(lambda key: key.startswith(prefix), keys)}
     return {_seq_of(key) for key in list(store.keys()) if key.startswith(prefix)}
 
 
