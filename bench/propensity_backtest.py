@@ -4,7 +4,8 @@
 one test day of about 800 users, where day-to-day differences between the models are as large as
 the differences between them. This replays the same protocol with the origin moved back a day at
 a time (train before D-1, choose on D-1, test on D, the horizon censored at each period's end as
-``time_split`` does), and reports, for every test day, the test ROC-AUC of:
+``time_split`` does), and reports, for every test day, the test ROC-AUC (with the expected
+calibration error, 10 bins) of:
 
 - the model's propensity branch, fitted exactly as ``train`` fits it (``modeling.heads
   .fit_propensity``: epoch chosen on the validation day's ROC-AUC, the residual kept only when its
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling.cli import HORIZON_S
 from modeling.heads import fit_propensity
-from modeling.metrics import bootstrap_ci
+from modeling.metrics import bootstrap_ci, expected_calibration_error
 from modeling.model import BehaviourModel, ModelConfig
 from modeling.propensity import GBTPropensity, LogisticPropensity, paired_auc_diff, roc_auc, rows_auc
 from modeling.sequences import Split, sequences_from_events, time_split
@@ -80,7 +81,9 @@ def main() -> None:
         f"{args.data}: {len(seqs)} users; train before D-1, choose on D-1, test on D; purchase within "
         f"{HORIZON_S / 3600:g} h; ROC-AUC on D's labelled cases, [95 % interval, users resampled]"
     )
-    header = f"{'test day':10} {'cases':>6} {'pos':>6}  {'scorer':28} {'ROC-AUC':>7} {'interval':>16}"
+    header = (
+        f"{'test day':10} {'cases':>6} {'pos':>6}  {'scorer':28} {'ROC-AUC':>7} {'interval':>16} {'ECE':>6}"
+    )
     print(header)
     diffs: list[float] = []
     for back in range(args.days):
@@ -110,7 +113,10 @@ def main() -> None:
         for name, p in scores.items():
             lo, hi = bootstrap_ci(np.stack([p, y], axis=1), rows_auc, groups=users)
             auc = roc_auc(y, p)
-            print(f"{day:10} {len(y):6d} {y.mean():6.3f}  {name:28} {auc:7.4f} [{lo:.4f}, {hi:.4f}]")
+            ece = expected_calibration_error(p, y)
+            print(
+                f"{day:10} {len(y):6d} {y.mean():6.3f}  {name:28} {auc:7.4f} [{lo:.4f}, {hi:.4f}] {ece:6.4f}"
+            )
         model_p = next(iter(scores.values()))
         pairs = np.stack([model_p, scores[LogisticPropensity.name], y], axis=1)
         diff = paired_auc_diff(pairs)

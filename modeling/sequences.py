@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -323,6 +323,15 @@ def serving_exclusions(seq: UserSeq, j: int) -> set[str]:
     return out | cart
 
 
+def case_positions(seq: UserSeq, lo: int, hi: int) -> Iterator[int]:
+    """The positions j in [lo, hi) that start an event: a case's history is the tokens before j,
+    whole events, as the worker scores a user after folding a whole event in (the second line of
+    an order is never a case: the worker never scores half an order)."""
+    for j in range(max(lo, 1), hi):
+        if seq.event_of(j) != seq.event_of(j - 1):
+            yield j
+
+
 def _cases(
     seqs: list[UserSeq],
     ranges: list[tuple[int, int]],
@@ -343,9 +352,7 @@ def _cases(
     limits = label_limits or [len(s.items) for s in seqs]
     for u, (seq, (lo, hi), limit) in enumerate(zip(seqs, ranges, limits, strict=True)):
         encoded = [vocab.encode(i) for i in seq.items]
-        for j in range(max(lo, 1), hi):
-            if seq.event_of(j) == seq.event_of(j - 1):
-                continue  # the second line of an order: the worker never scores half an order
+        for j in case_positions(seq, lo, hi):
             start = max(0, j - max_len)
             items, kinds, gaps = _encode(seq, vocab, start, j)
             hist.append(encoded[:j])

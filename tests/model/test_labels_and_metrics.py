@@ -11,7 +11,16 @@ import torch
 from exporters.onnx_export import id_mismatch
 from modeling.metrics import bootstrap_ci, ranks_from_scores
 from modeling.model import BehaviourModel, ModelConfig, ServingModel
-from modeling.sequences import CENSORED, UserSeq, Vocab, _bought_within, _cases, _windows, serving_exclusions
+from modeling.sequences import (
+    CENSORED,
+    UserSeq,
+    Vocab,
+    _bought_within,
+    _cases,
+    _windows,
+    case_positions,
+    serving_exclusions,
+)
 from streams.features import N_CONTEXT
 from streams.state import TokenKind
 
@@ -52,6 +61,8 @@ def test_a_multi_line_order_is_one_event() -> None:
     cases = _cases([seq], [(1, 4)], vocab, max_len=8, horizon_s=6 * HOUR)
     # cases start at the order (history: the view) and at the last view (history: view + whole order)
     assert len(cases) == 2
+    assert list(case_positions(seq, 0, 4)) == [1, 3]  # the positions those cases start at
+    assert list(case_positions(seq, 2, 4)) == [3]  # never the order's second line
     assert cases.bought.tolist() == [1, 0]
     assert cases.history == [[vocab.encode("a")], [vocab.encode(x) for x in "abc"]]
     assert cases.context is not None and cases.context.shape == (2, N_CONTEXT)
