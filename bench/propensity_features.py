@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from modeling.cli import HORIZON_S
 from modeling.metrics import bootstrap_ci
 from modeling.propensity import LogisticPropensity, paired_auc_diff, roc_auc
-from modeling.sequences import UserSeq, case_positions, sequences_from_events, time_split
+from modeling.sequences import UserSeq, case_positions, first_at, sequences_from_events, time_split
 from streams.sources.datasets import load
 from streams.splits import split_bounds
 from streams.state import TokenKind
@@ -164,9 +164,6 @@ def main() -> None:
         f"taobao-users: {len(seqs)} users; train before D-1, choose on D-1, test on D; purchase within "
         f"{HORIZON_S / 3600:g} h; test ROC-AUC minus the baseline's [95 % interval, users resampled]"
     )
-
-    def first_at(s: UserSeq, t: float) -> int:
-        return next((j for j, x in enumerate(s.times) if x >= t), len(s.times))
 
     gains: dict[str, list[float]] = {name: [] for name in CANDIDATES}
     for back in range(args.days):

@@ -323,6 +323,11 @@ def serving_exclusions(seq: UserSeq, j: int) -> set[str]:
     return out | cart
 
 
+def first_at(seq: UserSeq, t: float) -> int:
+    """Index of the user's first token at or after time ``t`` (``len`` when none): a period bound."""
+    return next((j for j, x in enumerate(seq.times) if x >= t), len(seq.times))
+
+
 def case_positions(seq: UserSeq, lo: int, hi: int) -> Iterator[int]:
     """The positions j in [lo, hi) that start an event: a case's history is the tokens before j,
     whole events, as the worker scores a user after folding a whole event in (the second line of
@@ -486,9 +491,6 @@ def time_split(
     validation NDCG@10 0.122 against 0.066 on test), which picks epochs and the ranking weight of
     the repeat bonus for a problem easier than the one served.
     """
-
-    def first_at(s: UserSeq, t: float) -> int:
-        return next((j for j, x in enumerate(s.times) if x >= t), len(s.times))
 
     seqs = [s for s in seqs if s.items]
     train_bounds = [first_at(s, valid_start) for s in seqs]
