@@ -8,7 +8,10 @@ users' histories continue. One worker (fresh topics, the model from ``--model``)
   2. fixed rates (``--rates``, default 500, 2000, 5000 events/s), ``--fixed-events`` each, on the
      state the max-rate phase left: achieved events/s and p50/p95/p99 latency from the input's
      Kafka timestamp to the recommendation's, and whether the worker kept up.
-Per phase also the worker's CPU per event and peak RSS.
+Per phase also the worker's CPU per event and peak RSS, and from its /metrics the events per
+model call, the wall time per call and per checkpoint. ``--profile FILE`` records the worker with
+py-spy through the first fixed-rate phase, ``--profile-max FILE`` through 20 s of the max-rate
+phase (py-spy takes CPU: a recorded phase's figures are not comparable with a run without it).
 
 Timestamps (``--timestamps``): ``append`` (default) sets the input topics and the recommendations
 topic to ``message.timestamp.type=LogAppendTime``, so the latency runs from the broker's append of
@@ -59,10 +62,20 @@ def long_stream(events: list[dict[str, Any]], repeat: int) -> list[dict[str, Any
 
 
 async def phase(
-    settings: Any, worker: WorkerProcess, label: str, evs: list[dict[str, Any]], rate: float | None
+    settings: Any,
+    worker: WorkerProcess,
+    label: str,
+    evs: list[dict[str, Any]],
+    rate: float | None,
+    profile: str | None = None,
 ) -> dict[str, Any]:
     assert worker.proc is not None
     cpu0, _ = proc_stats(worker.proc.pid)
+    m0 = await asyncio.to_thread(scrape, settings.web_port)
+    spy = None
+    if profile:  # py-spy over the middle of the phase: from 2 s in, 0.8 of its span (max rate: 20 s)
+        span = 0.8 * len(evs) / rate if rate else 20.0
+        spy = asyncio.create_task(record(worker.proc.pid, profile, 2.0 if rate else 5.0, span))
     evs = [dict(e, event_id=f"{label}-{e['event_id']}") for e in evs]
     rebase(evs, None, time.time())
     wanted = {e["event_id"] for e in evs}
@@ -76,6 +89,12 @@ async def phase(
     last_in = max(sent[e] for e in wanted if e in sent)
     last_out = max(t for t, _ in got.values())
     cpu1, peak = proc_stats(worker.proc.pid)
+    if spy is not None:
+        await spy
+    m1 = await asyncio.to_thread(scrape, settings.web_port)
+    d = {k: m1.get(k, 0.0) - m0.get(k, 0.0) for k in m1}
+    calls = max(d.get("shopstream_inference_batch_size_count", 0.0), 1.0)
+    checkpoints = max(d.get("shopstream_checkpoint_seconds_count", 0.0), 1.0)
     return {
         "phase": label,
         "events": len(evs),
@@ -88,7 +107,37 @@ async def phase(
         "p99_call": float(np.percentile(from_call, 99)),
         "cpu_us": (cpu1 - cpu0) * 1e6 / max(len(got), 1),
         "rss_mib": peak / 2**20,
+        "batch": d.get("shopstream_inference_batch_size_sum", 0.0) / calls,
+        "call_ms": d.get("shopstream_inference_seconds_sum", 0.0) * 1000 / calls,
+        "checkpoint_ms": d.get("shopstream_checkpoint_seconds_sum", 0.0) * 1000 / checkpoints,
     }
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The worker's /metrics: each unlabelled sample (histograms' _sum and _count among them)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if line and not line.startswith("#") and "{" not in name:
+            try:
+                out[name] = float(value)
+            except ValueError:
+                continue
+    return out
+
+
+async def record(pid: int, out: str, after: float, seconds: float) -> None:
+    """``py-spy record`` of ``pid`` for ``seconds``, ``after`` seconds from now (.txt: collapsed
+    stacks, else speedscope JSON)."""
+    await asyncio.sleep(after)
+    fmt = "raw" if out.endswith(".txt") else "speedscope"
+    cmd = ["py-spy", "record", "-r", "100", "-d", str(max(1, int(seconds))), "-f", fmt, "-o", out]
+    spy = await asyncio.create_subprocess_exec(*cmd, "-p", str(pid), stdout=asyncio.subprocess.DEVNULL)
+    await spy.wait()
 
 
 def fmt_s(x: float) -> str:
@@ -109,6 +158,13 @@ async def main() -> None:
         default="append",
         help="latency between the broker's appends (LogAppendTime) or the producers' timestamps",
     )
+    ap.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="py-spy record the worker (100 Hz) during the first fixed-rate phase (.txt: collapsed "
+        "stacks; else speedscope JSON; py-spy on PATH)",
+    )
+    ap.add_argument("--profile-max", metavar="FILE", help="the same for 20 s of the max-rate phase")
     args = ap.parse_args()
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"shopstream-e2e-{uuid.uuid4().hex[:6]}"
@@ -137,23 +193,25 @@ async def main() -> None:
         await publish(settings, [dict(base[0], event_id="warm-up")], None)
         await answers(settings, {"warm-up"}, timeout=300)
         print(f"worker ready and warm after {time.time() - t0:.1f}s")
-        rows.append(await phase(settings, worker, "max", stream, None))
+        rows.append(await phase(settings, worker, "max", stream, None, args.profile_max))
         tail = stream[-args.fixed_events :]
-        for rate in (float(r) for r in args.rates.split(",")):
-            rows.append(await phase(settings, worker, f"{rate:.0f}/s", tail, rate))
+        for i, rate in enumerate(float(r) for r in args.rates.split(",")):
+            spy = args.profile if i == 0 else None
+            rows.append(await phase(settings, worker, f"{rate:.0f}/s", tail, rate, spy))
     finally:
         worker.stop()
     print()
     print(
         "| phase | events | offered ev/s | achieved ev/s | p50 | p95 | p99 | p99 from send() | "
-        "CPU us/event | peak RSS |"
+        "CPU us/event | peak RSS | events per model call | ms per call | ms per checkpoint |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['phase']} | {r['answered']}/{r['events']} | {r['offered']:.0f} | {r['achieved']:.0f} | "
             f"{fmt_s(r['p50'])} | {fmt_s(r['p95'])} | {fmt_s(r['p99'])} | {fmt_s(r['p99_call'])} | "
-            f"{r['cpu_us']:.0f} | {r['rss_mib']:.0f} MiB |"
+            f"{r['cpu_us']:.0f} | {r['rss_mib']:.0f} MiB | {r['batch']:.1f} | {r['call_ms']:.1f} | "
+            f"{r['checkpoint_ms']:.0f} |"
         )
     clock = "broker append times (LogAppendTime)" if args.timestamps == "append" else "producer timestamps"
     print(f"latency: recommendation's Kafka timestamp minus the input's, {clock}; 'from send()': from")

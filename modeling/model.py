@@ -63,16 +63,27 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.attn_dropout = cfg.dropout
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor, *, last: bool = False) -> Tensor:
+        """(b, n, d) -> (b, n, d); ``last``: the newest position's output alone (b, 1, d), the
+        same values without the other positions' queries, projections and feed-forward (what
+        serving needs of the final block)."""
         b, n, d = x.shape  # (batch, length, d_model)
-        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
-        q = q.view(b, n, self.n_heads, d // self.n_heads).transpose(1, 2)  # (b, heads, n, d/h)
-        k = k.view(b, n, self.n_heads, d // self.n_heads).transpose(1, 2)
-        v = v.view(b, n, self.n_heads, d // self.n_heads).transpose(1, 2)
+        y = self.ln1(x)
+        if last:
+            w, bias = self.qkv.weight, self.qkv.bias
+            x, mask = x[:, -1:], mask[:, :, -1:]
+            q = F.linear(y[:, -1:], w[:d], bias[:d])
+            k, v = F.linear(y, w[d : 2 * d], bias[d : 2 * d]), F.linear(y, w[2 * d :], bias[2 * d :])
+        else:
+            q, k, v = self.qkv(y).split(d, dim=2)
+        m = q.shape[1]  # queries: n, or 1
+        q = q.reshape(b, m, self.n_heads, d // self.n_heads).transpose(1, 2)  # (b, heads, m, d/h)
+        k = k.reshape(b, n, self.n_heads, d // self.n_heads).transpose(1, 2)
+        v = v.reshape(b, n, self.n_heads, d // self.n_heads).transpose(1, 2)
         att = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
         )
-        att = att.transpose(1, 2).reshape(b, n, d)
+        att = att.transpose(1, 2).reshape(b, m, d)
         x = x + self.drop(self.proj(att))
         out: Tensor = x + self.drop(self.ff(self.ln2(x)))
         return out
@@ -182,11 +193,15 @@ class BehaviourModel(nn.Module):
         gaps: Tensor,
         feats: Tensor | None = None,
         table: Tensor | None = None,
+        *,
+        last_only: bool = False,
     ) -> Tensor:
         """Hidden states (b, n, d) for left-padded token tensors (b, n) with n <= max_len.
 
         ``feats`` (b, n, feat_width): per-token feature ids, used when the model has features.
         ``table``: ``item_table()`` when the caller already computed it.
+        ``last_only``: the newest position's state alone, (b, 1, d) (the final block computes
+        nothing else: serving's graph).
         """
         n = items.shape[1]
         pos = torch.arange(n, device=items.device) + (self.cfg.max_len - n)  # right-aligned positions
@@ -202,8 +217,8 @@ class BehaviourModel(nn.Module):
         eye = ar[None, :] == ar[:, None]
         mask = (causal & valid[:, None, :]) | eye  # (b, n, n): a pad row attends to itself only
         mask = mask[:, None, :, :]  # (b, 1, n, n), shared by the heads
-        for block in self.blocks:
-            x = block(x, mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, last=last_only and i == len(self.blocks) - 1)
         return self.ln_f(x)  # type: ignore[no-any-return]
 
     def item_logits(self, h: Tensor, table: Tensor | None = None) -> Tensor:
@@ -219,12 +234,17 @@ class BehaviourModel(nn.Module):
         table: Tensor | None = None,
         *,
         ranking: bool = False,
+        first: int = 0,
     ) -> Tensor:
         """Next-item scores (p, n_items) for hidden states ``h`` (p, d) at positions ``at`` (p,) of
         the token rows ``items`` / ``kinds`` (p, n): the catalogue logits plus, with ``repeat``, a
         learned bonus for each item that occurs at or before the position. ``ranking``: the bonus
-        weighted by ``repeat_rank`` (what top-K ranks by); else the calibrated logits."""
-        logits = self.item_logits(h, table) * self.logit_scale
+        weighted by ``repeat_rank`` (what top-K ranks by); else the calibrated logits. ``first``:
+        the scores of ids ``first`` and above alone, (p, n_items - first) (serving skips PAD and
+        UNK without computing and then cutting them off)."""
+        assert first <= UNK + 1  # PAD and UNK at most: the ids cut off never get a bonus (``seen``)
+        table = self.item_table() if table is None else table
+        logits = self.item_logits(h, table[first:] if first else table) * self.logit_scale
         if not self.cfg.repeat:
             return logits
         n = items.shape[1]
@@ -235,7 +255,8 @@ class BehaviourModel(nn.Module):
         )
         if ranking:
             bonus = bonus * self.repeat_rank
-        return logits.scatter_add(1, items, torch.where(seen, bonus, torch.zeros_like(bonus)))
+        at_ids = (items - first).clamp(min=0) if first else items  # a PAD or UNK: a bonus of 0 (not seen)
+        return logits.scatter_add(1, at_ids, torch.where(seen, bonus, torch.zeros_like(bonus)))
 
     def propensity(
         self,
@@ -290,16 +311,17 @@ class ServingModel(nn.Module):
         rest = list(extra)
         feats = rest.pop(0) if self.model.cfg.n_feats else None
         context = rest.pop(0) if self.model.cfg.n_context else None
-        h = self.model(items, kinds, gaps, feats, self.table)[:, -1, :]  # (b, d): the newest token
+        h = self.model(items, kinds, gaps, feats, self.table, last_only=True)[:, -1, :]  # (b, d): the newest
         last = torch.full_like(items[:, 0], items.shape[1] - 1)
-        logits = self.model.next_item_scores(h, items, kinds, last, self.table, ranking=True)[:, 2:]
+        logits = self.model.next_item_scores(h, items, kinds, last, self.table, ranking=True, first=2)
         scores, idx = torch.topk(logits, self.k, dim=1)
         propensity = self.model.propensity(h, kinds, gaps, context)
         return idx + 2, scores, propensity
 
     def logits(self, items: Tensor, kinds: Tensor, gaps: Tensor, *extra: Tensor) -> Tensor:
         """Next-item scores over the whole catalogue (b, n_items), PAD and UNK included: the
-        exporter's parity check looks up any returned id's score here."""
+        exporter's parity check looks up any returned id's score here. Every position is computed
+        (the training path), so the check also holds the graph's last-position shortcut to it."""
         feats = extra[0] if self.model.cfg.n_feats else None
         h = self.model(items, kinds, gaps, feats, self.table)[:, -1, :]
         last = torch.full_like(items[:, 0], items.shape[1] - 1)

@@ -15,7 +15,7 @@ import torch
 from exporters.onnx_export import export
 from modeling.cli import HORIZON_S, build_split
 from modeling.evaluate import evaluate
-from modeling.model import PAD, UNK, BehaviourModel, ModelConfig
+from modeling.model import PAD, UNK, BehaviourModel, ModelConfig, ServingModel
 from modeling.sequences import (
     CENSORED,
     Split,
@@ -140,6 +140,35 @@ def test_forward_shapes_and_causality() -> None:
     changed[0, -1] = 9  # the future must not change earlier positions
     assert torch.allclose(model(changed, kinds, gaps)[0, :-1], h[0, :-1], atol=1e-6)
     assert model.item_logits(h).shape == (1, 6, 30)
+
+
+def test_the_serving_graphs_last_position_shortcut_gives_the_full_forwards_answers() -> None:
+    torch.manual_seed(1)
+    cfg = ModelConfig(n_items=400, d_model=16, n_layers=3, n_heads=2, max_len=12, repeat=True, n_feats=64)
+    model = BehaviourModel(cfg).eval()
+    with torch.no_grad():  # a repeat bonus that matters (it starts at zero)
+        for p in (*model.repeat_dist.parameters(), *model.repeat_kind.parameters(), model.repeat_rank):
+            p.normal_(0.0, 3.0)
+    b, n = 6, 9
+    items = torch.randint(2, 400, (b, n))
+    items[:2, :4] = PAD  # left-padded rows: shorter users in the batch
+    items[2, 3] = UNK
+    items[3, 2:6] = items[3, -1]  # an item viewed again and again
+    kinds = torch.randint(1, 7, (b, n)).masked_fill(items == PAD, 0)
+    gaps = torch.randint(1, 19, (b, n)).masked_fill(items == PAD, 0)
+    feats = torch.randint(0, 64, (b, n, cfg.feat_width))
+    with torch.no_grad():
+        full = model(items, kinds, gaps, feats)
+        last = model(items, kinds, gaps, feats, last_only=True)
+        assert last.shape == (b, 1, 16)
+        assert torch.allclose(last[:, 0], full[:, -1], atol=1e-5)
+        serving = ServingModel(model, k=20).eval()
+        top_items, top_scores, _ = serving(items, kinds, gaps, feats)  # the exported graph's path
+        scores, idx = torch.topk(
+            serving.logits(items, kinds, gaps, feats)[:, 2:], 20, dim=1
+        )  # every position
+    assert torch.equal(top_items, idx + 2)
+    assert torch.allclose(top_scores, scores, atol=1e-5)
 
 
 def test_item_attributes_become_static_features_of_tokens_and_items(data_dir: Path) -> None:
