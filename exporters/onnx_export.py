@@ -93,12 +93,13 @@ def export_graph(serving: ServingModel, example: tuple[torch.Tensor, ...], path:
 
 
 def _parity(serving: ServingModel, path: Path, cases: Cases) -> dict[str, float]:
-    """Max abs differences between onnxruntime and torch on real batches of several shapes."""
+    """Max abs differences between onnxruntime and torch on real batches of several shapes, and
+    between torch's serving path (the newest position alone) and its full forward pass."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = input_names(serving)
-    worst = {"top_scores": 0.0, "propensity": 0.0, "top_items_mismatch": 0.0}
+    worst = {"top_scores": 0.0, "propensity": 0.0, "top_items_mismatch": 0.0, "full_forward": 0.0}
     n = len(cases)
     for b, w in ((1, cases.items.shape[1]), (8, 10), (min(64, n), cases.items.shape[1]), (min(32, n), 3)):
         sel = slice(0, min(b, n))
@@ -111,9 +112,13 @@ def _parity(serving: ServingModel, path: Path, cases: Cases) -> dict[str, float]
         worst["top_items_mismatch"] = max(
             worst["top_items_mismatch"], id_mismatch(o_items, o_scores, t_items.numpy(), serving, arrays)
         )
+        with torch.no_grad():  # the top-K scores of every position computed, PAD and UNK left out
+            full = torch.topk(serving.logits(*(torch.from_numpy(a) for a in arrays))[:, 2:], serving.k).values
+        worst["full_forward"] = max(worst["full_forward"], float((full - t_scores).abs().max()))
     if (
         worst["top_scores"] > PARITY_TOLERANCE
         or worst["propensity"] > PARITY_TOLERANCE
+        or worst["full_forward"] > PARITY_TOLERANCE
         or worst["top_items_mismatch"] > 0
     ):
         raise ExportError(f"onnxruntime and torch disagree: {worst}")

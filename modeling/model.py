@@ -320,8 +320,9 @@ class ServingModel(nn.Module):
 
     def logits(self, items: Tensor, kinds: Tensor, gaps: Tensor, *extra: Tensor) -> Tensor:
         """Next-item scores over the whole catalogue (b, n_items), PAD and UNK included: the
-        exporter's parity check looks up any returned id's score here. Every position is computed
-        (the training path), so the check also holds the graph's last-position shortcut to it."""
+        exporter's parity check looks up any returned id's score here, and holds the top-K scores
+        of ``forward`` (the newest position alone) to these (every position computed, the
+        training path)."""
         feats = extra[0] if self.model.cfg.n_feats else None
         h = self.model(items, kinds, gaps, feats, self.table)[:, -1, :]
         last = torch.full_like(items[:, 0], items.shape[1] - 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from exporters.onnx_export import export
+from exporters.onnx_export import ExportError, _parity, export, export_graph, input_arrays
 from modeling.cli import HORIZON_S, build_split
 from modeling.evaluate import evaluate
 from modeling.model import PAD, UNK, BehaviourModel, ModelConfig, ServingModel
@@ -224,6 +225,7 @@ def test_export_is_checked_and_scores_without_torch(tiny_run: TinyRun, tmp_path:
     manifest = export(run, tmp_path, split.test, k=25)
     assert manifest["graph_sha256"] == sha256(tmp_path / "model.onnx")
     assert manifest["parity_max_abs_diff"]["top_scores"] < 1e-4
+    assert manifest["parity_max_abs_diff"]["full_forward"] < 1e-4  # the graph's shortcut, checked
     assert manifest["top_k"] == 25 and manifest["n_items"] == len(split.vocab)
     assert list(manifest["inputs"]) == ["items", "kinds", "gaps", "feats"]  # LastFM has item attributes
     assert split.test.feats is not None
@@ -248,6 +250,30 @@ print(json.dumps({{"shape": list(ids.shape), "min_id": int(ids.min()),
     )
     assert out == {"shape": [5, 25], "min_id": out["min_id"], "sorted": True, "prop_ok": True}
     assert out["min_id"] >= 2  # PAD and UNK are never recommended
+
+
+class DriftingShortcut(ServingModel):
+    """A serving path that no longer agrees with the full forward pass (as a wrong shortcut
+    would), exported as it is: onnxruntime and torch agree with each other."""
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids, scores, propensity = super().forward(*inputs)
+        return ids, scores + 0.01, propensity
+
+
+def test_the_parity_check_holds_the_serving_path_to_the_full_forward_pass(
+    tiny_run: TinyRun, tmp_path: Path
+) -> None:
+    run, split, _ = tiny_run
+    drifting = DriftingShortcut(load_model(run), 25).eval()
+    cases = split.test
+    arrays = input_arrays(drifting, cases, slice(0, 4), cases.items.shape[1])
+    export_graph(drifting, tuple(torch.from_numpy(a) for a in arrays), tmp_path / "model.onnx", 17)
+    with pytest.raises(ExportError, match="disagree") as refused:
+        _parity(drifting, tmp_path / "model.onnx", cases)
+    worst = ast.literal_eval(str(refused.value).partition("disagree: ")[2])
+    assert worst["top_scores"] < 1e-4  # onnxruntime agrees with this torch path: only the new check fails
+    assert abs(worst["full_forward"] - 0.01) < 1e-4
 
 
 def test_evaluation_reports_model_and_baselines(tiny_run: TinyRun) -> None:
