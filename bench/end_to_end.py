@@ -31,6 +31,7 @@ import asyncio
 import os
 import sys
 import time
+import urllib.request
 import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -115,8 +116,6 @@ async def phase(
 
 def scrape(port: int) -> dict[str, float]:
     """The worker's /metrics: each unlabelled sample (histograms' _sum and _count among them)."""
-    import urllib.request
-
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
     out = {}
