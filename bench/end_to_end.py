@@ -38,12 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from model_batching import answers, input_times, publish  # noqa: E402
-from worker_throughput import proc_stats  # noqa: E402
+from worker_throughput import proc_stats, record  # noqa: E402
 
 from streams.admin import ensure_topics  # noqa: E402
 from streams.replay import rebase  # noqa: E402
@@ -118,25 +119,7 @@ def scrape(port: int) -> dict[str, float]:
     """The worker's /metrics: each unlabelled sample (histograms' _sum and _count among them)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if line and not line.startswith("#") and "{" not in name:
-            try:
-                out[name] = float(value)
-            except ValueError:
-                continue
-    return out
-
-
-async def record(pid: int, out: str, after: float, seconds: float) -> None:
-    """``py-spy record`` of ``pid`` for ``seconds``, ``after`` seconds from now (.txt: collapsed
-    stacks, else speedscope JSON)."""
-    await asyncio.sleep(after)
-    fmt = "raw" if out.endswith(".txt") else "speedscope"
-    cmd = ["py-spy", "record", "-r", "100", "-d", str(max(1, int(seconds))), "-f", fmt, "-o", out]
-    spy = await asyncio.create_subprocess_exec(*cmd, "-p", str(pid), stdout=asyncio.subprocess.DEVNULL)
-    await spy.wait()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
 
 
 def fmt_s(x: float) -> str:

@@ -98,6 +98,16 @@ def proc_stats(pid: int) -> tuple[float, int]:
     return cpu, peak
 
 
+async def record(pid: int, out: str, after: float, seconds: float, rate: int = 100) -> None:
+    """``py-spy record`` of ``pid`` (py-spy on PATH) for ``seconds`` at ``rate`` Hz, ``after``
+    seconds from now (.txt: collapsed stacks, else speedscope JSON)."""
+    await asyncio.sleep(after)
+    fmt = "raw" if out.endswith(".txt") else "speedscope"
+    cmd = ["py-spy", "record", "-r", str(rate), "-d", str(max(1, int(seconds))), "-f", fmt, "-o", out]
+    spy = await asyncio.create_subprocess_exec(*cmd, "-p", str(pid), stdout=asyncio.subprocess.DEVNULL)
+    await spy.wait()
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dataset", default="taobao")
@@ -140,27 +150,12 @@ async def main() -> None:
     assert worker.proc is not None
     spy = None
     if args.profile:  # attach once the worker has joined and is busy: 10 s of steady state
-        await asyncio.sleep(12)
-        spy = await asyncio.create_subprocess_exec(
-            "py-spy",
-            "record",
-            "-r",
-            "200",
-            "-d",
-            str(args.profile_s),
-            "-f",
-            "raw" if args.profile.endswith(".txt") else "speedscope",
-            "-o",
-            args.profile,
-            "-p",
-            str(worker.proc.pid),
-            stdout=asyncio.subprocess.DEVNULL,
-        )
+        spy = asyncio.create_task(record(worker.proc.pid, args.profile, 12, args.profile_s, rate=200))
     try:
         first, last, seen = await count_outputs(settings, settings.topic_recommendations, n, timeout=900)
         cpu, peak = proc_stats(worker.proc.pid)
         if spy is not None:
-            await spy.wait()
+            await spy
     finally:
         worker.stop()
     rate = (seen - 1) / max(last - first, 1e-9)
