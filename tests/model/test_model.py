@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
-from exporters.onnx_export import ExportError, _parity, export, export_graph, input_arrays
+from exporters.onnx_export import ExportError, _parity, annotate_shapes, export, export_graph, input_arrays
 from modeling.cli import HORIZON_S, build_split
 from modeling.evaluate import evaluate
 from modeling.model import PAD, UNK, BehaviourModel, ModelConfig, ServingModel
@@ -172,6 +173,26 @@ def test_the_serving_graphs_last_position_shortcut_gives_the_full_forwards_answe
     assert torch.allclose(top_scores, scores, atol=1e-5)
 
 
+def test_the_feature_bag_is_the_mean_of_the_present_features_vectors() -> None:
+    torch.manual_seed(3)
+    model = BehaviourModel(ModelConfig(n_items=10, d_model=8, n_feats=16))
+    assert model.feat_emb is not None
+    weight = model.feat_emb.weight
+    assert weight[PAD].abs().sum() > 0  # initialised like every row: the bag must not read it
+    ids = torch.tensor([[[3, 5, PAD, 7], [PAD, PAD, PAD, PAD]], [[9, 9, 2, PAD], [4, PAD, PAD, PAD]]])
+    bag = model.bag(ids)
+    expected = torch.stack(
+        [
+            torch.stack([(weight[3] + weight[5] + weight[7]) / 3, torch.zeros(8)]),
+            torch.stack([(weight[9] + weight[9] + weight[2]) / 3, weight[4]]),
+        ]
+    )
+    assert torch.allclose(bag, expected, atol=1e-6)
+    bag.sum().backward()  # type: ignore[no-untyped-call]  # the PAD row learns nothing, as with the embedding's padding_idx
+    assert weight.grad is not None and weight.grad[PAD].abs().sum() == 0
+    assert torch.equal(weight.grad[9], 2 * weight.grad[3])  # twice in a bag of three
+
+
 def test_item_attributes_become_static_features_of_tokens_and_items(data_dir: Path) -> None:
     split = build_split("seqrec:LastFM", data_dir, max_len=20)
     assert split.item_feats is not None and split.train.feats is not None
@@ -228,6 +249,7 @@ def test_export_is_checked_and_scores_without_torch(tiny_run: TinyRun, tmp_path:
     assert manifest["parity_max_abs_diff"]["full_forward"] < 1e-4  # the graph's shortcut, checked
     assert manifest["top_k"] == 25 and manifest["n_items"] == len(split.vocab)
     assert list(manifest["inputs"]) == ["items", "kinds", "gaps", "feats"]  # LastFM has item attributes
+    assert manifest["shapes_annotated"] is True and not unnamed_dimensions(tmp_path / "model.onnx")
     assert split.test.feats is not None
     items = split.test.items[:5, -7:]
     np.save(tmp_path / "items.npy", items)
@@ -250,6 +272,63 @@ print(json.dumps({{"shape": list(ids.shape), "min_id": int(ids.min()),
     )
     assert out == {"shape": [5, 25], "min_id": out["min_id"], "sorted": True, "prop_ok": True}
     assert out["min_id"] >= 2  # PAD and UNK are never recommended
+
+
+def dims(value: Any) -> Any:
+    """The dimensions of an ONNX value's tensor type."""
+    return value.type.tensor_type.shape.dim
+
+
+def unnamed_dimensions(path: Path) -> list[str]:
+    """The graph's intermediate tensors without a shape, or with a dimension neither named nor
+    known."""
+    graph = onnx.load(str(path)).graph
+    info = {v.name: v for v in graph.value_info}
+    outputs = {o.name for o in graph.output}
+    return [
+        name
+        for node in graph.node
+        for name in node.output
+        if name not in outputs
+        and (name not in info or any(not (d.dim_param or d.HasField("dim_value")) for d in dims(info[name])))
+    ]
+
+
+def test_the_exported_graph_names_the_catalogue_scores_dimensions(tmp_path: Path) -> None:
+    # the repeat bonus's scatter and the catalogue scores it adds to: the same named shape, so
+    # onnxruntime can prove the scatter may work in place (unnamed, it copied every row's scores)
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_items=300, d_model=16, n_layers=2, n_heads=2, max_len=12, repeat=True, n_feats=64)
+    serving = ServingModel(BehaviourModel(cfg).eval(), k=20).eval()
+    items = torch.randint(2, 300, (4, 9))
+    feats = torch.randint(0, 64, (4, 9, cfg.feat_width))
+    example = (items, torch.full_like(items, 5), torch.ones_like(items), feats)
+    assert export_graph(serving, example, tmp_path / "model.onnx", 17) is True
+    assert not unnamed_dimensions(tmp_path / "model.onnx")
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    shapes = {v.name: [d.dim_param or d.dim_value for d in dims(v)] for v in graph.value_info}
+    (scatter,) = [node for node in graph.node if node.op_type == "ScatterElements"]
+    assert shapes[scatter.input[0]] == shapes[scatter.output[0]] == ["batch", 298]
+
+
+def test_a_graph_whose_shapes_cannot_be_inferred_is_kept_as_exported(tmp_path: Path) -> None:
+    # an operator onnxruntime's symbolic shape inference does not know: no annotations, the
+    # graph untouched (correct, if slower), and the manifest says so
+    node = onnx.helper.make_node("Unknown", ["x"], ["y"], domain="example.custom")
+    graph = onnx.helper.make_graph(
+        [node],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+    )
+    model = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("example.custom", 1)]
+    )
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    before = path.read_bytes()
+    assert annotate_shapes(path) is False
+    assert path.read_bytes() == before
 
 
 class DriftingShortcut(ServingModel):
