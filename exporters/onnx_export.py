@@ -11,9 +11,11 @@ stream never sorts the catalogue in Python.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+import tempfile
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
@@ -111,7 +113,9 @@ def annotate_shapes(path: Path) -> bool:
 
     model = onnx.load(str(path))
     try:
-        with warnings.catch_warnings():
+        # where it cannot finish, the tool saves its partial graph as sym_shape_infer_temp.onnx
+        # in the working directory: let that land in a folder of its own that goes away
+        with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             annotated = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
     except Exception as exc:  # the tool raises a bare Exception for an incomplete inference
