@@ -313,7 +313,7 @@ def test_the_exported_graph_names_the_catalogue_scores_dimensions(tmp_path: Path
 
 def test_a_graph_whose_shapes_cannot_be_inferred_is_kept_as_exported(tmp_path: Path) -> None:
     # an operator onnxruntime's symbolic shape inference does not know: no annotations, the
-    # graph untouched (correct, if slower), and the manifest says so
+    # graph untouched (correct, if slower), and False (what the manifest's shapes_annotated says)
     node = onnx.helper.make_node("Unknown", ["x"], ["y"], domain="example.custom")
     graph = onnx.helper.make_graph(
         [node],
