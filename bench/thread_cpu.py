@@ -14,12 +14,14 @@ started before a benchmark:
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
 
-TICK = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from worker_throughput import cpu_times
 
 
 class Sample(NamedTuple):
@@ -47,17 +49,16 @@ def sample(pid: int) -> dict[int, Sample]:
     out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            stat = (task / "stat").read_text()
+            user, system = cpu_times(task / "stat")
+            name = (task / "comm").read_text().strip()
             status = (task / "status").read_text().splitlines()
         except OSError:
             continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2 :].split()  # field 3 of proc(5) onwards
         switches = {k: int(v) for k, _, v in (line.partition(":") for line in status) if "ctxt_switches" in k}
         out[int(task.name)] = Sample(
             name,
-            int(fields[11]) / TICK,
-            int(fields[12]) / TICK,
+            user,
+            system,
             switches.get("voluntary_ctxt_switches", 0),
             switches.get("nonvoluntary_ctxt_switches", 0),
         )

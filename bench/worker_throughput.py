@@ -86,11 +86,16 @@ async def transport_loop(settings: Settings, out_topic: str, n: int) -> None:
         await producer.stop()
 
 
+def cpu_times(stat: Path) -> tuple[float, float]:
+    """User and system CPU seconds from a ``/proc/PID/stat`` or ``/proc/PID/task/TID/stat`` file."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()  # field 3 of proc(5) onwards
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
 def proc_stats(pid: int) -> tuple[float, int]:
     """CPU seconds (user+system) and peak RSS in bytes of a live process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    cpu = sum(cpu_times(Path(f"/proc/{pid}/stat")))
     peak = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
