@@ -134,6 +134,7 @@ async def main() -> None:
     ap.add_argument("--rates", default="500,2000,5000", help="events/s of the fixed-rate phases")
     ap.add_argument("--fixed-events", type=int, default=10000, help="events per fixed-rate phase")
     ap.add_argument("--partitions", type=int, default=8)
+    ap.add_argument("--provider", default="cpu", help="the worker's onnxruntime provider: auto, cpu or cuda")
     ap.add_argument(
         "--timestamps",
         choices=("append", "create"),
@@ -155,7 +156,7 @@ async def main() -> None:
         work,
         SHOPSTREAM_PARTITIONS=str(args.partitions),
         SHOPSTREAM_MODEL_DIR=str(args.model),
-        SHOPSTREAM_INFERENCE_PROVIDER="cpu",
+        SHOPSTREAM_INFERENCE_PROVIDER=args.provider,
     )
     settings = settings_of(env)
     await ensure_topics(settings)
