@@ -49,7 +49,7 @@ from worker_throughput import proc_stats, record  # noqa: E402
 from streams.admin import ensure_topics  # noqa: E402
 from streams.replay import rebase  # noqa: E402
 from streams.sources.datasets import load  # noqa: E402
-from tests.integration.harness import WorkerProcess, isolated_env, settings_of  # noqa: E402
+from tests.integration.harness import WorkerProcess, free_port, isolated_env, settings_of  # noqa: E402
 
 
 def long_stream(events: list[dict[str, Any]], repeat: int) -> list[dict[str, Any]]:
@@ -65,19 +65,20 @@ def long_stream(events: list[dict[str, Any]], repeat: int) -> list[dict[str, Any
 
 async def phase(
     settings: Any,
-    worker: WorkerProcess,
+    workers: list[tuple[WorkerProcess, int]],
     label: str,
     evs: list[dict[str, Any]],
     rate: float | None,
     profile: str | None = None,
 ) -> dict[str, Any]:
-    assert worker.proc is not None
-    cpu0, _ = proc_stats(worker.proc.pid)
-    m0 = await asyncio.to_thread(scrape, settings.web_port)
+    pids = [w.proc.pid for w, _ in workers if w.proc is not None]
+    assert len(pids) == len(workers)
+    cpu0 = sum(proc_stats(pid)[0] for pid in pids)
+    m0 = await scrape_all(workers)
     spy = None
     if profile:  # py-spy over the middle of the phase: from 2 s in, 0.8 of its span (max rate: 20 s)
         span = 0.8 * len(evs) / rate if rate else 20.0
-        spy = asyncio.create_task(record(worker.proc.pid, profile, 2.0 if rate else 5.0, span))
+        spy = asyncio.create_task(record(pids[0], profile, 2.0 if rate else 5.0, span))
     evs = [dict(e, event_id=f"{label}-{e['event_id']}") for e in evs]
     rebase(evs, None, time.time())
     wanted = {e["event_id"] for e in evs}
@@ -90,10 +91,11 @@ async def phase(
     first_in = min(sent[e] for e in wanted if e in sent)
     last_in = max(sent[e] for e in wanted if e in sent)
     last_out = max(t for t, _ in got.values())
-    cpu1, peak = proc_stats(worker.proc.pid)
+    ends = [proc_stats(pid) for pid in pids]
+    cpu1, peak = sum(c for c, _ in ends), sum(rss for _, rss in ends)
     if spy is not None:
         await spy
-    m1 = await asyncio.to_thread(scrape, settings.web_port)
+    m1 = await scrape_all(workers)
     d = {k: m1.get(k, 0.0) - m0.get(k, 0.0) for k in m1}
     calls = max(d.get("shopstream_inference_batch_size_count", 0.0), 1.0)
     checkpoints = max(d.get("shopstream_checkpoint_seconds_count", 0.0), 1.0)
@@ -115,6 +117,36 @@ async def phase(
     }
 
 
+async def scrape_all(workers: list[tuple[WorkerProcess, int]]) -> dict[str, float]:
+    """The workers' /metrics summed."""
+    total: dict[str, float] = {}
+    for _, port in workers:
+        for k, v in (await asyncio.to_thread(scrape, port)).items():
+            total[k] = total.get(k, 0.0) + v
+    return total
+
+
+def ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+            return bool(r.status == 200)
+    except OSError:  # not listening yet, or 503 (HTTPError)
+        return False
+
+
+async def wait_ready(workers: list[tuple[WorkerProcess, int]], timeout: float = 300.0) -> None:
+    """Until every worker's /readyz answers 200 (assigned, recovered, model loaded) at once: one
+    that joins later rebalances the group, and the others are not ready again until it settles."""
+    deadline = time.monotonic() + timeout
+    while not all([await asyncio.to_thread(ready, port) for _, port in workers]):
+        for w, _ in workers:
+            if not w.alive():
+                raise SystemExit(f"a worker exited during start:\n{w.tail()}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"workers not ready after {timeout:.0f}s:\n{workers[0][0].tail()}")
+        await asyncio.sleep(0.5)
+
+
 def scrape(port: int) -> dict[str, float]:
     """The worker's /metrics: each unlabelled sample (histograms' _sum and _count among them)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
@@ -134,6 +166,9 @@ async def main() -> None:
     ap.add_argument("--rates", default="500,2000,5000", help="events/s of the fixed-rate phases")
     ap.add_argument("--fixed-events", type=int, default=10000, help="events per fixed-rate phase")
     ap.add_argument("--partitions", type=int, default=8)
+    ap.add_argument(
+        "--workers", type=int, default=1, help="workers in the group (CPU, RSS and metrics summed)"
+    )
     ap.add_argument("--provider", default="cpu", help="the worker's onnxruntime provider: auto, cpu or cuda")
     ap.add_argument(
         "--timestamps",
@@ -169,20 +204,30 @@ async def main() -> None:
         f"{args.partitions} partitions, model {args.model}"
     )
     print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, broker {bootstrap}")
-    worker = WorkerProcess(env, work / "worker.log").start()
+    workers = []  # the first on the settings' port and data folder, the others on their own
+    for i in range(args.workers):
+        own = (
+            {"SHOPSTREAM_DATA_DIR": str(work / f"data-{i}"), "SHOPSTREAM_WEB_PORT": str(free_port())}
+            if i
+            else {}
+        )
+        port = int(own.get("SHOPSTREAM_WEB_PORT", settings.web_port))
+        workers.append((WorkerProcess({**env, **own}, work / f"worker-{i}.log").start(), port))
     rows = []
     try:
         t0 = time.time()
+        await wait_ready(workers)
         await publish(settings, [dict(base[0], event_id="warm-up")], None)
         await answers(settings, {"warm-up"}, timeout=300)
-        print(f"worker ready and warm after {time.time() - t0:.1f}s")
-        rows.append(await phase(settings, worker, "max", stream, None, args.profile_max))
+        print(f"{len(workers)} worker(s) ready and warm after {time.time() - t0:.1f}s")
+        rows.append(await phase(settings, workers, "max", stream, None, args.profile_max))
         tail = stream[-args.fixed_events :]
         for i, rate in enumerate(float(r) for r in args.rates.split(",")):
             spy = args.profile if i == 0 else None
-            rows.append(await phase(settings, worker, f"{rate:.0f}/s", tail, rate, spy))
+            rows.append(await phase(settings, workers, f"{rate:.0f}/s", tail, rate, spy))
     finally:
-        worker.stop()
+        for w, _ in workers:
+            w.stop()
     print()
     print(
         "| phase | events | offered ev/s | achieved ev/s | p50 | p95 | p99 | p99 from send() | "
