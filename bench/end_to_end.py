@@ -109,6 +109,7 @@ async def phase(
         "p95": float(np.percentile(lat, 95)),
         "p99": float(np.percentile(lat, 99)),
         "p99_call": float(np.percentile(from_call, 99)),
+        "timeline": sorted((sent[e], got[e][0] - sent[e]) for e in wanted if e in got and e in sent),
         "cpu_us": (cpu1 - cpu0) * 1e6 / max(len(got), 1),
         "rss_mib": peak / 2**20,
         "batch": d.get("shopstream_inference_batch_size_sum", 0.0) / calls,
@@ -183,6 +184,12 @@ async def main() -> None:
         "stacks; else speedscope JSON; py-spy on PATH)",
     )
     ap.add_argument("--profile-max", metavar="FILE", help="the same for 20 s of the max-rate phase")
+    ap.add_argument(
+        "--timeline",
+        type=Path,
+        metavar="FILE",
+        help="write each fixed-rate event's input time (unix s) and latency (s), a CSV line each",
+    )
     args = ap.parse_args()
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"shopstream-e2e-{uuid.uuid4().hex[:6]}"
@@ -228,6 +235,11 @@ async def main() -> None:
     finally:
         for w, _ in workers:
             w.stop()
+    if args.timeline:
+        with args.timeline.open("w") as out:
+            out.write("phase,input_time,latency_s\n")
+            for r in rows[1:]:
+                out.writelines(f"{r['phase']},{t:.6f},{lat:.6f}\n" for t, lat in r["timeline"])
     print()
     print(
         "| phase | events | offered ev/s | achieved ev/s | p50 | p95 | p99 | p99 from send() | "
