@@ -13,6 +13,11 @@ model call, the wall time per call and per checkpoint. ``--profile FILE`` record
 py-spy through the first fixed-rate phase, ``--profile-max FILE`` through 20 s of the max-rate
 phase (py-spy takes CPU: a recorded phase's figures are not comparable with a run without it).
 
+``--workers N`` runs N workers in one group instead (each with its own data folder and port;
+their CPU, peak RSS and metrics summed; py-spy records the first); ``--provider cuda`` scores on
+a GPU; ``--timeline FILE`` writes each fixed-rate event's input time and latency, to find when
+the slow ones came.
+
 Timestamps (``--timestamps``): ``append`` (default) sets the input topics and the recommendations
 topic to ``message.timestamp.type=LogAppendTime``, so the latency runs from the broker's append of
 the event to its append of the recommendation: what the worker adds. The p99 from the load

@@ -2,7 +2,9 @@
 
 Runs ``streams.pipeline.Pipeline`` (validate, fold state, baseline, onnxruntime scoring, filters,
 promotion policy) over a real data set with in-memory tables, for each batch size, fresh state
-each time. The difference to ``bench/model_batching.py`` is what faust and Kafka cost.
+each time. The difference to ``bench/model_batching.py`` is what faust and Kafka cost. Beside
+the CPU time per event it prints the wall time per event and the share of it spent inside
+onnxruntime's ``run`` (``--provider cuda`` on a GPU, where the two differ most).
 
     python bench/pipeline_cost.py [--model deploy/demo/model] [--dataset rees46-demo] [--profile]
 """
