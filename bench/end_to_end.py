@@ -54,7 +54,13 @@ from worker_throughput import proc_stats, record  # noqa: E402
 from streams.admin import ensure_topics  # noqa: E402
 from streams.replay import rebase  # noqa: E402
 from streams.sources.datasets import load  # noqa: E402
-from tests.integration.harness import WorkerProcess, free_port, isolated_env, settings_of  # noqa: E402
+from tests.integration.harness import (  # noqa: E402
+    WorkerProcess,
+    free_port,
+    get_json,
+    isolated_env,
+    settings_of,
+)
 
 
 def long_stream(events: list[dict[str, Any]], repeat: int) -> list[dict[str, Any]]:
@@ -132,19 +138,16 @@ async def scrape_all(workers: list[tuple[WorkerProcess, int]]) -> dict[str, floa
     return total
 
 
-def ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
-            return bool(r.status == 200)
-    except OSError:  # not listening yet, or 503 (HTTPError)
-        return False
-
-
 async def wait_ready(workers: list[tuple[WorkerProcess, int]], timeout: float = 300.0) -> None:
     """Until every worker's /readyz answers 200 (assigned, recovered, model loaded) at once: one
     that joins later rebalances the group, and the others are not ready again until it settles."""
     deadline = time.monotonic() + timeout
-    while not all([await asyncio.to_thread(ready, port) for _, port in workers]):
+    while not all(
+        [
+            (await asyncio.to_thread(get_json, f"http://127.0.0.1:{port}/readyz", 5.0))[0] == 200
+            for _, port in workers
+        ]
+    ):
         for w, _ in workers:
             if not w.alive():
                 raise SystemExit(f"a worker exited during start:\n{w.tail()}")

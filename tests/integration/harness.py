@@ -59,6 +59,18 @@ def isolated_env(bootstrap: str, workdir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def get_json(url: str, timeout: float = 10.0) -> tuple[int, Any]:
+    """A worker endpoint's status and JSON body: (0, None) while nothing listens, (code, None) for
+    an HTTP error (a 503 from ``/readyz`` during a rebalance or recovery)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, orjson.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+    except OSError:  # not listening (yet)
+        return 0, None
+
+
 def settings_of(env: dict[str, str]) -> Settings:
     old = dict(os.environ)
     try:

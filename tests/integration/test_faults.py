@@ -12,8 +12,6 @@ import asyncio
 import os
 import signal
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,6 +42,7 @@ from tests.integration.harness import (
     WorkerProcess,
     collect,
     free_port,
+    get_json,
     group_clients,
     isolated_env,
     partitions_of,
@@ -73,16 +72,6 @@ def first_answers_ms(records: Records) -> dict[str, int]:
             eid = orjson.loads(r.value)["event_id"]
             out[eid] = min(out.get(eid, r.timestamp), r.timestamp)
     return out
-
-
-def get_json(url: str, timeout: float = 10.0) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, orjson.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, None
-    except OSError:  # not listening (yet)
-        return 0, None
 
 
 def user_state(port: int, user: str, timeout: float = 120.0) -> Any:
