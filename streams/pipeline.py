@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import islice
 from typing import Any, NamedTuple
 
 import orjson
@@ -330,8 +331,8 @@ class Pipeline:
         if pred is not None and model is not None:
             result.propensity[c.index] = pred.propensity
         if pred is not None and model is not None and c.use_model:
-            ranked = [(i, s) for i, s in zip(pred.items, pred.scores, strict=True) if i not in c.exclude]
-            ranked = _diverse(ranked, model.category, self.s.max_per_category, n)
+            allowed = ((i, s) for i, s in pred.ranked() if i not in c.exclude)
+            ranked = _diverse(allowed, model.category, self.s.max_per_category, n)
             if len(ranked) < n:  # a long exclusion list: top up from the baseline
                 have = c.exclude | {i for i, _ in ranked}
                 floor = min((s for _, s in ranked), default=0.0)
@@ -519,12 +520,12 @@ def _items_of(ev: AnyEvent) -> set[str]:
 
 
 def _diverse(
-    ranked: list[tuple[str, float]], category: dict[str, int], cap: int, n: int
+    ranked: Iterable[tuple[str, float]], category: dict[str, int], cap: int, n: int
 ) -> list[tuple[str, float]]:
     """The best ``n`` items with at most ``cap`` per category (0 = no cap; items without a known
-    category are not capped)."""
+    category are not capped). ``ranked`` is read only as far as it takes."""
     if not cap or not category:
-        return ranked[:n]
+        return list(islice(ranked, n))
     out: list[tuple[str, float]] = []
     per: dict[int, int] = {}
     for item, score in ranked:

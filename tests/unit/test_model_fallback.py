@@ -142,6 +142,32 @@ async def test_a_reload_that_raises_anything_is_refused(
     assert await watcher.poll() is False and watcher.current is serving
 
 
+class Fixed:
+    """A session that returns the given outputs whatever its inputs."""
+
+    def __init__(self, *outputs: np.ndarray) -> None:
+        self.outputs = outputs
+
+    def run(self, output_names: Any, input_feed: Any) -> Any:
+        return self.outputs
+
+
+@pytest.mark.parametrize("propensity_shape", [(2,), (2, 1)])
+def test_outputs_decode_to_each_rows_item_ids_scores_and_propensity(
+    demo: Artifact, propensity_shape: tuple[int, ...]
+) -> None:
+    v = demo.vocab
+    ids = np.array([[2, 5, 3], [len(v) + 1, 2, 4]], dtype=np.int64)  # vocabulary index + 2
+    scores = np.array([[3.0, 2.5, 1.0], [0.5, 0.25, 0.125]], dtype=np.float32)
+    propensity = np.array([0.75, 0.5], dtype=np.float32).reshape(propensity_shape)
+    art = Artifact(**{**demo.__dict__, "session": Fixed(ids, scores, propensity), "buffers": {}})
+    first, second = art.score(probe_batch(demo)[:2])
+    assert first.items == [v[0], v[3], v[1]] and first.scores == [3.0, 2.5, 1.0]
+    assert list(second.ranked()) == [(v[-1], 0.5), (v[0], 0.25), (v[2], 0.125)]
+    assert (first.propensity, second.propensity) == (0.75, 0.5)
+    assert all(type(x) is float for x in [*first.scores, first.propensity])  # plain floats for the records
+
+
 def test_score_safely_returns_the_scores_of_a_working_model(demo: Artifact) -> None:
     watcher = ModelWatcher(None)
     seqs = probe_batch(demo)

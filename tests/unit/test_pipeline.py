@@ -92,3 +92,10 @@ def test_diversity_caps_items_per_category_and_keeps_the_order() -> None:
     assert _diverse(ranked, category, 0, 3) == ranked[:3]
     assert _diverse(ranked, category, 1, 3) == [("a", 9.0), ("d", 6.0), ("e", 5.0)]
     assert _diverse(ranked, category, 2, 10) == [("a", 9.0), ("b", 8.0), ("d", 6.0), ("e", 5.0)]
+
+    def read_once(upto: int) -> Any:  # the model's ranking, read lazily: no further than ``upto``
+        yield from ranked[:upto]
+        raise AssertionError(f"read past item {upto}")
+
+    assert _diverse(read_once(3), category, 0, 3) == ranked[:3]
+    assert _diverse(read_once(4), category, 1, 2) == [("a", 9.0), ("d", 6.0)]
