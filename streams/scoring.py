@@ -98,7 +98,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 @dataclass
 class Prediction:
     """One user's scores: the top items best first, their scores, and the propensity. Item ids
-    are decoded as they are read (``ranked``): a recommendation reads a dozen of the top 100."""
+    are decoded as they are read (``ranked``): a recommendation reads about a dozen of the top K."""
 
     ids: list[int]  # indexes into ``vocab``
     scores: list[float]
