@@ -84,8 +84,9 @@ def recommend(settings: Settings, model: Artifact, value: dict[str, Any], state:
     (pred,) = model.score([user.seq])
     horizon = ev.event_time.timestamp() - settings.exclude_bought_s
     exclude = set(user.cart) | {i for i, t in user.bought.items() if t >= horizon} | _items_of(ev)
-    allowed = ((i, s) for i, s in pred.ranked() if i not in exclude)
-    ranked = _diverse(allowed, model.category, settings.max_per_category, settings.recommendations)
+    ranked = _diverse(
+        pred.ranked(exclude), model.category, settings.max_per_category, settings.recommendations
+    )
     rec = {
         "schema_version": 1,
         "user_id": ev.user_id,

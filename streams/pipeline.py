@@ -331,8 +331,7 @@ class Pipeline:
         if pred is not None and model is not None:
             result.propensity[c.index] = pred.propensity
         if pred is not None and model is not None and c.use_model:
-            allowed = ((i, s) for i, s in pred.ranked() if i not in c.exclude)
-            ranked = _diverse(allowed, model.category, self.s.max_per_category, n)
+            ranked = _diverse(pred.ranked(c.exclude), model.category, self.s.max_per_category, n)
             if len(ranked) < n:  # a long exclusion list: top up from the baseline
                 have = c.exclude | {i for i, _ in ranked}
                 floor = min((s for _, s in ranked), default=0.0)

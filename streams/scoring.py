@@ -32,7 +32,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import pairwise
@@ -111,10 +111,12 @@ class Prediction:
         vocab = self.vocab
         return [vocab[i] for i in self.ids]
 
-    def ranked(self) -> Iterator[tuple[str, float]]:
-        """(item id, score), best first, decoded one at a time."""
+    def ranked(self, exclude: Container[str] = ()) -> Iterator[tuple[str, float]]:
+        """(item id, score) of the items not in ``exclude``, best first, decoded one at a time."""
         vocab = self.vocab
-        return ((vocab[i], s) for i, s in zip(self.ids, self.scores, strict=True))
+        return (
+            (item, s) for i, s in zip(self.ids, self.scores, strict=True) if (item := vocab[i]) not in exclude
+        )
 
 
 @dataclass(frozen=True)
