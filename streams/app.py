@@ -28,8 +28,8 @@ import asyncio
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import faust
@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from streams.baseline import CovisitBaseline, partition_of_key
 from streams.changelog import DirectChangelog, unpacked
+from streams.checkpoint import Checkpoints
 from streams.consumer import install as install_consumer
 from streams.deadletter import DeadLetters
 from streams.decode import EventDecoder
@@ -196,7 +197,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
     install_consumer(
         app,
         on_jump=metrics.offset_jumped,
-        checkpoint=lambda: checkpoint(),  # defined below, with the tables and the lock it takes
+        checkpoint=lambda: checkpoints.checkpoint(),  # defined below, with the tables and the lock
         on_refetch=metrics.refetching,
     )
     install_producer(app)  # its metadata is never narrowed to the topics sent to (streams.producer)
@@ -360,33 +361,10 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
     scope = PartitionScope(by_user_name)
     pipeline = Pipeline(settings, users_wb, recommender, models, policy, timers, metrics, scope=scope)
 
-    async def write_pending(partitions: set[int] | None = None, keys: set[bytes] | None = None) -> int:
-        """Write the tables' pending changes (of ``partitions`` and ``keys`` where given, else
-        all) to their stores and changelogs; the changelog futures join ``deliveries``, so the
-        caller's next ``confirm()`` waits for them."""
-        n = 0
-        for wb, changelog in changelogs:
-            n += await changelog.write(wb.take(partitions, keys), scope)
-        metrics.checkpoint_keys.inc(n)
-        return n
-
-    @asynccontextmanager
-    async def checkpoint() -> AsyncIterator[None]:
-        """Entered by every offset commit (``streams.consumer``): under the lock, the tables'
-        pending changes are written and every record sent so far (outputs, forwards, dead
-        letters, changelog writes) is taken, and the consumer computes the offsets to commit; on exit the
-        lock is released, so batches go on, and the records taken are confirmed before the
-        consumer commits those offsets."""
-        async with work:
-            started = time.perf_counter()
-            await write_pending()
-            # nothing awaited from here to the offsets: every event acked by then has its
-            # records among these (the router's forwards too: it adds them before its acks)
-            taken = [deliveries.take(), routed.take()]
-            yield
-            metrics.checkpoint_seconds.observe(time.perf_counter() - started)
-        for records in taken:
-            metrics.delivered.inc(await records.confirm())
+    checkpoints: Checkpoints = Checkpoints(
+        changelogs, scope, work, [deliveries, routed], settings.delivery_timeout_s, metrics
+    )
+    write_pending = checkpoints.write_pending
 
     # buckets as fine as the sweep runs: a user goes at most one sweep interval after the TTL
     expiry = ExpiryIndex(int(settings.user_ttl_s * 1000), max(1, int(settings.expiry_interval_s * 1000)))
@@ -489,7 +467,7 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
                 expiry.touch(m.partition, m.key, now_ms)
         for p, key in erased:
             expiry.forget(p, key)
-        if sum(len(wb.pending) for wb, _ in changelogs) >= settings.checkpoint_max_keys:
+        if checkpoints.pending() >= settings.checkpoint_max_keys:
             await write_pending()  # early: bounds the memory; always safe (streams.writeback)
             await confirm()
         elif len(deliveries) >= CONFIRM_AT:

@@ -32,6 +32,7 @@ key (``ValueError``): the baseline's statistics only grow.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from itertools import takewhile
@@ -166,42 +167,54 @@ class DirectChangelog:
         for p in partitions:
             self.cycles.pop(p, None)
 
-    async def write(self, changes: dict[bytes, bytes | None], scope: Scope) -> int:
-        """Store ``changes`` and send them to the changelog; returns how many keys were written
-        (a delete of a key the store does not hold writes nothing)."""
+    async def write(
+        self, changes: dict[bytes, bytes | None], scope: Scope, deliveries: Deliveries | None = None
+    ) -> int:
+        """Store ``changes`` and send them to the changelog, a partition at a time, letting other
+        tasks run between partitions; returns how many keys were written (a delete of a key the
+        store does not hold writes nothing). The record batches' futures join ``deliveries``
+        (default: the one given at construction)."""
         store = self.table.data
         changed: dict[int, list[tuple[bytes, bytes | None]]] = {}
         for key, value in changes.items():
             changed.setdefault(self.table.partition_for_key(key), []).append((key, value))
-        parts: dict[int, list[tuple[bytes, bytes | None]]] = {}
+        if not changed:
+            return 0
+        collect = self.deliveries if deliveries is None else deliveries
+        topic = self.table.changelog_topic.get_topic_name()
+        producer = self.producer()
+        await known_without_narrowing(producer.client, topic)
         written = 0
         for partition, records in changed.items():
             if self.packed:
                 sent, markers = self._packed(store, partition, records)
                 self._store(store, partition, records + markers, scope)
                 written += len(records)  # every one a put: a packed changelog deletes no key
-                parts[partition] = sent
-                continue
-            stored = self._store(store, partition, records, scope)
-            written += len(stored)
-            if stored:
-                parts[partition] = stored
-        if not parts:
-            return written
-        topic = self.table.changelog_topic.get_topic_name()
-        producer = self.producer()
-        await known_without_narrowing(producer.client, topic)
-        for partition, records in parts.items():
-            batch, n = producer.create_batch(), 0
-            for key, value in records:
-                if batch.append(key=key, value=value, timestamp=None) is None:  # full: send it
-                    await self._send(producer, batch, topic, partition, n)
-                    batch, n = producer.create_batch(), 0
-                    if batch.append(key=key, value=value, timestamp=None) is None:
-                        raise ValueError(f"a {topic} record of {len(value or b'')} bytes fits in no batch")
-                n += 1
-            await self._send(producer, batch, topic, partition, n)
+            else:
+                sent = self._store(store, partition, records, scope)
+                written += len(sent)
+            if sent:
+                await self._send_all(producer, sent, topic, partition, collect)
+            await asyncio.sleep(0)  # batches go on between partitions (a checkpoint writes unlocked)
         return written
+
+    async def _send_all(
+        self,
+        producer: Any,
+        records: list[tuple[bytes, bytes | None]],
+        topic: str,
+        partition: int,
+        deliveries: Deliveries,
+    ) -> None:
+        batch, n = producer.create_batch(), 0
+        for key, value in records:
+            if batch.append(key=key, value=value, timestamp=None) is None:  # full: send it
+                await self._send(producer, batch, topic, partition, n, deliveries)
+                batch, n = producer.create_batch(), 0
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    raise ValueError(f"a {topic} record of {len(value or b'')} bytes fits in no batch")
+            n += 1
+        await self._send(producer, batch, topic, partition, n, deliveries)
 
     @staticmethod
     def _store(
@@ -242,7 +255,9 @@ class DirectChangelog:
             cycle.start, cycle.cursor, cycle.snapshot = cycle.next_seq, None, None
         return records, markers
 
-    async def _send(self, producer: Any, batch: Any, topic: str, partition: int, n: int) -> None:
+    async def _send(
+        self, producer: Any, batch: Any, topic: str, partition: int, n: int, deliveries: Deliveries
+    ) -> None:
         fut = await producer.send_batch(batch, topic, partition=partition)
         store = self.table.data
         tp = TopicPartition(topic, partition)
@@ -252,7 +267,7 @@ class DirectChangelog:
                 store.set_persisted_offset(tp, done.result().offset + n - 1)
 
         fut.add_done_callback(persisted)
-        self.deliveries.add(fut, topic, n)
+        deliveries.add(fut, topic, n)
 
 
 def _write_rocksdb(

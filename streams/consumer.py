@@ -67,14 +67,15 @@ records the fetcher may be iterating, and the fetcher crashes with a ``KeyError`
 
 A second addition, for the worker's write-back tables (``streams.writeback``): each commit
 (``_commit_tps``, faust's step after it picked the partitions with acks) runs inside
-``checkpoint()``, an async context the worker installs. On entry it takes the lock that batches and
-timers hold, writes the pending table changes to their stores and changelogs and takes every
-record handed to the producer so far (outputs, forwards, dead letters, changelog writes) to be
-confirmed; the offsets are computed inside, under the lock, so they cover no event whose outputs
-and state are not among the records taken. On exit it releases the lock and then waits for those records'
-acknowledgements, while batches go on; only then are the offsets committed. So no offset is
-committed before every output and state change of the events before it is acknowledged, and
-scoring stops only for the writes, not for the broker's round trips or the offset commit itself.
+``checkpoint()``, an async context the worker installs (``streams.checkpoint``). On entry it takes
+the lock that batches and timers hold, and takes the pending table changes and every record
+handed to the producer so far (outputs, forwards, dead letters) to be written and confirmed; the
+offsets are computed inside, under the lock, so they cover no event whose outputs and state are
+not among those taken. On exit it releases the lock, writes the changes taken to their stores and
+changelogs while batches go on, and waits for the acknowledgements of those writes and records;
+only then are the offsets committed. So no offset is committed before every output and state
+change of the events before it is acknowledged, and scoring stops only while the changes and
+records are taken, not for the writes, the broker's round trips or the offset commit itself.
 A checkpoint that fails commits nothing: a delivery failure ends the process before the commit
 (``streams.delivery.exit_fatally``), anything else (a store already closed at shutdown) skips this
 commit, and the events since the last one are redelivered after the restart.
@@ -197,8 +198,9 @@ def first_unacked_run_end(acked: list[int], committed: int | None) -> int | None
 class ShopstreamConsumer(Consumer):  # type: ignore[misc]
     on_jump: Any = None  # called with (tp, expected offset, offset) for each offset jump
     on_refetch: Any = None  # called with (tp, offset) for each dropped record read again
-    # () -> async context manager: the lock taken and pending state written on entry, released
-    # on exit, then the records taken confirmed
+    # () -> async context manager: on entry the lock taken, the pending state and the records
+    # sent so far taken; on exit the lock released, that state written, and all of it confirmed
+    # (``streams.checkpoint``)
     checkpoint: Any = None
 
     async def _commit_tps(self, tps: Any, start_new_transaction: bool) -> bool:

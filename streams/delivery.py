@@ -57,6 +57,11 @@ class Deliveries:
         self._pending, self._records = [], 0
         return taken
 
+    def put_back(self, taken: Taken) -> None:
+        """Records taken and never confirmed (their commit failed): pending again."""
+        self._pending[:0] = taken._pending
+        self._records += taken.records
+
     async def confirm(self) -> int:
         """Wait for every pending record's acknowledgement; returns how many records were
         confirmed."""

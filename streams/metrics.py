@@ -167,8 +167,15 @@ class Metrics:
         self.checkpoint_seconds = Histogram(
             "shopstream_checkpoint_seconds",
             "Wall time batches wait for a checkpoint (once per commit): the tables' pending changes "
-            "written; their acknowledgements, with the outputs', are awaited afterwards while batches "
-            "go on, before the offsets are committed.",
+            "and the records sent so far taken, the offsets to commit computed.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.checkpoint_write_seconds = Histogram(
+            "shopstream_checkpoint_write_seconds",
+            "Wall time a checkpoint takes to write the changes it took to the stores and changelogs "
+            "(once per commit; batches go on meanwhile); their acknowledgements, with the outputs', "
+            "are awaited afterwards, before the offsets are committed.",
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )

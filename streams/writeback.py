@@ -6,10 +6,13 @@ a mapping that reads through to the table and keeps every write and delete in ``
 ``flush()`` writes each changed key once (a delete as the table's delete: a changelog
 tombstone).
 
-Why it keeps every guarantee: the worker flushes inside the consumer's commit, under the lock
-that batches and timers hold (``streams.consumer.ShopstreamConsumer.commit``), and awaits the
-changelog acknowledgements before faust computes and commits any offset. An offset is therefore
-committed only once the state of every event before it is in the changelog. A crash before a
+Why it keeps every guarantee: the worker takes the pending changes inside the consumer's
+commit, under the lock that batches and timers hold (``streams.consumer.ShopstreamConsumer.commit``),
+at the moment faust computes the offsets to commit; it writes them after releasing the lock and
+awaits their changelog acknowledgements before it commits those offsets. An offset is therefore
+committed only once the state of every event before it is in the changelog. Changes taken and
+not yet written stay readable here (``writing``) until ``written()``, so batches that run
+meanwhile read them and never the older value in the store. A crash before a
 checkpoint loses the pending writes and the uncommitted offsets together: the events are
 redelivered and folded again from the last checkpointed state. Flushing early (a full buffer, a
 timer, a rebalance) is always safe: state ahead of the committed offsets is the ordinary
@@ -32,30 +35,41 @@ Scope = Callable[[int], AbstractContextManager[Any]]
 
 
 class WriteBack(MutableMapping[bytes, bytes]):
-    """A write-back view of ``table``; ``pending`` maps changed keys to their value (None: deleted)."""
+    """A write-back view of ``table``; ``pending`` maps changed keys to their value (None:
+    deleted), ``writing`` the changes taken and not yet ``written()``. Reads look in ``pending``,
+    then ``writing``, then the table."""
 
     def __init__(self, table: MutableMapping[bytes, bytes], partition_of: Callable[[bytes], int]) -> None:
         self.table = table
         self.partition_of = partition_of
         self.pending: dict[bytes, bytes | None] = {}
+        self.writing: dict[bytes, bytes | None] = {}
 
     def __getitem__(self, key: bytes) -> bytes:
         if key in self.pending:
             value = self.pending[key]
-            if value is None:
-                raise KeyError(key)
-            return value
-        return self.table[key]
+        elif self.writing and key in self.writing:
+            value = self.writing[key]
+        else:
+            return self.table[key]
+        if value is None:
+            raise KeyError(key)
+        return value
 
     def get(self, key: bytes, default: Any = None) -> Any:
         if key in self.pending:
             value = self.pending[key]
-            return default if value is None else value
-        return self.table.get(key, default)
+        elif self.writing and key in self.writing:
+            value = self.writing[key]
+        else:
+            return self.table.get(key, default)
+        return default if value is None else value
 
     def __contains__(self, key: object) -> bool:
         if key in self.pending:
             return self.pending[key] is not None
+        if self.writing and key in self.writing:
+            return self.writing[key] is not None
         return key in self.table
 
     def __setitem__(self, key: bytes, value: bytes) -> None:
@@ -67,10 +81,12 @@ class WriteBack(MutableMapping[bytes, bytes]):
         self.pending[key] = None
 
     def __iter__(self) -> Iterator[bytes]:
+        pending, writing = self.pending, self.writing
         for key in self.table:
-            if key not in self.pending:
+            if key not in pending and key not in writing:
                 yield key
-        yield from (k for k, v in self.pending.items() if v is not None)
+        yield from (k for k, v in writing.items() if v is not None and k not in pending)
+        yield from (k for k, v in pending.items() if v is not None)
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
@@ -79,13 +95,27 @@ class WriteBack(MutableMapping[bytes, bytes]):
         self, partitions: set[int] | None = None, keys: set[bytes] | None = None
     ) -> dict[bytes, bytes | None]:
         """Remove and return the pending changes (only those of ``partitions`` and of ``keys``,
-        where given): what a checkpoint writes (``streams.changelog.DirectChangelog``)."""
+        where given): what a checkpoint writes (``streams.changelog.DirectChangelog``). They stay
+        readable until the caller reports them ``written()``."""
         if partitions is None and keys is None:
             batch, self.pending = self.pending, {}
-            return batch
-        chosen = self.pending if keys is None else {k: None for k in keys if k in self.pending}
-        picked = [k for k in chosen if partitions is None or self.partition_of(k) in partitions]
-        return {k: self.pending.pop(k) for k in picked}
+        else:
+            chosen = self.pending if keys is None else {k: None for k in keys if k in self.pending}
+            picked = [k for k in chosen if partitions is None or self.partition_of(k) in partitions]
+            batch = {k: self.pending.pop(k) for k in picked}
+        self.writing.update(batch)
+        return batch
+
+    def written(self, batch: dict[bytes, bytes | None], stored: bool = True) -> None:
+        """``batch`` (from ``take``) is in the table (``stored``), or failed to be written, in
+        which case its changes become pending again where nothing newer is; either way they leave
+        ``writing`` unless a later ``take`` holds a newer value of the key."""
+        writing, pending = self.writing, self.pending
+        for key, value in batch.items():
+            if key in writing and writing[key] is value:
+                del writing[key]
+                if not stored:
+                    pending.setdefault(key, value)
 
     def flush(
         self,
@@ -97,12 +127,17 @@ class WriteBack(MutableMapping[bytes, bytes]):
         ``__delitem__``, each inside ``scope(partition)``; returns how many keys were written or
         deleted."""
         batch = self.take(partitions, keys)
-        for key, value in batch.items():
-            with scope(self.partition_of(key)):
-                if value is not None:
-                    self.table[key] = value
-                elif key in self.table:
-                    del self.table[key]
+        stored = False
+        try:
+            for key, value in batch.items():
+                with scope(self.partition_of(key)):
+                    if value is not None:
+                        self.table[key] = value
+                    elif key in self.table:
+                        del self.table[key]
+            stored = True
+        finally:
+            self.written(batch, stored)
         return len(batch)
 
     def discard(self, partitions: set[int]) -> int:
