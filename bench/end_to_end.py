@@ -16,7 +16,8 @@ phase (py-spy takes CPU: a recorded phase's figures are not comparable with a ru
 ``--workers N`` runs N workers in one group instead (each with its own data folder and port;
 their CPU, peak RSS and metrics summed; py-spy records the first); ``--provider cuda`` scores on
 a GPU; ``--timeline FILE`` writes each fixed-rate event's input time and latency, to find when
-the slow ones came.
+the slow ones came. Under the table, each fixed-rate phase's slowest events (above 0.9 of its
+p99): in how many episodes, and how crowded they are in the commit interval (``tail_shape``).
 
 Timestamps (``--timestamps``): ``append`` (default) sets the input topics and the recommendations
 topic to ``message.timestamp.type=LogAppendTime``, so the latency runs from the broker's append of
@@ -165,6 +166,24 @@ def scrape(port: int) -> dict[str, float]:
     return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
 
 
+def tail_shape(timeline: list[tuple[float, float]], period: float, gap: float = 0.3) -> dict[str, Any]:
+    """Where a phase's slowest events fell: those above 0.9 of its p99 (``slow``), in how many
+    episodes (slow events less than ``gap`` s apart belong to one), and the largest share of
+    them in one tenth of ``period`` (the commit interval) when their input times are folded on
+    it (``crowded``: 0.1 when they spread evenly, 1.0 when every one falls in the same tenth)."""
+    if not timeline:
+        return {"slow": 0, "episodes": 0, "crowded": 0.0}
+    times = np.array([t for t, _ in timeline])
+    lat = np.array([x for _, x in timeline])
+    slow = np.sort(times[lat > 0.9 * np.percentile(lat, 99)])
+    if len(slow) == 0:
+        return {"slow": 0, "episodes": 0, "crowded": 0.0}
+    episodes = 1 + int((np.diff(slow) > gap).sum())
+    tenths = np.floor(((slow - times.min()) % period) / period * 10).astype(int)
+    crowded = float(np.bincount(np.minimum(tenths, 9), minlength=10).max() / len(slow))
+    return {"slow": len(slow), "episodes": episodes, "crowded": crowded}
+
+
 def fmt_s(x: float) -> str:
     return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.1f} s"
 
@@ -263,6 +282,13 @@ async def main() -> None:
             f"{fmt_s(r['p50'])} | {fmt_s(r['p95'])} | {fmt_s(r['p99'])} | {fmt_s(r['p99_call'])} | "
             f"{r['cpu_us']:.0f} | {r['rss_mib']:.0f} MiB | {r['batch']:.1f} | {r['call_ms']:.1f} | "
             f"{r['checkpoint_ms']:.0f} / {r['write_ms']:.0f} |"
+        )
+    for r in rows[1:]:
+        shape = tail_shape(r["timeline"], settings.commit_interval_s)
+        print(
+            f"{r['phase']}: {shape['slow']} events above 0.9 of the p99, in {shape['episodes']} "
+            f"episode(s); the most crowded tenth of the {settings.commit_interval_s:g} s commit "
+            f"interval holds {shape['crowded']:.0%} of them (10 % if spread evenly)"
         )
     clock = "broker append times (LogAppendTime)" if args.timestamps == "append" else "producer timestamps"
     print(f"latency: recommendation's Kafka timestamp minus the input's, {clock}; 'from send()': from")
