@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.unit.bench_scripts import bench_script
 
 
 def bench_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("pipeline_cost", ROOT / "bench" / "pipeline_cost.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("pipeline_cost")
 
 
 def test_model_calls_are_timed_and_counted_failed_ones_too(monkeypatch: pytest.MonkeyPatch) -> None:
