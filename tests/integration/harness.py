@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import signal
 import socket
@@ -29,7 +30,7 @@ from aiokafka.errors import (
 from aiokafka.structs import ConsumerRecord
 
 from streams import tail
-from streams.admin import ensure_topics
+from streams.admin import connect_admin, ensure_topics
 from streams.settings import TOPIC_FIELDS, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,8 +43,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# the topic-name prefixes of every isolated_env made in this process, with its env: their topics
+# are deleted when the process exits (``delete_run_topics``) unless SHOPSTREAM_KEEP_TOPICS is set
+_RUNS: list[tuple[tuple[str, ...], dict[str, str]]] = []
+
+
 def isolated_env(bootstrap: str, workdir: Path, **extra: str) -> dict[str, str]:
-    """Settings env for one test: unique topic names and app id, its own data dir."""
+    """Settings env for one test: unique topic names and app id, its own data dir. Its topics
+    (the settings' and the app's internal ones) are deleted when the process exits."""
     tag = uuid.uuid4().hex[:8]
     env = {
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
@@ -56,7 +63,44 @@ def isolated_env(bootstrap: str, workdir: Path, **extra: str) -> dict[str, str]:
         name = topic.removeprefix("topic_")
         env[f"SHOPSTREAM_TOPIC_{name.upper()}"] = f"t-{tag}.{name}"
     env.update(extra)
+    if not _RUNS:
+        atexit.register(_delete_topics_at_exit)
+    # derived app ids too (bench/ceilings.py), and the Quix peer's changelogs (bench/quix_peer.py)
+    _RUNS.append(((f"t-{tag}.", f"test-{tag}-", f"changelog__test-{tag}-"), env))
     return env
+
+
+async def delete_run_topics(
+    runs: Sequence[tuple[tuple[str, ...], dict[str, str]]], timeout_s: float = 5.0
+) -> dict[str, int | str]:
+    """Delete the topics whose names start with the runs' prefixes, on each run's broker;
+    returns per bootstrap address how many were deleted, or why none could be."""
+    by_broker: dict[str, list[tuple[tuple[str, ...], dict[str, str]]]] = {}
+    for run in runs:
+        by_broker.setdefault(run[1]["KAFKA_BOOTSTRAP_SERVERS"], []).append(run)
+    done: dict[str, int | str] = {}
+    for bootstrap, group in by_broker.items():
+        prefixes = tuple(p for ps, _ in group for p in ps)
+        try:
+            admin = await connect_admin(settings_of(group[0][1]), timeout_s)
+            try:
+                doomed = [t for t in await admin.list_topics() if t.startswith(prefixes)]
+                if doomed:
+                    await admin.delete_topics(doomed)
+                done[bootstrap] = len(doomed)
+            finally:
+                await admin.close()
+        except Exception as exc:  # a broker already stopped (a test's own): nothing to tidy
+            done[bootstrap] = f"{type(exc).__name__}: {exc}"
+    return done
+
+
+def _delete_topics_at_exit() -> None:
+    if os.environ.get("SHOPSTREAM_KEEP_TOPICS") or not _RUNS:
+        return
+    for bootstrap, outcome in asyncio.run(delete_run_topics(_RUNS)).items():
+        if isinstance(outcome, str):
+            print(f"topics of this run's tests left on {bootstrap}: {outcome}", file=sys.stderr)
 
 
 def get_json(url: str, timeout: float = 10.0) -> tuple[int, Any]:

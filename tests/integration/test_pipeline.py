@@ -16,7 +16,7 @@ import orjson
 import pytest
 from jsonschema import Draft202012Validator
 
-from streams.admin import ensure_topics
+from streams.admin import all_topics, connect_admin, ensure_topics
 from streams.deadletter import H_OFFSET, H_PARTITION, H_REASON, H_TOPIC
 from streams.errors import ConfigurationError
 from streams.replay import replay
@@ -24,9 +24,11 @@ from streams.schemas import SCHEMA_DIR
 from streams.settings import Settings
 from streams.sources.datasets import load
 from streams.state import user_partition
+from tests.integration import harness
 from tests.integration.harness import (
     WorkerProcess,
     collect,
+    delete_run_topics,
     isolated_env,
     produce,
     settings_of,
@@ -208,6 +210,29 @@ async def test_by_user_topic_with_wrong_partition_count_is_refused(
     other = settings.model_copy(update={"partitions": 3})
     with pytest.raises(ConfigurationError, match="partitions"):
         await ensure_topics(other, [settings.topic_events_by_user])
+
+
+async def test_a_runs_topics_are_deleted_and_no_other(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """What the harness does at exit for every isolated_env (benchmarks too): a run's topics,
+    its app's internal ones included, go; a topic of another run stays."""
+    env, other = isolated_env(kafka_bootstrap, tmp_path / "a"), isolated_env(kafka_bootstrap, tmp_path / "b")
+    settings, kept = settings_of(env), settings_of(other)
+    internal = f"{settings.app_id}-users-changelog"
+    await ensure_topics(settings)
+    await ensure_topics(settings, [internal])
+    await ensure_topics(kept, [kept.topic_views])
+    mine = [run for run in harness._RUNS if run[1] is env]
+    assert len(mine) == 1
+    outcome = await delete_run_topics(mine)
+    assert outcome == {kafka_bootstrap: len(set(all_topics(settings))) + 1}  # and the internal one
+    admin = await connect_admin(settings)
+    try:
+        left = set(await admin.list_topics())
+    finally:
+        await admin.close()
+    assert kept.topic_views in left
+    assert not [t for t in left if t.startswith(mine[0][0])]
+    assert await delete_run_topics(mine) == {kafka_bootstrap: 0}
 
 
 def metric(port: int, name: str) -> float:
