@@ -1,5 +1,5 @@
-import sys
+"""``python -m streams``: the command line (``streams.cli.run``)."""
 
-from streams.cli import main
+from streams.cli import run
 
-sys.exit(main())
+run()

@@ -28,7 +28,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
@@ -640,6 +640,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> NoReturn:
+    """The command line as a process (``shopstream``, ``python -m streams``): ``main()``, then
+    out without the interpreter's teardown (``os._exit``, once the standard streams and the logs
+    are flushed). A native thread pool still alive at teardown can abort it and turn a finished
+    command's exit code into -6: pyarrow's, after reading Parquet (apache/arrow#34314; seen in
+    CI once ``archive compact`` had printed its result). Every command closes its files and joins
+    its threads before it returns."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(main())
+    run()

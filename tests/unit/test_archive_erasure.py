@@ -15,6 +15,7 @@ from streams.archive_compact import compact
 from streams.archive_read import archive_files, read_erasures, read_events
 from streams.cli import main
 from tests.unit.test_archive import SETTINGS, T0, FakeConsumer, archiver_at, event, record, write
+from tests.unit.test_main_exit import run as run_streams
 
 
 def rows_on_disk(root: str) -> dict[str, list[str]]:
@@ -84,3 +85,18 @@ def test_the_compact_command_reports_what_it_did(tmp_path: Path, capsys: Any) ->
     )
     assert main(["archive", "compact", "--root", str(tmp_path)]) == 0
     assert "1 rows of erased users removed; 1 files rewritten, 0 deleted" in capsys.readouterr().out
+
+
+def test_the_compact_command_in_its_own_process_exits_zero_after_its_work(tmp_path: Path) -> None:
+    """``python -m streams archive compact`` reads and writes Parquet through pyarrow, whose
+    thread pools could abort the interpreter's teardown after the work was done (exit -6,
+    apache/arrow#34314); the command leaves without it (``streams.cli.run``)."""
+    write(str(tmp_path), [event("a1", "alice"), event("b1", "bob")])
+    (tmp_path / "_erasures").mkdir()
+    (tmp_path / "_erasures" / "e.jsonl").write_text(
+        orjson.dumps({"user_id": "alice", "erased_at": T0.isoformat()}).decode() + "\n"
+    )
+    done = run_streams("archive", "compact", "--root", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "1 rows of erased users removed; 1 files rewritten, 0 deleted" in done.stdout
+    assert rows_on_disk(str(tmp_path)) == {"bob": ["b1"]}
