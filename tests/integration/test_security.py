@@ -9,10 +9,8 @@ broker tests, with CI=true it fails them.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,8 +25,9 @@ from streams.admin import connect_admin, ensure_topics
 from streams.replay import rebase, replay
 from streams.sources.datasets import Event, load
 from streams.tail import format_record
+from tests.commands import streams_cli
 from tests.conftest import IN_CI
-from tests.integration.harness import ROOT, WorkerProcess, collect, isolated_env, settings_of, values
+from tests.integration.harness import WorkerProcess, collect, isolated_env, settings_of, values
 from tests.integration.secure_kafka import Certs, make_certs, missing_tools, secure_broker
 
 pytestmark = pytest.mark.integration
@@ -73,14 +72,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "streams", *args],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return streams_cli(*args, env=env, timeout=60)
 
 
 def real_events(data_dir: Path) -> tuple[list[Event], list[Event]]:

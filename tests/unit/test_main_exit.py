@@ -3,24 +3,14 @@ command printed and its exit code still come out (a Parquet command: ``test_arch
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.commands import streams_cli
 
 
 def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "streams", *args],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return streams_cli(*args, env=env)
 
 
 def test_a_commands_output_and_exit_code_come_out(tmp_path: Path) -> None:
