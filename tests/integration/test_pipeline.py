@@ -8,7 +8,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -217,20 +217,30 @@ async def test_a_runs_topics_are_deleted_and_no_other(kafka_bootstrap: str, tmp_
     its app's internal ones included, go; a topic of another run stays."""
     env, other = isolated_env(kafka_bootstrap, tmp_path / "a"), isolated_env(kafka_bootstrap, tmp_path / "b")
     settings, kept = settings_of(env), settings_of(other)
-    internal = f"{settings.app_id}-users-changelog"
-    await ensure_topics(settings)
-    await ensure_topics(settings, [internal])
+    created = {*all_topics(settings), f"{settings.app_id}-users-changelog"}
+    await ensure_topics(settings, sorted(created))
     await ensure_topics(kept, [kept.topic_views])
     mine = [run for run in harness._RUNS if run[1] is env]
     assert len(mine) == 1
-    outcome = await delete_run_topics(mine)
-    assert outcome == {kafka_bootstrap: len(set(all_topics(settings))) + 1}  # and the internal one
-    admin = await connect_admin(settings)
-    try:
-        left = set(await admin.list_topics())
-    finally:
-        await admin.close()
-    assert kept.topic_views in left
+
+    async def listed(want: Callable[[set[str]], bool]) -> set[str]:
+        """The broker's topics once ``want(them)``: its listing follows creations and deletions
+        a moment later (longer on a busy machine); the last listing after a minute."""
+        admin = await connect_admin(settings)
+        try:
+            for _ in range(120):
+                topics = set(await admin.list_topics())
+                if want(topics):
+                    break
+                await asyncio.sleep(0.5)
+            return topics
+        finally:
+            await admin.close()
+
+    assert created <= await listed(lambda topics: created <= topics)
+    assert await delete_run_topics(mine) == {kafka_bootstrap: len(created)}
+    left = await listed(lambda topics: not created & topics)
+    assert not created & left and kept.topic_views in left
     assert not [t for t in left if t.startswith(mine[0][0])]
     assert await delete_run_topics(mine) == {kafka_bootstrap: 0}
 
