@@ -17,7 +17,7 @@ committed. So an offset is committed only once every output and state change of 
 before it is in Kafka, as when the checkpoint wrote under the lock.
 
 Why: written under the lock, a checkpoint stopped scoring for the whole write: at 1,000
-events/s on two cores with the 55k-item model, about 30 ms every commit interval (some 2,000
+events/s on two cores with the 65k-item slice model, about 30 ms every commit interval (some 2,000
 user states and 3,600 item statistics), and the events queued behind it were most of the
 end-to-end latency's tail (README, Benchmarks).
 

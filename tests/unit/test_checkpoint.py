@@ -188,17 +188,17 @@ def test_offsets_are_computed_under_the_lock_and_committed_once_confirmed(
 
     @asynccontextmanager
     async def checkpoint() -> AsyncIterator[None]:
-        steps.append("lock taken, state written, records taken")
+        steps.append("lock taken, state and records taken")
         yield
         steps.append("lock released")
-        steps.append("records confirmed")
+        steps.append("state written, it and the records confirmed")
 
     assert asyncio.run(_consumer(checkpoint)._commit_tps(["tp0"], True)) is True
     assert steps == [
-        "lock taken, state written, records taken",
+        "lock taken, state and records taken",
         "offsets computed",
         "lock released",
-        "records confirmed",
+        "state written, it and the records confirmed",
         "faust's attached sends",
         "commit [('tp0', 7)]",
     ]
@@ -206,19 +206,20 @@ def test_offsets_are_computed_under_the_lock_and_committed_once_confirmed(
     _Commits(monkeypatch, steps, {})  # nothing acked: the state is still checkpointed
     assert asyncio.run(_consumer(checkpoint)._commit_tps([], True)) is False
     assert steps == [
-        "lock taken, state written, records taken",
+        "lock taken, state and records taken",
         "offsets computed",
         "lock released",
-        "records confirmed",
+        "state written, it and the records confirmed",
     ]
 
 
 def test_a_batch_runs_while_the_checkpoint_waits_for_acknowledgements(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The worker's checkpoint shape (``streams.app``): the lock is free during the wait, and the
-    offsets computed under it are committed only once the records taken then are acknowledged;
-    a record sent by a batch during the wait is not among them."""
+    """The worker's checkpoint shape (``streams.checkpoint``, tested whole in
+    ``test_checkpoint_unlocked``): the lock is free during the wait, and the offsets computed
+    under it are committed only once the records taken then are acknowledged; a record sent by a
+    batch during the wait is not among them."""
     steps: list[str] = []
     _Commits(monkeypatch, steps, {"tp0": 3})
 
