@@ -28,6 +28,7 @@ from streams.archive_read import archive_files, read_erasures, read_events
 from streams.replay import replay
 from streams.settings import Settings
 from streams.sources.datasets import load
+from tests.commands import streams_cli
 from tests.conftest import IN_CI
 from tests.integration.harness import (
     ROOT,
@@ -72,10 +73,7 @@ def retrain(env: dict[str, str], archive: Path, model_dir: Path, *sets: str) -> 
 
 
 def streams_command(env: dict[str, str], *args: str) -> str:
-    argv = [sys.executable, "-m", "streams", *args]
-    done = subprocess.run(
-        argv, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=300, check=False
-    )
+    done = streams_cli(*args, env=env, timeout=300)
     assert done.returncode == 0, f"{args[0]} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
     return done.stdout
 

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 from streams.archive_compact import compact
 from streams.archive_read import archive_files, read_erasures, read_events
 from streams.cli import main
+from tests.commands import streams_cli
 from tests.unit.test_archive import SETTINGS, T0, FakeConsumer, archiver_at, event, record, write
-from tests.unit.test_main_exit import run as run_streams
 
 
 def rows_on_disk(root: str) -> dict[str, list[str]]:
@@ -96,7 +96,7 @@ def test_the_compact_command_in_its_own_process_exits_zero_after_its_work(tmp_pa
     (tmp_path / "_erasures" / "e.jsonl").write_text(
         orjson.dumps({"user_id": "alice", "erased_at": T0.isoformat()}).decode() + "\n"
     )
-    done = run_streams("archive", "compact", "--root", str(tmp_path))
+    done = streams_cli("archive", "compact", "--root", str(tmp_path))
     assert done.returncode == 0, done.stderr
     assert "1 rows of erased users removed; 1 files rewritten, 0 deleted" in done.stdout
     assert rows_on_disk(str(tmp_path)) == {"bob": ["b1"]}
