@@ -6,7 +6,8 @@ The item table is the exported model's own (``--model``). Its graph does not exp
 so stand-ins are used: the vectors of random catalogue items plus noise (``--noise`` times the
 table's spread). Printed per batch size: microseconds per row of each, and how much of the exact
 top-10 and top-100 lies inside the int8 pass's top ``--candidates`` (what an exact re-rank of those
-candidates could recover). A probe for the next lever, not a serving path.
+candidates could recover). The probe that led to the serving path: ``shopstream export --catalogue
+int8`` (``exporters/catalogue.py``; README, Benchmarks, "An int8 first pass over the catalogue").
 
     python bench/catalogue_int8.py --model artifacts/taobao-slice [--candidates 200]
 """

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from exporters.catalogue import CatalogueError, quantize_catalogue
 from exporters.publish import attach
 from modeling.model import ServingModel
 from modeling.sequences import Cases
@@ -39,6 +40,9 @@ FORMAT_VERSION = 1
 INPUTS = ("items", "kinds", "gaps")
 OUTPUTS = ("top_items", "top_scores", "propensity")
 PARITY_TOLERANCE = 1e-4
+CATALOGUES = ("fp32", "int8")
+# an int8 first pass must keep at least this share of the exact top 10 on the held-out cases
+MIN_TOP10_KEPT = 0.99
 
 
 class ExportError(Exception):
@@ -181,6 +185,42 @@ def id_mismatch(
     return float(wrong.mean())
 
 
+def _catalogue_agreement(serving: ServingModel, exact: Path, path: Path, cases: Cases) -> dict[str, float]:
+    """What an int8 first pass (``exporters.catalogue``) costs in ranking on ``cases``, the graph at
+    ``path`` against the fp32 graph at ``exact``: the share of each case's exact top 10 and
+    top K it returns. Raises ``ExportError`` where a returned item's score is not its exact score
+    (torch's full scoring), or where it keeps less than ``MIN_TOP10_KEPT`` of the top 10."""
+    import onnxruntime as ort
+
+    fp32, int8 = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (exact, path))
+    names = input_names(serving)
+    kept10 = kept_k = rows = 0
+    wrong = 0.0
+    for start in range(0, len(cases), 256):
+        arrays = input_arrays(serving, cases, slice(start, start + 256), cases.items.shape[1])
+        feeds = dict(zip(names, arrays, strict=True))
+        want, _, _ = fp32.run(list(OUTPUTS), feeds)
+        got, scores, _ = int8.run(list(OUTPUTS), feeds)
+        with torch.no_grad():
+            full = serving.logits(*(torch.from_numpy(a) for a in arrays)).numpy()
+        off = ~np.isclose(np.take_along_axis(full, got, axis=1), scores, atol=PARITY_TOLERANCE)
+        wrong = max(wrong, float(off.mean()))
+        for w, g in zip(want, got, strict=True):
+            kept10 += len(set(w[:10].tolist()) & set(g[:10].tolist()))
+            kept_k += len(set(w.tolist()) & set(g.tolist()))
+            rows += 1
+    k = serving.k
+    agreement = {"top10_kept": kept10 / max(rows * min(10, k), 1), "topk_kept": kept_k / max(rows * k, 1)}
+    if wrong > 0:
+        raise ExportError(f"the int8 catalogue returns items with other scores than theirs ({wrong:.2%})")
+    if agreement["top10_kept"] < MIN_TOP10_KEPT:
+        raise ExportError(
+            f"the int8 catalogue keeps {agreement['top10_kept']:.2%} of the exact top 10 on held-out "
+            f"cases (at least {MIN_TOP10_KEPT:.0%} wanted): export with more --candidates, or fp32"
+        )
+    return agreement
+
+
 def export(
     run_dir: Path,
     out_dir: Path,
@@ -189,11 +229,18 @@ def export(
     k: int = 100,
     opset: int = 17,
     prices: PriceReference | None = None,
+    catalogue: str = "fp32",
+    candidates: int | None = None,
 ) -> dict[str, Any]:
     """Export ``run_dir`` to ``out_dir``; returns the manifest. ``prices``: the price reference
     of the training period (``streams.price_response``), written beside the graph when the data
-    has prices."""
+    has prices. ``catalogue``: ``fp32`` (the exact product over the catalogue) or ``int8`` (an
+    int8 first pass keeping ``candidates`` items (default ``k``), then their exact scores:
+    ``exporters.catalogue``; checked against the fp32 graph on ``cases``)."""
     import onnx
+
+    if catalogue not in CATALOGUES:
+        raise ExportError(f"catalogue {catalogue!r}: one of {', '.join(CATALOGUES)}")
 
     model = load_model(run_dir)
     serving = ServingModel(model, k).eval()
@@ -205,6 +252,17 @@ def export(
     annotated = export_graph(serving, example, graph, opset)
     onnx.checker.check_model(str(graph), full_check=True)
     parity = _parity(serving, graph, cases)
+    product: dict[str, Any] = {"product": "fp32"}
+    if catalogue == "int8":
+        with tempfile.TemporaryDirectory() as scratch:
+            exact = Path(scratch) / "fp32.onnx"
+            exact.write_bytes(graph.read_bytes())
+            try:
+                product = quantize_catalogue(graph, serving.k if candidates is None else candidates)
+            except CatalogueError as exc:
+                raise ExportError(f"--catalogue int8: {exc}") from None
+            onnx.checker.check_model(str(graph), full_check=True)
+            product.update(_catalogue_agreement(serving, exact, graph, cases))
     vocab = json.loads((run_dir / "vocab.json").read_text())
     if model.cfg.n_feats:
         # each item's first static feature (its category where the data has one) for the
@@ -271,6 +329,7 @@ def export(
         "trained_on": cfg.get("data"),
         "metrics": evaluation,
         "parity_max_abs_diff": parity,
+        "catalogue": product,
     }
     (out_dir / "manifest.json").write_text(json.dumps(_strict(manifest), indent=2, allow_nan=False))
     if prices is not None:

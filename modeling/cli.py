@@ -134,17 +134,39 @@ def run_evaluate(run_dir: Path, datasets_dir: Path) -> None:
     print_results(evaluate(load_model(run_dir), split, run_dir))
 
 
-def run_export(run_dir: Path, out: Path, datasets_dir: Path, k: int) -> None:
+def run_export(
+    run_dir: Path,
+    out: Path,
+    datasets_dir: Path,
+    k: int,
+    catalogue: str = "fp32",
+    candidates: int | None = None,
+) -> None:
     from exporters.onnx_export import export
 
     cfg = json.loads((run_dir / "config.json").read_text())
     split = build_split(cfg["data"], datasets_dir, cfg["model"]["max_len"])
-    manifest = export(run_dir, out, split.test, k=k, prices=price_reference(cfg["data"], datasets_dir, split))
+    manifest = export(
+        run_dir,
+        out,
+        split.test,
+        k=k,
+        prices=price_reference(cfg["data"], datasets_dir, split),
+        catalogue=catalogue,
+        candidates=candidates,
+    )
     prices = manifest.get("price_reference")
+    product = manifest["catalogue"]
     print(
         f"exported {manifest['model_version']} to {out} (parity max abs diff "
         f"{manifest['parity_max_abs_diff']['top_scores']:.2e}; price reference: "
-        + (f"{prices['categories']} categories)" if prices else "none, the data has no prices)")
+        + (f"{prices['categories']} categories" if prices else "none, the data has no prices")
+        + (
+            f"; int8 catalogue, {product['candidates']} candidates: {product['top10_kept']:.2%} of the exact "
+            f"top 10 and {product['topk_kept']:.2%} of the top {k} kept on the test cases)"
+            if product["product"] == "int8"
+            else ")"
+        )
     )
 
 

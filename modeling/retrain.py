@@ -324,11 +324,14 @@ def retrain(
     window_days: float | None = None,
     default_tz: str = "UTC",
     top_k: int = 100,
+    catalogue: str = "fp32",
     replace_broken: bool = False,
     evaluate_run: bool = True,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train, compare, publish or refuse; returns the registry entry (also appended to the file)."""
+    """Train, compare, publish or refuse; returns the registry entry (also appended to the file).
+    ``catalogue``: the challenger's catalogue step (``exporters.onnx_export.export``); it is scored
+    as exported, so an int8 challenger is compared with the champion as it would serve."""
     from exporters.onnx_export import export
     from modeling.evaluate import evaluate
     from modeling.train import PRESETS, train
@@ -359,7 +362,14 @@ def retrain(
         if evaluate_run:
             evaluate(model, split, run_dir)  # eval.json: the manifest's metrics
         staging = run_dir / "artifact"
-        export(run_dir, staging, split.test, k=top_k, prices=price_reference(read, datasets_dir, split))
+        export(
+            run_dir,
+            staging,
+            split.test,
+            k=top_k,
+            prices=price_reference(read, datasets_dir, split),
+            catalogue=catalogue,
+        )
         try:
             challenger = load_artifact(staging, provider="cpu")
         except ModelError as exc:

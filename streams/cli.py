@@ -361,8 +361,20 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def add_catalogue_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--catalogue",
+        choices=("fp32", "int8"),
+        default="fp32",
+        help="the product over the catalogue: exact (fp32), or an int8 first pass and an exact re-rank of "
+        "its candidates, checked on the test cases (README, Serving the model)",
+    )
+
+
 def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
-    _modeling().run_export(Path(args.run), Path(args.out), settings.datasets_dir, args.top_k)
+    _modeling().run_export(
+        Path(args.run), Path(args.out), settings.datasets_dir, args.top_k, args.catalogue, args.candidates
+    )
     return 0
 
 
@@ -387,6 +399,7 @@ def cmd_retrain(settings: Settings, args: argparse.Namespace) -> int:
             window_days=args.window_days,
             default_tz=settings.default_timezone,
             top_k=args.top_k,
+            catalogue=args.catalogue,
             replace_broken=args.replace_broken,
             evaluate_run=not args.no_eval,
         )
@@ -561,6 +574,13 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("run", help="run folder")
     ex.add_argument("--out", required=True, help="artifact folder")
     ex.add_argument("--top-k", type=int, default=100, help="items the graph returns per event")
+    add_catalogue_option(ex)
+    ex.add_argument(
+        "--candidates",
+        type=int,
+        default=None,
+        help="items the int8 first pass keeps (default and at least --top-k)",
+    )
     ex.set_defaults(func=cmd_export)
     rt = sub.add_parser(
         "retrain",
@@ -600,6 +620,7 @@ def parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a model or training setting"
     )
     rt.add_argument("--top-k", type=int, default=100, help="items the exported graph returns per event")
+    add_catalogue_option(rt)
     rt.add_argument(
         "--replace-broken",
         action="store_true",

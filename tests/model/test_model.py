@@ -274,6 +274,23 @@ print(json.dumps({{"shape": list(ids.shape), "min_id": int(ids.min()),
     assert out["min_id"] >= 2  # PAD and UNK are never recommended
 
 
+def test_an_int8_catalogue_export_is_checked_against_the_exact_one_and_serves(
+    tiny_run: TinyRun, tmp_path: Path
+) -> None:
+    run, split, _ = tiny_run
+    n = len(split.vocab.items)
+    manifest = export(run, tmp_path, split.test, k=25, catalogue="int8", candidates=60)
+    product = manifest["catalogue"]
+    assert product["product"] == "int8" and product["candidates"] == min(60, n) and product["items"] == n
+    assert product["top10_kept"] >= 0.99 and 0 < product["topk_kept"] <= 1  # measured on split.test
+    assert manifest["graph_sha256"] == sha256(tmp_path / "model.onnx")
+    art = load_artifact(tmp_path, "cpu")  # the worker loads and scores it as any export
+    predictions = art.score([[[split.vocab.items[i], 5, 1_000 + i] for i in range(3, 9)]])
+    assert len(predictions) == 1 and len(predictions[0].ids) == 25
+    with pytest.raises(ExportError, match="one of fp32, int8"):
+        export(run, tmp_path / "other", split.test, k=25, catalogue="fp16")
+
+
 def dims(value: Any) -> Any:
     """The dimensions of an ONNX value's tensor type."""
     return value.type.tensor_type.shape.dim
