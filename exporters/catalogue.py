@@ -109,6 +109,13 @@ def quantize_catalogue(path: Path, candidates: int) -> dict[str, Any]:
         scatter.input[0] = approx
     else:
         topk.input[0] = approx
+    # the first pass's scores get the named shape the exact ones had (``annotate_shapes``): with
+    # it onnxruntime can prove the bonus scatter may work in place instead of copying every row
+    named = next((v for v in graph.value_info if v.name == mul.output[0]), None)
+    if named is not None:
+        annotation = graph.value_info.add()
+        annotation.CopyFrom(named)
+        annotation.name = approx
     topk.input[1] = pre + "c"
     cand_scores, cand = pre + "candidate_scores", pre + "candidates"
     topk.output[0], topk.output[1] = cand_scores, cand

@@ -241,6 +241,8 @@ def export(
 
     if catalogue not in CATALOGUES:
         raise ExportError(f"catalogue {catalogue!r}: one of {', '.join(CATALOGUES)}")
+    if candidates is not None and catalogue != "int8":
+        raise ExportError(f"{candidates} candidates: they are the int8 catalogue's (--catalogue int8)")
 
     model = load_model(run_dir)
     serving = ServingModel(model, k).eval()

@@ -126,3 +126,16 @@ def test_a_graph_of_another_shape_or_too_few_candidates_is_refused(
     onnx.save(onnx.helper.make_model(graph), str(path))
     with pytest.raises(CatalogueError, match="scaled catalogue logits"):
         quantize_catalogue(path, 4)
+
+
+def test_the_first_pass_scores_keep_the_named_shape_the_bonus_scatter_needs(
+    graphs: tuple[ServingModel, Path], tmp_path: Path
+) -> None:
+    _, fp32 = graphs
+    graph = onnx.load(str(quantized(fp32, tmp_path, candidates=K))).graph
+    shapes = {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.value_info
+    }
+    (scatter,) = [node for node in graph.node if node.op_type == "ScatterElements"]
+    assert scatter.input[0] == "catalogue_int8/approx"
+    assert shapes[scatter.input[0]] == shapes[scatter.output[0]] == ["batch", N_ITEMS - 2]

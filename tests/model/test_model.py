@@ -289,6 +289,9 @@ def test_an_int8_catalogue_export_is_checked_against_the_exact_one_and_serves(
     assert len(predictions) == 1 and len(predictions[0].ids) == 25
     with pytest.raises(ExportError, match="one of fp32, int8"):
         export(run, tmp_path / "other", split.test, k=25, catalogue="fp16")
+    with pytest.raises(ExportError, match="the int8 catalogue's"):
+        export(run, tmp_path / "other", split.test, k=25, candidates=50)
+    assert not (tmp_path / "other").exists()  # refused before anything is written
 
 
 def dims(value: Any) -> Any:
