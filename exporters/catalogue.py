@@ -90,7 +90,11 @@ def quantize_catalogue(path: Path, candidates: int) -> dict[str, Any]:
     pre = "catalogue_int8/"
     const(pre + "wq", quantized)
     const(pre + "wq_scale", (col * float(scale.reshape(()))).astype(np.float32))
-    const(pre + "rows", np.ascontiguousarray(weights.T))  # (items, d): a candidate's exact row
+    # a candidate's exact row: the graph's own item table where W is its transpose past PAD and
+    # UNK (as ``ServingModel`` exports it: no second copy of the catalogue), else W's rows
+    table, offset = _rows_of(inits.values(), weights)
+    if table is None:
+        table, offset = const(pre + "rows", np.ascontiguousarray(weights.T)), 0
     const(pre + "scale", scale.reshape(()).astype(np.float32))
     const(pre + "c", np.array([c], dtype=np.int64))
     const(pre + "axis1", np.array([1], dtype=np.int64))
@@ -125,7 +129,12 @@ def quantize_catalogue(path: Path, candidates: int) -> dict[str, Any]:
         graph.node.append(helper.make_node(op, inputs, [pre + out], name=pre + out, **attrs))
         return pre + out
 
-    rows = node("Gather", [pre + "rows", cand], "rows_of_candidates", axis=0)  # (b, c, d)
+    at = (
+        node("Add", [cand, const(pre + "offset", np.array(offset, dtype=np.int64))], "rows_at")
+        if offset
+        else cand
+    )
+    rows = node("Gather", [table, at], "rows_of_candidates", axis=0)  # (b, c, d)
     h_col = node("Unsqueeze", [h, pre + "axis2"], "h_column")  # (b, d, 1)
     dots = node("Squeeze", [node("MatMul", [rows, h_col], "dots3"), pre + "axis2"], "dots")  # (b, c)
     total = exact = node("Mul", [dots, pre + "scale"], "exact")
@@ -177,6 +186,21 @@ def quantize_catalogue(path: Path, candidates: int) -> dict[str, Any]:
     graph.node.extend(sorted_graph)
     onnx.save(model, str(path))
     return {"product": "int8", "candidates": c, "items": n_items, "dim": d}
+
+
+def _rows_of(initializers: Any, weights: np.ndarray) -> tuple[str | None, int]:
+    """The name of an initializer (rows, d) whose last ``items`` rows are ``weights`` transposed,
+    and where those rows start; (None, 0) when the graph holds none."""
+    from onnx import numpy_helper
+
+    d, n_items = weights.shape
+    for init in initializers:
+        dims = list(init.dims)
+        if len(dims) == 2 and dims[1] == d and dims[0] >= n_items and init.data_type == 1:  # float32
+            rows = numpy_helper.to_array(init)
+            if np.array_equal(rows[dims[0] - n_items :], weights.T):
+                return init.name, dims[0] - n_items
+    return None, 0
 
 
 def _constant(graph: Any, name: str) -> int:

@@ -139,3 +139,6 @@ def test_the_first_pass_scores_keep_the_named_shape_the_bonus_scatter_needs(
     (scatter,) = [node for node in graph.node if node.op_type == "ScatterElements"]
     assert scatter.input[0] == "catalogue_int8/approx"
     assert shapes[scatter.input[0]] == shapes[scatter.output[0]] == ["batch", N_ITEMS - 2]
+    # the exact rows are read from the graph's own item table, not from a second copy of it
+    (gather,) = [node for node in graph.node if node.name == "catalogue_int8/rows_of_candidates"]
+    assert gather.input[0] == "table" and "catalogue_int8/rows" not in {i.name for i in graph.initializer}
