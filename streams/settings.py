@@ -241,7 +241,13 @@ class Settings(BaseSettings):
         64, ge=1, le=4096, description="Micro-batch: score up to this many events in one call (1 = off)."
     )
     batch_wait_ms: float = Field(
-        5.0, ge=0, le=1000, description="Micro-batch: wait at most this long for a batch to fill."
+        5.0,
+        gt=0,
+        le=1000,
+        description=(
+            "Micro-batch: wait at most this long for a batch to fill (more than 0: faust's take_events "
+            "reads 0 as no timeout and would hold events until SHOPSTREAM_BATCH_MAX of them arrived)."
+        ),
     )
     exclude_bought_s: float = Field(
         30 * 86400.0, ge=0, description="Items bought within this many seconds are not recommended."

@@ -80,6 +80,7 @@ def test_defaults_are_valid_and_the_new_fields_have_theirs() -> None:
         ({"user_ttl_s": "inf"}, "SHOPSTREAM_USER_TTL_S"),
         ({"batch_wait_ms": "nan"}, "SHOPSTREAM_BATCH_WAIT_MS"),
         ({"batch_wait_ms": -1}, "SHOPSTREAM_BATCH_WAIT_MS"),
+        ({"batch_wait_ms": 0}, "SHOPSTREAM_BATCH_WAIT_MS"),  # faust: no timeout, held until a full batch
         ({"batch_max": 0}, "SHOPSTREAM_BATCH_MAX"),
         ({"reorder_window_s": -1}, "SHOPSTREAM_REORDER_WINDOW_S"),
         ({"event_clock_tolerance_s": -0.5}, "SHOPSTREAM_EVENT_CLOCK_TOLERANCE_S"),
