@@ -325,13 +325,14 @@ def retrain(
     default_tz: str = "UTC",
     top_k: int = 100,
     catalogue: str = "fp32",
+    candidates: int | None = None,
     replace_broken: bool = False,
     evaluate_run: bool = True,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train, compare, publish or refuse; returns the registry entry (also appended to the file).
-    ``catalogue``: the challenger's catalogue step (``exporters.onnx_export.export``); it is scored
-    as exported, so an int8 challenger is compared with the champion as it would serve."""
+    ``catalogue``, ``candidates``: the challenger's catalogue step (``exporters.onnx_export.export``);
+    it is scored as exported, so an int8 challenger is compared with the champion as it would serve."""
     from exporters.onnx_export import export
     from modeling.evaluate import evaluate
     from modeling.train import PRESETS, train
@@ -340,6 +341,8 @@ def retrain(
         raise RetrainError(f"--preset {preset!r}: one of {', '.join(PRESETS)}")
     if margin < 0:
         raise RetrainError(f"--margin {margin}: an absolute difference, 0 or more")
+    if candidates is not None and catalogue != "int8":  # refused before training, not after it
+        raise RetrainError(f"--candidates {candidates}: they are the int8 catalogue's (--catalogue int8)")
     overrides = overrides or {}
     read = windowed(spec, window_days, default_tz)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -369,6 +372,7 @@ def retrain(
             k=top_k,
             prices=price_reference(read, datasets_dir, split),
             catalogue=catalogue,
+            candidates=candidates,
         )
         try:
             challenger = load_artifact(staging, provider="cpu")

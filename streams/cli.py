@@ -369,6 +369,12 @@ def add_catalogue_option(parser: argparse.ArgumentParser) -> None:
         help="the product over the catalogue: exact (fp32), or an int8 first pass and an exact re-rank of "
         "its candidates, checked on the test cases (README, Serving the model)",
     )
+    parser.add_argument(
+        "--candidates",
+        type=int,
+        default=None,
+        help="items the int8 first pass keeps (default and at least --top-k)",
+    )
 
 
 def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
@@ -400,6 +406,7 @@ def cmd_retrain(settings: Settings, args: argparse.Namespace) -> int:
             default_tz=settings.default_timezone,
             top_k=args.top_k,
             catalogue=args.catalogue,
+            candidates=args.candidates,
             replace_broken=args.replace_broken,
             evaluate_run=not args.no_eval,
         )
@@ -575,12 +582,6 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="artifact folder")
     ex.add_argument("--top-k", type=int, default=100, help="items the graph returns per event")
     add_catalogue_option(ex)
-    ex.add_argument(
-        "--candidates",
-        type=int,
-        default=None,
-        help="items the int8 first pass keeps (default and at least --top-k)",
-    )
     ex.set_defaults(func=cmd_export)
     rt = sub.add_parser(
         "retrain",

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 
 from exporters import publish as pub
 from modeling import retrain as rt
 from modeling.sequences import Cases, Vocab
+from modeling.train import PRESETS
 from streams.cli import main
 from streams.features import N_CONTEXT
 from streams.scoring import Artifact, ModelWatcher, load_artifact
@@ -119,6 +121,30 @@ def test_a_worse_challenger_is_refused_and_leaves_the_folder_byte_for_byte(refus
     assert "decision: refused" in summary and f"{challenger:.4f}" in summary and f"{champion:.4f}" in summary
 
 
+def test_an_int8_challenger_is_scored_as_it_would_serve(
+    published: dict[str, Any], tmp_path: Path, data_dir: Path
+) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(published["folder"], folder, ignore=shutil.ignore_patterns(".runs"))
+    argv = ["retrain", "--data", "rees46-demo", "--model-dir", str(folder), "--set", "epochs=2", "--no-eval"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main([*argv, "--catalogue", "int8", "--candidates", "150"]) == 0
+    entry = registry(folder)[-1]
+    assert entry["decision"] in {"published", "refused"}  # either way, decided on the int8 graph
+    assert entry["champion"]["version"] == published["lines"][0]["challenger"]["version"]
+    staged = Path(entry["challenger"]["run"]) / "artifact"
+    manifest = json.loads((staged / "manifest.json").read_text())
+    assert manifest["catalogue"]["product"] == "int8" and manifest["catalogue"]["candidates"] == 150
+    assert manifest["catalogue"]["top10_kept"] >= 0.99  # the exporter's own check, on the run's test cases
+    graph = onnx.load(str(staged / manifest["graph"])).graph
+    assert "DynamicQuantizeMatMul" in {n.op_type for n in graph.node}
+    # the decision's figures are the staged int8 graph's, on the same cases as the champion's
+    _, held = rt.held_out_split("rees46-demo", data_dir, PRESETS["events"].model.get("max_len", 50))
+    again = rt.score_model(load_artifact(staged, provider="cpu"), held)
+    assert again == entry["challenger"]["metrics"]
+    assert entry["champion"]["metrics"]["cases"] == again["cases"]
+
+
 async def test_a_crash_between_the_graph_and_the_manifest_leaves_the_old_version_serving(
     published: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -152,6 +178,15 @@ async def test_a_crash_between_the_graph_and_the_manifest_leaves_the_old_version
     pub.publish(staging, folder)
     assert await watcher.poll()  # the worker's hot reload takes the version-named files
     assert watcher.current is not None and watcher.current.version == new
+
+
+def test_candidates_without_the_int8_catalogue_are_refused_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["retrain", "--data", "rees46-demo", "--model-dir", str(tmp_path / "m"), "--candidates", "50"]
+    assert main(argv) == 1
+    assert "the int8 catalogue's (--catalogue int8)" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()  # nothing trained, nothing written
 
 
 def test_window_days_apply_to_archives_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
