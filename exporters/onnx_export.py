@@ -221,6 +221,15 @@ def _catalogue_agreement(serving: ServingModel, exact: Path, path: Path, cases: 
     return agreement
 
 
+def check_catalogue(catalogue: str, candidates: int | None) -> None:
+    """Refuse a catalogue step ``export`` cannot make (``ExportError``); ``retrain`` asks before
+    it trains."""
+    if catalogue not in CATALOGUES:
+        raise ExportError(f"catalogue {catalogue!r}: one of {', '.join(CATALOGUES)}")
+    if candidates is not None and catalogue != "int8":
+        raise ExportError(f"{candidates} candidates: they are the int8 catalogue's (--catalogue int8)")
+
+
 def export(
     run_dir: Path,
     out_dir: Path,
@@ -239,10 +248,7 @@ def export(
     ``exporters.catalogue``; checked against the fp32 graph on ``cases``)."""
     import onnx
 
-    if catalogue not in CATALOGUES:
-        raise ExportError(f"catalogue {catalogue!r}: one of {', '.join(CATALOGUES)}")
-    if candidates is not None and catalogue != "int8":
-        raise ExportError(f"{candidates} candidates: they are the int8 catalogue's (--catalogue int8)")
+    check_catalogue(catalogue, candidates)
 
     model = load_model(run_dir)
     serving = ServingModel(model, k).eval()

@@ -333,7 +333,7 @@ def retrain(
     """Train, compare, publish or refuse; returns the registry entry (also appended to the file).
     ``catalogue``, ``candidates``: the challenger's catalogue step (``exporters.onnx_export.export``);
     it is scored as exported, so an int8 challenger is compared with the champion as it would serve."""
-    from exporters.onnx_export import export
+    from exporters.onnx_export import ExportError, check_catalogue, export
     from modeling.evaluate import evaluate
     from modeling.train import PRESETS, train
 
@@ -341,8 +341,10 @@ def retrain(
         raise RetrainError(f"--preset {preset!r}: one of {', '.join(PRESETS)}")
     if margin < 0:
         raise RetrainError(f"--margin {margin}: an absolute difference, 0 or more")
-    if candidates is not None and catalogue != "int8":  # refused before training, not after it
-        raise RetrainError(f"--candidates {candidates}: they are the int8 catalogue's (--catalogue int8)")
+    try:  # refused before training, not after it
+        check_catalogue(catalogue, candidates)
+    except ExportError as exc:
+        raise RetrainError(str(exc)) from None
     overrides = overrides or {}
     read = windowed(spec, window_days, default_tz)
     model_dir.mkdir(parents=True, exist_ok=True)
